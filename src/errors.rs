@@ -1,0 +1,333 @@
+//! Every way a call can fail, and the one table that turns each into a gRPC
+//! status with `google.rpc` details (`ErrorInfo` always; `RequestInfo`,
+//! `RetryInfo`, `BadRequest` when they apply). The README reproduces these
+//! tables; keep both in step.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::upstream::{Rejection, RetryAfter, TimeoutBound, UpstreamError};
+
+/// `ErrorInfo.domain` of errors the upstream reported (its error codes).
+pub const UPSTREAM_DOMAIN: &str = "om.gormic.com";
+/// `ErrorInfo.domain` of errors the gateway itself found.
+pub const GATEWAY_DOMAIN: &str = "gateway.om.gormic.com";
+
+/// `ErrorInfo.reason` values of gateway-originated errors.
+pub mod reason {
+    /// No `api-key` in the call metadata.
+    pub const MISSING_API_KEY: &str = "MISSING_API_KEY";
+    /// No `organization-id` in the call metadata.
+    pub const MISSING_ORGANIZATION_ID: &str = "MISSING_ORGANIZATION_ID";
+    /// A request field is empty or invalid; see `BadRequest`.
+    pub const INVALID_REQUEST: &str = "INVALID_REQUEST";
+    /// The upstream answered an HTTP error without an error code.
+    pub const UPSTREAM_HTTP_ERROR: &str = "UPSTREAM_HTTP_ERROR";
+    /// A 2xx answer the gateway could not read.
+    pub const MALFORMED_UPSTREAM_RESPONSE: &str = "MALFORMED_UPSTREAM_RESPONSE";
+    /// No answer before the caller's deadline or `--upstream-timeout`.
+    pub const UPSTREAM_TIMEOUT: &str = "UPSTREAM_TIMEOUT";
+    /// Connection refused, reset, or name resolution failed.
+    pub const UPSTREAM_UNAVAILABLE: &str = "UPSTREAM_UNAVAILABLE";
+}
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("missing api-key metadata")]
+    MissingApiKey,
+    #[error("missing organization-id metadata")]
+    MissingOrganizationId,
+    #[error("invalid request")]
+    InvalidRequest(Vec<FieldViolation>),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+}
+
+/// One invalid request field, reported in `google.rpc.BadRequest`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldViolation {
+    /// The proto field name, e.g. `invoice_id`.
+    pub field: &'static str,
+    pub description: String,
+}
+
+/// The status of each upstream error code, and the words that describe it.
+/// A code listed here decides the status whatever HTTP status came with it.
+/// A code not listed, arriving in a 400 body, is FAILED_PRECONDITION.
+fn upstream_code(code: &str) -> Option<(Code, &'static str)> {
+    Some(match code {
+        // ---- the resource the call names does not exist
+        "NotFound" => (Code::NotFound, "not found"),
+        "INVOICE_NOT_FOUND" => (Code::NotFound, "invoice not found"),
+        "REF_INVOICE_NOT_FOUND" => (Code::NotFound, "reference invoice not found"),
+        // ---- the request asks for something the API does not support
+        "TYPE_NOT_SUPPORTED" => (Code::InvalidArgument, "invoice type not supported"),
+        // ---- the caller may not do this
+        "NOT_ALLOWED" => (Code::PermissionDenied, "operation not allowed"),
+        // ---- the invoice or order is not in a state that allows the call
+        "NoChanges" => (Code::FailedPrecondition, "nothing to change"),
+        "NON_STANDARD_REF_INVOICE" => (
+            Code::FailedPrecondition,
+            "reference invoice is not a standard invoice",
+        ),
+        "ORDER_CANCELED" => (Code::FailedPrecondition, "order is canceled"),
+        "ORDER_CLOSED" => (Code::FailedPrecondition, "order is closed"),
+        "ORDER_NOT_CLOSED" => (Code::FailedPrecondition, "order is not closed"),
+        "REF_INVOICE_STILL_OPEN" => (Code::FailedPrecondition, "reference invoice is still open"),
+        "INVOICE_CLOSED" => (Code::FailedPrecondition, "invoice is closed"),
+        "INVOICE_CONTAIN_LINES" => (Code::FailedPrecondition, "invoice contains lines"),
+        "ALREADY_CLOSED" => (Code::FailedPrecondition, "invoice is already closed"),
+        "CUSTOMER_REQUIRED" => (Code::FailedPrecondition, "order has no customer"),
+        "DRAFT_LINES_EXISTS" => (Code::FailedPrecondition, "order has draft lines"),
+        "GIFT_CARD_RECIPIENT_NOT_EXIST" => (
+            Code::FailedPrecondition,
+            "gift card recipient does not exist",
+        ),
+        "INVALID_GIFT_CARD_RECIPIENT_PHONE" => (
+            Code::FailedPrecondition,
+            "gift card recipient phone is invalid",
+        ),
+        "INVOICE_EMPTY" => (Code::FailedPrecondition, "invoice is empty"),
+        "MISSING_GIFT_CARD_RECIPIENT" => {
+            (Code::FailedPrecondition, "gift card recipient is missing")
+        }
+        "PAYMENT_NOT_COMPLETE" => (Code::FailedPrecondition, "payment is not complete"),
+        "EMAIL_NOT_DEFINED" => (Code::FailedPrecondition, "customer has no e-mail address"),
+        "INVOICE_NOT_CLOSED" => (Code::FailedPrecondition, "invoice is not closed"),
+        "INVOICE_NOT_GENERATED" => (
+            Code::FailedPrecondition,
+            "invoice document is not generated",
+        ),
+        _ => return None,
+    })
+}
+
+/// The status of an upstream answer that has no recognised error code.
+fn http_status_code(status: u16) -> Code {
+    match status {
+        // the request was refused without saying why
+        400 => Code::InvalidArgument,
+        401 => Code::Unauthenticated,
+        403 => Code::PermissionDenied,
+        404 => Code::NotFound,
+        // the upstream gave up waiting for our request
+        408 => Code::DeadlineExceeded,
+        409 => Code::Aborted,
+        412 => Code::FailedPrecondition,
+        422 => Code::InvalidArgument,
+        429 => Code::ResourceExhausted,
+        // client closed request (nginx)
+        499 => Code::Cancelled,
+        500 => Code::Internal,
+        501 => Code::Unimplemented,
+        502 | 503 => Code::Unavailable,
+        504 => Code::DeadlineExceeded,
+        // redirects are never followed: the upstream URL is misconfigured
+        s if (300..400).contains(&s) => Code::Internal,
+        // any other refusal: retrying the same request will not help
+        s if (400..500).contains(&s) => Code::FailedPrecondition,
+        // any other server fault
+        s if (500..600).contains(&s) => Code::Internal,
+        // 1xx, or a 2xx error body without a code
+        _ => Code::Unknown,
+    }
+}
+
+/// `NoChanges` → `NO_CHANGES`, `NotFound` → `NOT_FOUND`; codes already in
+/// UPPER_SNAKE_CASE are unchanged; other characters become `_`.
+pub fn reason_of(code: &str) -> String {
+    let mut out = String::with_capacity(code.len() + 4);
+    let mut previous: Option<char> = None;
+    for c in code.chars() {
+        if c.is_ascii_uppercase()
+            && previous.is_some_and(|p| p.is_ascii_lowercase() || p.is_ascii_digit())
+        {
+            out.push('_');
+        }
+        out.push(if c.is_ascii_alphanumeric() {
+            c.to_ascii_uppercase()
+        } else {
+            '_'
+        });
+        previous = Some(c);
+    }
+    out
+}
+
+impl CallError {
+    /// The upstream HTTP status, when an answer arrived.
+    pub fn http_status(&self) -> Option<u16> {
+        match self {
+            Self::Upstream(error) => error.http_status(),
+            _ => None,
+        }
+    }
+
+    /// The gRPC status for this error. `caller_request_id` is the caller's
+    /// `x-request-id`, reported when the upstream gave none.
+    pub fn to_status(&self, rpc: &str, caller_request_id: Option<&str>) -> Status {
+        let mut details = ErrorDetails::new();
+        let mut request_id = caller_request_id.map(str::to_owned);
+        let (code, message) = match self {
+            Self::MissingApiKey => {
+                details.set_error_info(reason::MISSING_API_KEY, GATEWAY_DOMAIN, HashMap::new());
+                (Code::Unauthenticated, "missing api-key metadata".to_owned())
+            }
+            Self::MissingOrganizationId => {
+                details.set_error_info(
+                    reason::MISSING_ORGANIZATION_ID,
+                    GATEWAY_DOMAIN,
+                    HashMap::new(),
+                );
+                (
+                    Code::InvalidArgument,
+                    "missing organization-id metadata".to_owned(),
+                )
+            }
+            Self::InvalidRequest(violations) => {
+                details.set_error_info(reason::INVALID_REQUEST, GATEWAY_DOMAIN, HashMap::new());
+                let mut message = String::from("invalid request:");
+                for (i, v) in violations.iter().enumerate() {
+                    details.add_bad_request_violation(v.field, &v.description);
+                    message.push_str(if i == 0 { " " } else { "; " });
+                    message.push_str(v.field);
+                    message.push(' ');
+                    message.push_str(&v.description);
+                }
+                (Code::InvalidArgument, message)
+            }
+            Self::Upstream(UpstreamError::Rejected(rejection)) => {
+                if rejection.request_id.is_some() {
+                    request_id.clone_from(&rejection.request_id);
+                }
+                rejected(rejection, &mut details)
+            }
+            Self::Upstream(UpstreamError::Malformed {
+                http_status,
+                detail,
+                request_id: upstream_id,
+            }) => {
+                if upstream_id.is_some() {
+                    request_id.clone_from(upstream_id);
+                }
+                let metadata = HashMap::from([
+                    ("http_status".to_owned(), http_status.to_string()),
+                    ("detail".to_owned(), detail.clone()),
+                ]);
+                details.set_error_info(
+                    reason::MALFORMED_UPSTREAM_RESPONSE,
+                    GATEWAY_DOMAIN,
+                    metadata,
+                );
+                (
+                    Code::Internal,
+                    format!("malformed upstream answer to {detail}"),
+                )
+            }
+            Self::Upstream(UpstreamError::Timeout { after, bound }) => {
+                let (bound_name, message) = match bound {
+                    TimeoutBound::CallerDeadline => (
+                        "caller_deadline",
+                        format!(
+                            "upstream did not answer {rpc} within the caller's deadline of {}",
+                            millis(*after)
+                        ),
+                    ),
+                    TimeoutBound::UpstreamTimeout => (
+                        "upstream_timeout",
+                        format!(
+                            "upstream did not answer {rpc} within {} (--upstream-timeout)",
+                            millis(*after)
+                        ),
+                    ),
+                };
+                let metadata = HashMap::from([
+                    ("bound".to_owned(), bound_name.to_owned()),
+                    ("timeout_ms".to_owned(), after.as_millis().to_string()),
+                ]);
+                details.set_error_info(reason::UPSTREAM_TIMEOUT, GATEWAY_DOMAIN, metadata);
+                (Code::DeadlineExceeded, message)
+            }
+            Self::Upstream(UpstreamError::Unreachable { detail }) => {
+                let metadata = HashMap::from([("detail".to_owned(), detail.clone())]);
+                details.set_error_info(reason::UPSTREAM_UNAVAILABLE, GATEWAY_DOMAIN, metadata);
+                (Code::Unavailable, format!("upstream unreachable: {detail}"))
+            }
+        };
+        if let Some(id) = request_id {
+            details.set_request_info(id, "");
+        }
+        Status::with_error_details(code, message, details)
+    }
+}
+
+/// An error answer: the code table first, the HTTP status otherwise.
+fn rejected(rejection: &Rejection, details: &mut ErrorDetails) -> (Code, String) {
+    let http = rejection.http_status;
+    let mut metadata = HashMap::from([("http_status".to_owned(), http.to_string())]);
+    if let Some(message) = &rejection.message {
+        metadata.insert("upstream_message".to_owned(), message.clone());
+    }
+    if let Some(excerpt) = &rejection.body_excerpt {
+        metadata.insert("upstream_body".to_owned(), excerpt.clone());
+    }
+    match &rejection.retry_after {
+        Some(RetryAfter::Delay(delay)) => {
+            details.set_retry_info(Some(*delay));
+        }
+        Some(RetryAfter::Other(value)) => {
+            metadata.insert("retry_after".to_owned(), value.clone());
+        }
+        None => {}
+    }
+
+    let Some(code) = &rejection.code else {
+        let code = http_status_code(http);
+        let message = match http_reason(http) {
+            Some(text) => format!("upstream answered HTTP {http} {text}"),
+            None => format!("upstream answered HTTP {http}"),
+        };
+        details.set_error_info(reason::UPSTREAM_HTTP_ERROR, GATEWAY_DOMAIN, metadata);
+        return (code, message);
+    };
+
+    metadata.insert("upstream_code".to_owned(), code.clone());
+    let (status, words) = match upstream_code(code) {
+        Some((status, words)) => (status, words),
+        None if http == 400 => (Code::FailedPrecondition, "upstream refused the request"),
+        None => (http_status_code(http), "upstream refused the request"),
+    };
+    let words = rejection
+        .message
+        .as_deref()
+        .filter(|_| upstream_code(code).is_none())
+        .unwrap_or(words);
+    details.set_error_info(reason_of(code), UPSTREAM_DOMAIN, metadata);
+    (status, format!("{words} ({code})"))
+}
+
+fn http_reason(status: u16) -> Option<&'static str> {
+    http::StatusCode::from_u16(status).ok()?.canonical_reason()
+}
+
+fn millis(duration: Duration) -> String {
+    humantime::format_duration(Duration::from_millis(duration.as_millis() as u64)).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_upper_snake_case() {
+        assert_eq!(reason_of("NoChanges"), "NO_CHANGES");
+        assert_eq!(reason_of("NotFound"), "NOT_FOUND");
+        assert_eq!(reason_of("ORDER_CLOSED"), "ORDER_CLOSED");
+        assert_eq!(reason_of("INVOICE_NOT_FOUND"), "INVOICE_NOT_FOUND");
+        assert_eq!(reason_of("rate-limited"), "RATE_LIMITED");
+    }
+}

@@ -1,0 +1,16 @@
+//! gormic-gateway: serves `gormic.om.v1.InvoiceService` over gRPC and forwards
+//! each call to the Gormic Order Management invoices REST API.
+//!
+//! Request flow: [`server`] accepts connections and routes gRPC calls to
+//! [`service::InvoiceGateway`], which reads metadata, validates the request and
+//! calls [`upstream::Upstream`]; every failure becomes a `tonic::Status` in
+//! [`errors`].
+
+pub mod config;
+pub mod errors;
+pub mod proto;
+mod routes;
+pub mod server;
+pub mod service;
+pub mod telemetry;
+pub mod upstream;

@@ -1,0 +1,6 @@
+//! Integration tests: the gateway in-process on an ephemeral port, in front
+//! of a scripted fake upstream or the built-in sandbox.
+
+mod support;
+
+mod forwarding;

@@ -1,0 +1,238 @@
+//! A scripted stand-in for the Gormic REST API: records every request it
+//! receives and answers with whatever the test scripted.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::Response;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+/// One request as the upstream saw it; the path is raw (still percent-encoded).
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: Method,
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("request body is JSON")
+    }
+}
+
+/// One scripted answer.
+#[derive(Debug, Clone)]
+pub struct Scripted {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// Wait this long before answering (to model a slow upstream).
+    pub delay: Option<Duration>,
+}
+
+impl Scripted {
+    pub fn json(status: u16, body: serde_json::Value) -> Self {
+        Self {
+            status,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: body.to_string().into_bytes(),
+            delay: None,
+        }
+    }
+
+    /// A 200 with the standard envelope around `data`.
+    pub fn ok(data: serde_json::Value) -> Self {
+        Self::json(200, envelope(data))
+    }
+
+    /// A 400 functional error `{"error":{"code":…}}` with a `requestId`.
+    pub fn code(code: &str) -> Self {
+        Self::json(
+            400,
+            serde_json::json!({"error": {"code": code}, "requestId": "req-upstream-1"}),
+        )
+    }
+
+    pub fn raw(status: u16, body: &str) -> Self {
+        Self {
+            status,
+            headers: vec![("content-type".into(), "text/html".into())],
+            body: body.as_bytes().to_vec(),
+            delay: None,
+        }
+    }
+
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    pub fn delayed(mut self, delay: Duration) -> Self {
+        self.delay = Some(delay);
+        self
+    }
+}
+
+/// The standard success envelope around `data`.
+pub fn envelope(data: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "app": "om",
+        "service": "invoices",
+        "warnings": [],
+        "instanceId": "inst-7",
+        "requestId": "req-upstream-1",
+        "data": data,
+    })
+}
+
+#[derive(Default)]
+struct Shared {
+    recorded: Mutex<Vec<Recorded>>,
+    /// Answers used in order; the last one repeats.
+    script: Mutex<VecDeque<Scripted>>,
+    received: Notify,
+    /// Dropped-request count: a handler future dropped before it answered.
+    abandoned: Mutex<usize>,
+    abandoned_notify: Notify,
+}
+
+#[derive(Clone)]
+pub struct FakeUpstream {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+struct AbandonGuard {
+    shared: Arc<Shared>,
+    answered: bool,
+}
+
+impl Drop for AbandonGuard {
+    fn drop(&mut self) {
+        if !self.answered {
+            *self.shared.abandoned.lock().unwrap() += 1;
+            self.shared.abandoned_notify.notify_waiters();
+        }
+    }
+}
+
+impl FakeUpstream {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind fake upstream");
+        let addr = listener.local_addr().expect("addr");
+        let shared = Arc::new(Shared::default());
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(shared.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { addr, shared }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Answer every following request with `answer` (replaces the script).
+    pub fn respond(&self, answer: Scripted) {
+        let mut script = self.shared.script.lock().unwrap();
+        script.clear();
+        script.push_back(answer);
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.shared.recorded.lock().unwrap().clone()
+    }
+
+    pub fn only_request(&self) -> Recorded {
+        let requests = self.requests();
+        assert_eq!(
+            requests.len(),
+            1,
+            "expected exactly one upstream request: {requests:?}"
+        );
+        requests.into_iter().next().unwrap()
+    }
+
+    /// Resolves once at least `n` requests have arrived.
+    pub async fn wait_for_requests(&self, n: usize) {
+        loop {
+            let notified = self.shared.received.notified();
+            if self.shared.recorded.lock().unwrap().len() >= n {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Resolves once at least `n` requests were dropped before being answered
+    /// (the gateway closed the connection).
+    pub async fn wait_for_abandoned(&self, n: usize) {
+        loop {
+            let notified = self.shared.abandoned_notify.notified();
+            if *self.shared.abandoned.lock().unwrap() >= n {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let body = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    let answer = {
+        let mut script = shared.script.lock().unwrap();
+        let answer = if script.len() > 1 {
+            script.pop_front()
+        } else {
+            script.front().cloned()
+        };
+        answer.unwrap_or_else(|| Scripted::raw(599, "no answer scripted"))
+    };
+    shared.recorded.lock().unwrap().push(Recorded {
+        method: parts.method,
+        path: parts.uri.path().to_owned(),
+        query: parts.uri.query().map(str::to_owned),
+        headers: parts.headers,
+        body,
+    });
+    shared.received.notify_waiters();
+
+    let mut guard = AbandonGuard {
+        shared: shared.clone(),
+        answered: false,
+    };
+    if let Some(delay) = answer.delay {
+        tokio::time::sleep(delay).await;
+    }
+    guard.answered = true;
+
+    let mut response = Response::builder().status(StatusCode::from_u16(answer.status).unwrap());
+    for (name, value) in &answer.headers {
+        response = response.header(name, value);
+    }
+    response.body(Body::from(answer.body)).unwrap()
+}
