@@ -32,6 +32,8 @@ pub mod reason {
     pub const UPSTREAM_TIMEOUT: &str = "UPSTREAM_TIMEOUT";
     /// Connection refused, reset, or name resolution failed.
     pub const UPSTREAM_UNAVAILABLE: &str = "UPSTREAM_UNAVAILABLE";
+    /// The gateway could not build the upstream request; nothing was sent.
+    pub const GATEWAY_INTERNAL: &str = "GATEWAY_INTERNAL";
 }
 
 /// Why a call failed.
@@ -252,10 +254,21 @@ impl CallError {
                 details.set_error_info(reason::UPSTREAM_TIMEOUT, GATEWAY_DOMAIN, metadata);
                 (Code::DeadlineExceeded, message)
             }
-            Self::Upstream(UpstreamError::Unreachable { detail }) => {
-                let metadata = HashMap::from([("detail".to_owned(), detail.clone())]);
+            Self::Upstream(UpstreamError::Unreachable {
+                detail,
+                request_sent,
+            }) => {
+                let metadata = HashMap::from([
+                    ("detail".to_owned(), detail.clone()),
+                    ("request_sent".to_owned(), request_sent.to_string()),
+                ]);
                 details.set_error_info(reason::UPSTREAM_UNAVAILABLE, GATEWAY_DOMAIN, metadata);
                 (Code::Unavailable, format!("upstream unreachable: {detail}"))
+            }
+            Self::Upstream(UpstreamError::Internal { detail }) => {
+                let metadata = HashMap::from([("detail".to_owned(), detail.clone())]);
+                details.set_error_info(reason::GATEWAY_INTERNAL, GATEWAY_DOMAIN, metadata);
+                (Code::Internal, format!("gateway error in {rpc}: {detail}"))
             }
         };
         if let Some(id) = request_id {

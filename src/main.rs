@@ -1,25 +1,44 @@
 //! The `gormic-gateway` binary: parse the configuration (failing fast, before
 //! any port is bound), bind, log every bound address, serve until SIGINT or
-//! SIGTERM, drain, exit 0.
+//! SIGTERM, drain, exit 0. With `--sandbox` the sandbox REST API is started
+//! first, on a loopback port, and is the upstream; `gormic-gateway sandbox`
+//! serves that REST API alone.
 
+use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
+use reqwest::Url;
 use tokio::net::TcpListener;
 
-use gormic_gateway::config::{Cli, Config};
+use gormic_gateway::config::{Cli, Command, Config, SandboxArgs, Target};
+use gormic_gateway::sandbox::{self, Fixture, FixtureError};
 use gormic_gateway::service::InvoiceGateway;
 use gormic_gateway::upstream::Upstream;
 use gormic_gateway::{server, telemetry};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Sandbox(args)) = &cli.command {
+        return sandbox_only(args, &cli);
+    }
     let config = match cli.config() {
         Ok(config) => config,
         Err(error) => {
             eprintln!("gormic-gateway: {error}");
             return ExitCode::from(2);
         }
+    };
+    // A bad fixture file stops the binary here, before any port is bound.
+    let sandbox = match &config.upstream {
+        Target::Url(_) => None,
+        Target::Sandbox { fixture } => match load_fixture(fixture.as_deref()) {
+            Ok(fixture) => Some(fixture),
+            Err(error) => {
+                eprintln!("gormic-gateway: {error}");
+                return ExitCode::from(2);
+            }
+        },
     };
     telemetry::init(cli.log_level, cli.log_format);
 
@@ -30,7 +49,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config)) {
+    match runtime.block_on(serve(config, sandbox)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "gateway stopped");
@@ -40,26 +59,104 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
-    let upstream = Upstream::new(&config.upstream, config.upstream_timeout)
-        .map_err(|e| format!("cannot build the HTTP client for --upstream: {e}"))?;
+async fn serve(config: Config, sandbox: Option<Fixture>) -> Result<(), Box<dyn std::error::Error>> {
+    let upstream_url = match (&config.upstream, sandbox) {
+        (Target::Url(url), _) => url.clone(),
+        (Target::Sandbox { .. }, fixture) => {
+            start_sandbox(fixture.unwrap_or_else(Fixture::builtin)).await?
+        }
+    };
+    let upstream = Upstream::new(&upstream_url, config.upstream_timeout)
+        .map_err(|e| format!("cannot build the HTTP client for --upstream: {e}"))?
+        .with_deadline_margin(config.deadline_margin);
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("cannot listen on {} (--listen): {e}", config.listen))?;
     tracing::info!(
         grpc = %listener.local_addr()?,
-        upstream = %config.upstream,
+        upstream = %upstream_url,
         upstream_timeout = %humantime::format_duration(config.upstream_timeout),
+        cors_allowed_origins = %config.cors,
         "serving gormic.om.v1.InvoiceService"
     );
     server::run(
         listener,
         InvoiceGateway::new(upstream),
         shutdown_signal(),
-        config.shutdown_grace,
+        server::ServerOptions {
+            grace: config.shutdown_grace,
+            cors: config.cors.clone(),
+        },
     )
     .await?;
     Ok(())
+}
+
+/// Runs the sandbox on a loopback port, in this process, and returns the URL
+/// the gateway forwards to: calls still take the real REST client path.
+async fn start_sandbox(fixture: Fixture) -> Result<Url, Box<dyn std::error::Error>> {
+    let (addr, _task) = sandbox::spawn(fixture)
+        .await
+        .map_err(|e| format!("cannot start the sandbox on 127.0.0.1: {e}"))?;
+    let url = Url::parse(&format!("http://{addr}"))?;
+    tracing::warn!(
+        sandbox = %url,
+        "SANDBOX MODE: invoices go to an in-memory imitation of the Gormic API, \
+         not to Gormic; state is lost on exit. Never use this in production"
+    );
+    Ok(url)
+}
+
+fn load_fixture(path: Option<&Path>) -> Result<Fixture, FixtureError> {
+    match path {
+        Some(path) => Fixture::from_file(path),
+        None => Ok(Fixture::builtin()),
+    }
+}
+
+/// `gormic-gateway sandbox`: the sandbox REST API alone.
+fn sandbox_only(args: &SandboxArgs, cli: &Cli) -> ExitCode {
+    if args.print_fixture {
+        print!("{}", sandbox::DEFAULT_FIXTURE_JSON);
+        return ExitCode::SUCCESS;
+    }
+    let fixture = match load_fixture(args.fixture.as_deref()) {
+        Ok(fixture) => fixture,
+        Err(error) => {
+            eprintln!("gormic-gateway: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init(cli.log_level, cli.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("gormic-gateway: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let listen = args.listen;
+    let served = runtime.block_on(async move {
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("cannot listen on {listen} (sandbox --listen): {e}"))?;
+        tracing::warn!(
+            rest = %listener.local_addr().map_err(|e| e.to_string())?,
+            orders = fixture.order_count(),
+            "SANDBOX: serving an in-memory imitation of the Gormic invoices REST API. \
+             Never use this in production"
+        );
+        sandbox::serve(listener, fixture, shutdown_signal())
+            .await
+            .map_err(|e| format!("sandbox stopped: {e}"))
+    });
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("gormic-gateway: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM. If a handler cannot be installed the

@@ -1,6 +1,6 @@
 //! The gRPC server: the invoice service with health, reflection and gRPC-Web
-//! on one port, served by hyper on an already-bound listener (tests bind
-//! `127.0.0.1:0`), and the graceful shutdown.
+//! (with its CORS policy) on one port, served by hyper on an already-bound
+//! listener (tests bind `127.0.0.1:0`), and the graceful shutdown.
 //!
 //! The gateway runs its own accept loop instead of `tonic::transport::Server`
 //! because tonic's server answers an expired `grpc-timeout` with a bare
@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tonic::service::Routes;
 use tower::ServiceBuilder;
 
+use crate::cors::CorsOrigins;
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::v1::invoice_service_server::InvoiceServiceServer;
 use crate::service::InvoiceGateway;
@@ -34,26 +35,42 @@ pub enum ServerError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
+/// How the server behaves, apart from the service it serves.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// After shutdown is asked, how long in-flight calls may take to finish.
+    pub grace: Duration,
+    /// Which browser origins may make gRPC-Web calls.
+    pub cors: CorsOrigins,
+}
+
+impl Default for ServerOptions {
+    /// The command line's defaults: 10 s of grace, no CORS.
+    fn default() -> Self {
+        Self {
+            grace: Duration::from_secs(10),
+            cors: CorsOrigins::None,
+        }
+    }
+}
+
 /// Serves until `shutdown` resolves, then stops accepting, reports
 /// NOT_SERVING on the health service, and lets in-flight calls finish for at
-/// most `grace`.
+/// most `options.grace`.
 pub async fn run(
     listener: TcpListener,
     gateway: InvoiceGateway,
     shutdown: impl Future<Output = ()>,
-    grace: Duration,
+    options: ServerOptions,
 ) -> Result<(), ServerError> {
+    let ServerOptions { grace, cors } = options;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<InvoiceServiceServer<InvoiceGateway>>()
         .await;
 
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let routes = Routes::new(InvoiceServiceServer::new(gateway))
         .add_service(health_service)
@@ -62,6 +79,9 @@ pub async fn run(
         .prepare();
 
     let service = ServiceBuilder::new()
+        // Outermost, so that it answers browsers' preflight requests itself.
+        // Absent unless --cors-allowed-origins names origins.
+        .option_layer(cors.layer())
         // gRPC-Web (HTTP/1.1 or HTTP/2) is translated to gRPC; plain gRPC passes through.
         .layer(tonic_web::GrpcWebLayer::new())
         .service(routes);
@@ -118,4 +138,13 @@ pub async fn run(
         Err(_) => tracing::warn!("grace period over: closing the remaining connections"),
     }
     Ok(())
+}
+
+/// Reflection over our proto, the health service, and the `google.rpc` error
+/// detail types, so that tools such as grpcurl can decode status details.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
 }

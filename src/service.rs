@@ -39,9 +39,9 @@ impl InvoiceGateway {
         F: FnOnce(Credentials, Option<Duration>, Req) -> Fut,
         Fut: Future<Output = Result<Reply<Res>, crate::upstream::UpstreamError>>,
     {
-        let mut log = CallLog::start(rpc);
         let (metadata, _, message) = request.into_parts();
         let caller_request_id = text(&metadata, "x-request-id");
+        let mut log = CallLog::start(rpc, caller_request_id);
         let result = async {
             let credentials = credentials(&metadata)?;
             let violations = validate(&message);
@@ -224,16 +224,19 @@ fn invoice_id(value: &str) -> Option<FieldViolation> {
 
 /// Writes the call's log line when it finishes, or when the caller goes
 /// away and the call's future is dropped.
-struct CallLog {
+struct CallLog<'a> {
     rpc: &'static str,
+    /// The caller's `x-request-id`, to find the call in the logs.
+    request_id: Option<&'a str>,
     started: Instant,
     done: bool,
 }
 
-impl CallLog {
-    fn start(rpc: &'static str) -> Self {
+impl<'a> CallLog<'a> {
+    fn start(rpc: &'static str, request_id: Option<&'a str>) -> Self {
         Self {
             rpc,
+            request_id,
             started: Instant::now(),
             done: false,
         }
@@ -243,9 +246,11 @@ impl CallLog {
         self.done = true;
         let latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         let grpc_code = code_name(code);
+        let (rpc, request_id) = (self.rpc, self.request_id);
         match message {
             None => tracing::info!(
-                rpc = self.rpc,
+                rpc,
+                request_id,
                 upstream_status,
                 grpc_code,
                 latency_ms,
@@ -253,7 +258,8 @@ impl CallLog {
             ),
             Some(error) => {
                 tracing::info!(
-                    rpc = self.rpc,
+                    rpc,
+                    request_id,
                     upstream_status,
                     grpc_code,
                     latency_ms,
@@ -265,12 +271,14 @@ impl CallLog {
     }
 }
 
-impl Drop for CallLog {
+impl Drop for CallLog<'_> {
     fn drop(&mut self) {
         if !self.done {
             let latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+            let (rpc, request_id) = (self.rpc, self.request_id);
             tracing::info!(
-                rpc = self.rpc,
+                rpc,
+                request_id,
                 grpc_code = "CANCELLED",
                 latency_ms,
                 "call cancelled by the caller"

@@ -27,6 +27,9 @@ const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
+/// Default of `--deadline-margin`.
+pub const DEFAULT_DEADLINE_MARGIN: Duration = Duration::from_millis(100);
+
 /// Characters of an upstream body quoted in an error when it carries no code.
 const EXCERPT_CHARS: usize = 256;
 
@@ -37,6 +40,7 @@ pub struct Upstream {
     /// Base URL without its trailing `/`; routes start with `/`.
     base: String,
     timeout: Duration,
+    deadline_margin: Duration,
 }
 
 /// Per-call headers taken from the gRPC metadata.
@@ -87,7 +91,16 @@ pub enum UpstreamError {
     },
     /// The upstream could not be reached or the connection broke.
     #[error("upstream unreachable: {detail}")]
-    Unreachable { detail: String },
+    Unreachable {
+        detail: String,
+        /// False when the connection failed before the request went out, so
+        /// a retry cannot repeat a side effect.
+        request_sent: bool,
+    },
+    /// The gateway could not build the request (a bug, not a fault of the
+    /// caller or the upstream); nothing was sent.
+    #[error("cannot build the upstream request: {detail}")]
+    Internal { detail: String },
 }
 
 /// An error answer of the upstream, with everything it said.
@@ -119,7 +132,7 @@ impl UpstreamError {
         match self {
             Self::Rejected(rejection) => Some(rejection.http_status),
             Self::Malformed { http_status, .. } => Some(*http_status),
-            Self::Timeout { .. } | Self::Unreachable { .. } => None,
+            Self::Timeout { .. } | Self::Unreachable { .. } | Self::Internal { .. } => None,
         }
     }
 }
@@ -139,7 +152,16 @@ impl Upstream {
             client,
             base: base.as_str().trim_end_matches('/').to_owned(),
             timeout,
+            deadline_margin: DEFAULT_DEADLINE_MARGIN,
         })
+    }
+
+    /// How much earlier than the caller's deadline the gateway gives up, so
+    /// that its DEADLINE_EXCEEDED (with details) reaches the caller before
+    /// the caller's own timer fires. Capped at a tenth of the deadline.
+    pub fn with_deadline_margin(mut self, margin: Duration) -> Self {
+        self.deadline_margin = margin;
+        self
     }
 
     /// The gateway's own bound on each upstream call (`--upstream-timeout`).
@@ -258,8 +280,10 @@ impl Upstream {
         credentials: &Credentials,
         caller_timeout: Option<Duration>,
     ) -> Result<Reply<wire::Envelope<D>>, UpstreamError> {
-        let (after, bound) = match caller_timeout {
-            Some(caller) if caller < self.timeout => (caller, TimeoutBound::CallerDeadline),
+        let caller_budget =
+            caller_timeout.map(|caller| caller - self.deadline_margin.min(caller / 10));
+        let (after, bound) = match caller_budget {
+            Some(budget) if budget < self.timeout => (budget, TimeoutBound::CallerDeadline),
             _ => (self.timeout, TimeoutBound::UpstreamTimeout),
         };
         let deadline = Instant::now() + after;
@@ -294,7 +318,7 @@ impl Upstream {
             request = request.header("x-request-id", request_id.clone());
         }
         if let Some(body) = body {
-            let json = serde_json::to_vec(body).map_err(|e| UpstreamError::Unreachable {
+            let json = serde_json::to_vec(body).map_err(|e| UpstreamError::Internal {
                 detail: format!("cannot encode the request body: {e}"),
             })?;
             request = request.header(CONTENT_TYPE, "application/json").body(json);
@@ -359,7 +383,7 @@ impl Upstream {
             url.extend(utf8_percent_encode(id, PATH_SEGMENT));
             url.push_str(after);
         }
-        Url::parse(&url).map_err(|e| UpstreamError::Unreachable {
+        Url::parse(&url).map_err(|e| UpstreamError::Internal {
             detail: format!("cannot build the upstream URL for {}: {e}", route.rpc),
         })
     }
@@ -408,6 +432,7 @@ async fn read_body(
 fn unreachable(error: reqwest::Error) -> UpstreamError {
     // The URL holds no secret, but the status message is for callers: name
     // the fault, not our topology.
+    let request_sent = !error.is_connect();
     let error = error.without_url();
     let mut detail = error.to_string();
     let mut source = std::error::Error::source(&error);
@@ -416,7 +441,10 @@ fn unreachable(error: reqwest::Error) -> UpstreamError {
         detail.push_str(&cause.to_string());
         source = cause.source();
     }
-    UpstreamError::Unreachable { detail }
+    UpstreamError::Unreachable {
+        detail,
+        request_sent,
+    }
 }
 
 fn parse_retry_after(value: &[u8]) -> RetryAfter {

@@ -4,3 +4,9 @@
 mod support;
 
 mod forwarding;
+mod grpc_web;
+mod operations;
+mod requests;
+mod sandbox;
+mod transport;
+mod upstream_errors;

@@ -5,6 +5,8 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod fake_upstream;
+pub mod logs;
+pub mod sandbox;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -20,6 +22,7 @@ use gormic_gateway::service::InvoiceGateway;
 use gormic_gateway::upstream::Upstream;
 
 pub use fake_upstream::{FakeUpstream, Recorded, Scripted};
+pub use logs::logs;
 
 pub const API_KEY: &str = "test-api-key-5f2c9a";
 pub const ORGANIZATION: &str = "org-1";
@@ -43,6 +46,19 @@ impl TestGateway {
         upstream_timeout: Duration,
         grace: Duration,
     ) -> Self {
+        let options = gormic_gateway::server::ServerOptions {
+            grace,
+            ..Default::default()
+        };
+        Self::start_with_options(upstream_url, upstream_timeout, options).await
+    }
+
+    /// Starts a gateway with explicit server options (grace, CORS).
+    pub async fn start_with_options(
+        upstream_url: &str,
+        upstream_timeout: Duration,
+        options: gormic_gateway::server::ServerOptions,
+    ) -> Self {
         let url = reqwest::Url::parse(upstream_url).expect("test upstream URL");
         let upstream = Upstream::new(&url, upstream_timeout).expect("HTTP client");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -52,7 +68,7 @@ impl TestGateway {
             let shutdown = async {
                 let _ = rx.await;
             };
-            gormic_gateway::server::run(listener, InvoiceGateway::new(upstream), shutdown, grace)
+            gormic_gateway::server::run(listener, InvoiceGateway::new(upstream), shutdown, options)
                 .await
                 .expect("server run");
         });
