@@ -98,7 +98,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     })
     .await?;
 
+    // The gRPC hop alone: refused for its missing api-key, nothing goes upstream.
+    let grpc = InvoiceServiceClient::connect(format!("http://{gateway_addr}")).await?;
+    let grpc_only = load(calls, concurrency, move || {
+        let mut grpc = grpc.clone();
+        async move {
+            let request = tonic::Request::new(CloseInvoiceRequest {
+                invoice_id: "inv-1".into(),
+            });
+            match grpc.close_invoice(request).await {
+                Err(status) if status.code() == tonic::Code::Unauthenticated => Ok(()),
+                other => Err(format!("expected UNAUTHENTICATED, got {other:?}")),
+            }
+        }
+    })
+    .await?;
+
     println!("gateway benchmark: {calls} CloseInvoice calls, concurrency {concurrency}");
+    grpc_only.print("gRPC hop only (refused call)");
     direct.print("direct REST (reqwest)");
     gateway.print("through the gateway (tonic)");
     println!(

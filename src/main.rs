@@ -4,6 +4,7 @@
 //! first, on a loopback port, and is the upstream; `gormic-gateway sandbox`
 //! serves that REST API alone.
 
+use std::future::Future;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -12,51 +13,59 @@ use reqwest::Url;
 use tokio::net::TcpListener;
 
 use gormic_gateway::config::{Cli, Command, Config, SandboxArgs, Target};
-use gormic_gateway::sandbox::{self, Fixture, FixtureError};
+use gormic_gateway::sandbox::{self, Fixture};
 use gormic_gateway::service::InvoiceGateway;
 use gormic_gateway::upstream::Upstream;
 use gormic_gateway::{server, telemetry};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::Sandbox(args)) = &cli.command {
-        return sandbox_only(args, &cli);
-    }
-    let config = match cli.config() {
-        Ok(config) => config,
-        Err(error) => {
-            eprintln!("gormic-gateway: {error}");
-            return ExitCode::from(2);
-        }
+    let result = match &cli.command {
+        Some(Command::Sandbox(args)) => sandbox_only(args, &cli),
+        None => gateway(&cli),
     };
-    // A bad fixture file stops the binary here, before any port is bound.
-    let sandbox = match &config.upstream {
-        Target::Url(_) => None,
-        Target::Sandbox { fixture } => match load_fixture(fixture.as_deref()) {
-            Ok(fixture) => Some(fixture),
-            Err(error) => {
-                eprintln!("gormic-gateway: {error}");
-                return ExitCode::from(2);
-            }
-        },
-    };
-    telemetry::init(cli.log_level, cli.log_format);
-
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("gormic-gateway: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(serve(config, sandbox)) {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            tracing::error!(%error, "gateway stopped");
-            eprintln!("gormic-gateway: {error}");
+        Err(Exit::Usage(message)) => {
+            eprintln!("gormic-gateway: {message}");
+            ExitCode::from(2)
+        }
+        Err(Exit::Failed(message)) => {
+            tracing::error!(error = %message, "stopped");
+            eprintln!("gormic-gateway: {message}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Why the binary stops with a non-zero status.
+enum Exit {
+    /// The command line or a file it names is wrong (status 2); nothing was bound.
+    Usage(String),
+    /// Serving failed (status 1).
+    Failed(String),
+}
+
+/// The gateway, in front of `--upstream` or the in-process sandbox.
+fn gateway(cli: &Cli) -> Result<(), Exit> {
+    let config = cli.config().map_err(|e| Exit::Usage(e.to_string()))?;
+    // A bad fixture file stops the binary here, before any port is bound.
+    let sandbox = match &config.upstream {
+        Target::Url(_) => None,
+        Target::Sandbox { fixture } => Some(load_fixture(fixture.as_deref())?),
+    };
+    telemetry::init(cli.log_level, cli.log_format);
+    block_on(serve(config, sandbox))
+}
+
+fn block_on(
+    future: impl Future<Output = Result<(), Box<dyn std::error::Error>>>,
+) -> Result<(), Exit> {
+    let runtime = tokio::runtime::Runtime::new()
+        .map_err(|e| Exit::Failed(format!("cannot start the async runtime: {e}")))?;
+    runtime
+        .block_on(future)
+        .map_err(|e| Exit::Failed(e.to_string()))
 }
 
 async fn serve(config: Config, sandbox: Option<Fixture>) -> Result<(), Box<dyn std::error::Error>> {
@@ -107,56 +116,37 @@ async fn start_sandbox(fixture: Fixture) -> Result<Url, Box<dyn std::error::Erro
     Ok(url)
 }
 
-fn load_fixture(path: Option<&Path>) -> Result<Fixture, FixtureError> {
+fn load_fixture(path: Option<&Path>) -> Result<Fixture, Exit> {
     match path {
-        Some(path) => Fixture::from_file(path),
+        Some(path) => Fixture::from_file(path).map_err(|e| Exit::Usage(e.to_string())),
         None => Ok(Fixture::builtin()),
     }
 }
 
 /// `gormic-gateway sandbox`: the sandbox REST API alone.
-fn sandbox_only(args: &SandboxArgs, cli: &Cli) -> ExitCode {
+fn sandbox_only(args: &SandboxArgs, cli: &Cli) -> Result<(), Exit> {
     if args.print_fixture {
         print!("{}", sandbox::DEFAULT_FIXTURE_JSON);
-        return ExitCode::SUCCESS;
+        return Ok(());
     }
-    let fixture = match load_fixture(args.fixture.as_deref()) {
-        Ok(fixture) => fixture,
-        Err(error) => {
-            eprintln!("gormic-gateway: {error}");
-            return ExitCode::from(2);
-        }
-    };
+    let fixture = load_fixture(args.fixture.as_deref())?;
     telemetry::init(cli.log_level, cli.log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("gormic-gateway: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
     let listen = args.listen;
-    let served = runtime.block_on(async move {
+    block_on(async move {
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|e| format!("cannot listen on {listen} (sandbox --listen): {e}"))?;
         tracing::warn!(
-            rest = %listener.local_addr().map_err(|e| e.to_string())?,
+            rest = %listener.local_addr()?,
             orders = fixture.order_count(),
             "SANDBOX: serving an in-memory imitation of the Gormic invoices REST API. \
              Never use this in production"
         );
         sandbox::serve(listener, fixture, shutdown_signal())
             .await
-            .map_err(|e| format!("sandbox stopped: {e}"))
-    });
-    match served {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("gormic-gateway: {error}");
-            ExitCode::FAILURE
-        }
-    }
+            .map_err(|e| format!("sandbox stopped: {e}"))?;
+        Ok(())
+    })
 }
 
 /// Resolves on SIGINT or SIGTERM. If a handler cannot be installed the

@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 use crate::errors::{CallError, FieldViolation};
 use crate::proto::v1 as pb;
 use crate::proto::v1::invoice_service_server::InvoiceService;
-use crate::upstream::{Credentials, Reply, Upstream};
+use crate::upstream::{CallContext, Credentials, Reply, Upstream};
 
 /// The service implementation; cheap to clone, all clones share one pool.
 #[derive(Debug, Clone)]
@@ -36,7 +36,7 @@ impl InvoiceGateway {
         forward: F,
     ) -> Result<Response<Res>, Status>
     where
-        F: FnOnce(Credentials, Option<Duration>, Req) -> Fut,
+        F: FnOnce(CallContext, Req) -> Fut,
         Fut: Future<Output = Result<Reply<Res>, crate::upstream::UpstreamError>>,
     {
         let (metadata, _, message) = request.into_parts();
@@ -48,8 +48,11 @@ impl InvoiceGateway {
             if !violations.is_empty() {
                 return Err(CallError::InvalidRequest(violations));
             }
-            let caller_timeout = grpc_timeout(&metadata);
-            Ok(forward(credentials, caller_timeout, message).await?)
+            let call = CallContext {
+                credentials,
+                caller_timeout: grpc_timeout(&metadata),
+            };
+            Ok(forward(call, message).await?)
         }
         .await;
         match result {
@@ -76,7 +79,7 @@ impl InvoiceService for InvoiceGateway {
             "CreateInvoice",
             request,
             validate_create,
-            |c, t, r| async move { self.upstream.create_invoice(&c, t, &r).await },
+            |c, r| async move { self.upstream.create_invoice(&c, &r).await },
         )
         .await
     }
@@ -89,7 +92,7 @@ impl InvoiceService for InvoiceGateway {
             "UpdateInvoice",
             request,
             validate_update,
-            |c, t, r| async move { self.upstream.update_invoice(&c, t, &r).await },
+            |c, r| async move { self.upstream.update_invoice(&c, &r).await },
         )
         .await
     }
@@ -100,8 +103,8 @@ impl InvoiceService for InvoiceGateway {
     ) -> Result<Response<pb::DeleteInvoiceResponse>, Status> {
         let validate =
             |r: &pb::DeleteInvoiceRequest| invoice_id(&r.invoice_id).into_iter().collect();
-        self.handle("DeleteInvoice", request, validate, |c, t, r| async move {
-            self.upstream.delete_invoice(&c, t, &r).await
+        self.handle("DeleteInvoice", request, validate, |c, r| async move {
+            self.upstream.delete_invoice(&c, &r).await
         })
         .await
     }
@@ -112,8 +115,8 @@ impl InvoiceService for InvoiceGateway {
     ) -> Result<Response<pb::CloseInvoiceResponse>, Status> {
         let validate =
             |r: &pb::CloseInvoiceRequest| invoice_id(&r.invoice_id).into_iter().collect();
-        self.handle("CloseInvoice", request, validate, |c, t, r| async move {
-            self.upstream.close_invoice(&c, t, &r).await
+        self.handle("CloseInvoice", request, validate, |c, r| async move {
+            self.upstream.close_invoice(&c, &r).await
         })
         .await
     }
@@ -123,8 +126,8 @@ impl InvoiceService for InvoiceGateway {
         request: Request<pb::SendInvoiceRequest>,
     ) -> Result<Response<pb::SendInvoiceResponse>, Status> {
         let validate = |r: &pb::SendInvoiceRequest| invoice_id(&r.invoice_id).into_iter().collect();
-        self.handle("SendInvoice", request, validate, |c, t, r| async move {
-            self.upstream.send_invoice(&c, t, &r).await
+        self.handle("SendInvoice", request, validate, |c, r| async move {
+            self.upstream.send_invoice(&c, &r).await
         })
         .await
     }

@@ -53,6 +53,17 @@ pub struct Credentials {
     pub request_id: Option<HeaderValue>,
 }
 
+/// What a call carries besides its request message.
+#[derive(Debug, Clone)]
+pub struct CallContext {
+    pub credentials: Credentials,
+    /// The caller's gRPC deadline (`grpc-timeout`), when it set one.
+    pub caller_timeout: Option<Duration>,
+}
+
+/// The body of the RPCs whose `google.api.http` option has none.
+const NO_BODY: Option<&()> = None;
+
 /// A successful upstream answer, with the HTTP status for the call log.
 #[derive(Debug)]
 pub struct Reply<T> {
@@ -171,102 +182,93 @@ impl Upstream {
 
     pub async fn create_invoice(
         &self,
-        credentials: &Credentials,
-        caller_timeout: Option<Duration>,
+        call: &CallContext,
         request: &pb::CreateInvoiceRequest,
     ) -> Result<Reply<pb::CreateInvoiceResponse>, UpstreamError> {
         let body = wire::create_body(request);
-        let reply = self
-            .call::<wire::CreateData>(
-                &routes::CREATE_INVOICE,
-                None,
-                Some(&body),
-                credentials,
-                caller_timeout,
-            )
-            .await?;
-        Ok(reply.map(wire::create_response))
+        self.forward(call, &routes::CREATE_INVOICE, None, Some(&body), |e| {
+            Ok(wire::create_response(e))
+        })
+        .await
     }
 
     pub async fn update_invoice(
         &self,
-        credentials: &Credentials,
-        caller_timeout: Option<Duration>,
+        call: &CallContext,
         request: &pb::UpdateInvoiceRequest,
     ) -> Result<Reply<pb::UpdateInvoiceResponse>, UpstreamError> {
         let body = wire::update_body(request);
-        let reply = self
-            .call::<wire::SuccessData>(
-                &routes::UPDATE_INVOICE,
-                Some(&request.invoice_id),
-                Some(&body),
-                credentials,
-                caller_timeout,
-            )
-            .await?;
-        Ok(reply.map(wire::update_response))
+        let id = Some(request.invoice_id.as_str());
+        self.forward(call, &routes::UPDATE_INVOICE, id, Some(&body), |e| {
+            Ok(wire::update_response(e))
+        })
+        .await
     }
 
     pub async fn delete_invoice(
         &self,
-        credentials: &Credentials,
-        caller_timeout: Option<Duration>,
+        call: &CallContext,
         request: &pb::DeleteInvoiceRequest,
     ) -> Result<Reply<pb::DeleteInvoiceResponse>, UpstreamError> {
-        let reply = self
-            .call::<wire::DeleteData>(
-                &routes::DELETE_INVOICE,
-                Some(&request.invoice_id),
-                None::<&()>,
-                credentials,
-                caller_timeout,
-            )
-            .await?;
-        Ok(reply.map(wire::delete_response))
+        let id = Some(request.invoice_id.as_str());
+        self.forward(call, &routes::DELETE_INVOICE, id, NO_BODY, |e| {
+            Ok(wire::delete_response(e))
+        })
+        .await
     }
 
     pub async fn close_invoice(
         &self,
-        credentials: &Credentials,
-        caller_timeout: Option<Duration>,
+        call: &CallContext,
         request: &pb::CloseInvoiceRequest,
     ) -> Result<Reply<pb::CloseInvoiceResponse>, UpstreamError> {
-        let reply = self
-            .call::<wire::CloseData>(
-                &routes::CLOSE_INVOICE,
-                Some(&request.invoice_id),
-                None::<&()>,
-                credentials,
-                caller_timeout,
-            )
-            .await?;
-        let http_status = reply.http_status;
-        let request_id = reply.message.request_id.clone();
-        reply
-            .try_map(wire::close_response)
-            .map_err(|detail| UpstreamError::Malformed {
-                http_status,
-                detail: format!("CloseInvoice: {detail}"),
-                request_id: request_id.filter(|id| !id.is_empty()),
-            })
+        let id = Some(request.invoice_id.as_str());
+        self.forward(
+            call,
+            &routes::CLOSE_INVOICE,
+            id,
+            NO_BODY,
+            wire::close_response,
+        )
+        .await
     }
 
     pub async fn send_invoice(
         &self,
-        credentials: &Credentials,
-        caller_timeout: Option<Duration>,
+        call: &CallContext,
         request: &pb::SendInvoiceRequest,
     ) -> Result<Reply<pb::SendInvoiceResponse>, UpstreamError> {
-        let reply = self
-            .call::<wire::SendData>(
-                &routes::SEND_INVOICE,
-                Some(&request.invoice_id),
-                None::<&()>,
-                credentials,
-                caller_timeout,
-            )
-            .await?;
-        Ok(reply.map(wire::send_response))
+        let id = Some(request.invoice_id.as_str());
+        self.forward(call, &routes::SEND_INVOICE, id, NO_BODY, |e| {
+            Ok(wire::send_response(e))
+        })
+        .await
+    }
+
+    /// One RPC: the exchange, then `convert` from the envelope to the proto
+    /// response; a conversion failure is a malformed answer.
+    async fn forward<D: DeserializeOwned, R>(
+        &self,
+        call: &CallContext,
+        route: &Route,
+        invoice_id: Option<&str>,
+        body: Option<&impl serde::Serialize>,
+        convert: fn(wire::Envelope<D>) -> Result<R, String>,
+    ) -> Result<Reply<R>, UpstreamError> {
+        let reply = self.call::<D>(route, invoice_id, body, call).await?;
+        let http_status = reply.http_status;
+        let request_id = reply.message.request_id.clone();
+        match convert(reply.message) {
+            Ok(message) => Ok(Reply {
+                message,
+                http_status,
+            }),
+            Err(detail) => Err(UpstreamError::Malformed {
+                http_status,
+                detail: format!("{}: {detail}", route.rpc),
+                request_id: request_id.filter(|id| !id.is_empty()),
+            }),
+        }
     }
 
     /// Sends one request and reads its answer, bounded by the shorter of the
@@ -277,17 +279,17 @@ impl Upstream {
         route: &Route,
         invoice_id: Option<&str>,
         body: Option<&impl serde::Serialize>,
-        credentials: &Credentials,
-        caller_timeout: Option<Duration>,
+        call: &CallContext,
     ) -> Result<Reply<wire::Envelope<D>>, UpstreamError> {
-        let caller_budget =
-            caller_timeout.map(|caller| caller - self.deadline_margin.min(caller / 10));
+        let caller_budget = call
+            .caller_timeout
+            .map(|caller| caller - self.deadline_margin.min(caller / 10));
         let (after, bound) = match caller_budget {
             Some(budget) if budget < self.timeout => (budget, TimeoutBound::CallerDeadline),
             _ => (self.timeout, TimeoutBound::UpstreamTimeout),
         };
         let deadline = Instant::now() + after;
-        let exchange = self.exchange(route, invoice_id, body, credentials);
+        let exchange = self.exchange(route, invoice_id, body, &call.credentials);
         match tokio::time::timeout_at(deadline, exchange).await {
             Ok(result) => result,
             Err(_) => Err(UpstreamError::Timeout { after, bound }),
@@ -385,22 +387,6 @@ impl Upstream {
         }
         Url::parse(&url).map_err(|e| UpstreamError::Internal {
             detail: format!("cannot build the upstream URL for {}: {e}", route.rpc),
-        })
-    }
-}
-
-impl<T> Reply<T> {
-    fn map<U>(self, f: impl FnOnce(T) -> U) -> Reply<U> {
-        Reply {
-            message: f(self.message),
-            http_status: self.http_status,
-        }
-    }
-
-    fn try_map<U, E>(self, f: impl FnOnce(T) -> Result<U, E>) -> Result<Reply<U>, E> {
-        Ok(Reply {
-            message: f(self.message)?,
-            http_status: self.http_status,
         })
     }
 }
