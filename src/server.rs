@@ -140,10 +140,14 @@ pub async fn run(
     Ok(())
 }
 
-/// Reflection over our proto, the health service, and the `google.rpc` error
-/// detail types, so that tools such as grpcurl can decode status details.
+/// Reflection over our proto, the health service, both reflection versions
+/// (so that either lists every service), and the `google.rpc` error detail
+/// types, so that tools such as grpcurl can decode status details.
 fn reflection() -> tonic_reflection::server::Builder<'static> {
     tonic_reflection::server::Builder::configure()
+        .include_reflection_service(false)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)

@@ -247,7 +247,7 @@ impl<'a> CallLog<'a> {
 
     fn finish(&mut self, upstream_status: Option<u16>, code: tonic::Code, message: Option<&str>) {
         self.done = true;
-        let latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let latency_ms = self.started.elapsed().as_micros() as f64 / 1000.0;
         let grpc_code = code_name(code);
         let (rpc, request_id) = (self.rpc, self.request_id);
         match message {
@@ -277,7 +277,7 @@ impl<'a> CallLog<'a> {
 impl Drop for CallLog<'_> {
     fn drop(&mut self) {
         if !self.done {
-            let latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+            let latency_ms = self.started.elapsed().as_micros() as f64 / 1000.0;
             let (rpc, request_id) = (self.rpc, self.request_id);
             tracing::info!(
                 rpc,

@@ -281,13 +281,7 @@ impl Upstream {
         body: Option<&impl serde::Serialize>,
         call: &CallContext,
     ) -> Result<Reply<wire::Envelope<D>>, UpstreamError> {
-        let caller_budget = call
-            .caller_timeout
-            .map(|caller| caller - self.deadline_margin.min(caller / 10));
-        let (after, bound) = match caller_budget {
-            Some(budget) if budget < self.timeout => (budget, TimeoutBound::CallerDeadline),
-            _ => (self.timeout, TimeoutBound::UpstreamTimeout),
-        };
+        let (after, bound) = self.budget(call.caller_timeout);
         let deadline = Instant::now() + after;
         let exchange = self.exchange(route, invoice_id, body, &call.credentials);
         match tokio::time::timeout_at(deadline, exchange).await {
@@ -374,6 +368,18 @@ impl Upstream {
             retry_after,
             body_excerpt,
         })))
+    }
+
+    /// How long the upstream exchange may take, and which limit that is: the
+    /// caller's deadline less the margin (at most a tenth of it), or
+    /// `--upstream-timeout`, whichever is shorter.
+    fn budget(&self, caller_timeout: Option<Duration>) -> (Duration, TimeoutBound) {
+        let caller_budget =
+            caller_timeout.map(|caller| caller - self.deadline_margin.min(caller / 10));
+        match caller_budget {
+            Some(budget) if budget < self.timeout => (budget, TimeoutBound::CallerDeadline),
+            _ => (self.timeout, TimeoutBound::UpstreamTimeout),
+        }
     }
 
     /// `base + route`, with the id as one percent-encoded segment.
@@ -487,6 +493,30 @@ mod tests {
             .url(&routes::CREATE_INVOICE, None)
             .unwrap();
         assert_eq!(url.as_str(), "https://h/v1/om/invoices");
+    }
+
+    #[test]
+    fn the_caller_deadline_less_a_capped_margin_or_the_upstream_timeout() {
+        let up = upstream("http://h"); // 1 s timeout, 100 ms margin
+        let ms = Duration::from_millis;
+        assert_eq!(up.budget(None), (ms(1000), TimeoutBound::UpstreamTimeout));
+        assert_eq!(
+            up.budget(Some(ms(600))),
+            (ms(540), TimeoutBound::CallerDeadline)
+        );
+        assert_eq!(
+            up.budget(Some(ms(1050))),
+            (ms(950), TimeoutBound::CallerDeadline)
+        );
+        assert_eq!(
+            up.budget(Some(ms(5000))),
+            (ms(1000), TimeoutBound::UpstreamTimeout)
+        );
+        let wide = upstream("http://h").with_deadline_margin(ms(5000));
+        assert_eq!(
+            wide.budget(Some(ms(800))),
+            (ms(720), TimeoutBound::CallerDeadline)
+        );
     }
 
     #[test]

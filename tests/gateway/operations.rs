@@ -88,6 +88,7 @@ async fn reflection_lists_and_describes_the_service() {
         SERVICE,
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
     ] {
         assert!(names.contains(&expected), "{expected} in {names:?}");
     }
@@ -142,7 +143,14 @@ async fn v1alpha_reflection_is_served_too() {
     else {
         panic!("expected a service list");
     };
-    assert!(list.service.iter().any(|s| s.name == SERVICE));
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    for expected in [
+        SERVICE,
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+    ] {
+        assert!(names.contains(&expected), "{expected} in {names:?}");
+    }
 }
 
 #[tokio::test]

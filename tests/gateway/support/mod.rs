@@ -61,6 +61,14 @@ impl TestGateway {
     ) -> Self {
         let url = reqwest::Url::parse(upstream_url).expect("test upstream URL");
         let upstream = Upstream::new(&url, upstream_timeout).expect("HTTP client");
+        Self::start_with_upstream(upstream, options).await
+    }
+
+    /// Starts a gateway around an `Upstream` configured by the test.
+    pub async fn start_with_upstream(
+        upstream: Upstream,
+        options: gormic_gateway::server::ServerOptions,
+    ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let (tx, rx) = oneshot::channel::<()>();
