@@ -69,6 +69,7 @@ fn block_on(
 }
 
 async fn serve(config: Config, sandbox: Option<Fixture>) -> Result<(), Box<dyn std::error::Error>> {
+    let shutdown = shutdown_signal();
     let upstream_url = match (&config.upstream, sandbox) {
         (Target::Url(url), _) => url.clone(),
         (Target::Sandbox { .. }, fixture) => {
@@ -91,7 +92,7 @@ async fn serve(config: Config, sandbox: Option<Fixture>) -> Result<(), Box<dyn s
     server::run(
         listener,
         InvoiceGateway::new(upstream),
-        shutdown_signal(),
+        shutdown,
         server::ServerOptions {
             grace: config.shutdown_grace,
             cors: config.cors.clone(),
@@ -133,6 +134,7 @@ fn sandbox_only(args: &SandboxArgs, cli: &Cli) -> Result<(), Exit> {
     telemetry::init(cli.log_level, cli.log_format);
     let listen = args.listen;
     block_on(async move {
+        let shutdown = shutdown_signal();
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|e| format!("cannot listen on {listen} (sandbox --listen): {e}"))?;
@@ -142,39 +144,41 @@ fn sandbox_only(args: &SandboxArgs, cli: &Cli) -> Result<(), Exit> {
             "SANDBOX: serving an in-memory imitation of the Gormic invoices REST API. \
              Never use this in production"
         );
-        sandbox::serve(listener, fixture, shutdown_signal())
+        sandbox::serve(listener, fixture, shutdown)
             .await
             .map_err(|e| format!("sandbox stopped: {e}"))?;
         Ok(())
     })
 }
 
-/// Resolves on SIGINT or SIGTERM. If a handler cannot be installed the
-/// gateway keeps serving and says so, rather than exiting.
-async fn shutdown_signal() {
-    let interrupt = async {
+/// Installs the SIGINT and SIGTERM handlers now (so that a signal that
+/// arrives during start-up is not fatal) and resolves on the first of them.
+/// If a handler cannot be installed the gateway keeps serving and says so.
+fn shutdown_signal() -> impl Future<Output = ()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let interrupt = signal(SignalKind::interrupt());
+        let terminate = signal(SignalKind::terminate());
+        async move {
+            let (mut interrupt, mut terminate) = match (interrupt, terminate) {
+                (Ok(interrupt), Ok(terminate)) => (interrupt, terminate),
+                (Err(error), _) | (_, Err(error)) => {
+                    tracing::warn!(%error, "cannot listen for SIGINT/SIGTERM");
+                    return std::future::pending().await;
+                }
+            };
+            tokio::select! {
+                _ = interrupt.recv() => tracing::info!("SIGINT received"),
+                _ = terminate.recv() => tracing::info!("SIGTERM received"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    async {
         if let Err(error) = tokio::signal::ctrl_c().await {
-            tracing::warn!(%error, "cannot listen for SIGINT");
+            tracing::warn!(%error, "cannot listen for Ctrl-C");
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut sigterm) => {
-                sigterm.recv().await;
-            }
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = interrupt => tracing::info!("SIGINT received"),
-        () = terminate => tracing::info!("SIGTERM received"),
     }
 }

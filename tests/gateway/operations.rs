@@ -368,7 +368,7 @@ async fn sigterm_drains_and_exits_zero() {
     let response = in_flight
         .await
         .expect("task")
-        .expect("in-flight call finishes");
+        .unwrap_or_else(|status| panic!("the in-flight call fails: {status:?}"));
     assert_eq!(response.into_inner().invoice_number, 7);
     let status = tokio::task::spawn_blocking(move || child.wait())
         .await
