@@ -37,8 +37,10 @@ const EXCERPT_CHARS: usize = 256;
 #[derive(Debug, Clone)]
 pub struct Upstream {
     client: reqwest::Client,
-    /// Base URL without its trailing `/`; routes start with `/`.
-    base: String,
+    /// Scheme, host and port, parsed once: each call only sets the path.
+    base: Url,
+    /// The base URL's path prefix without its trailing `/`; routes start with `/`.
+    base_path: String,
     timeout: Duration,
     deadline_margin: Duration,
 }
@@ -161,7 +163,13 @@ impl Upstream {
             .build()?;
         Ok(Self {
             client,
-            base: base.as_str().trim_end_matches('/').to_owned(),
+            base_path: base.path().trim_end_matches('/').to_owned(),
+            base: {
+                let mut origin = base.clone();
+                origin.set_query(None);
+                origin.set_fragment(None);
+                origin
+            },
             timeout,
             deadline_margin: DEFAULT_DEADLINE_MARGIN,
         })
@@ -303,7 +311,7 @@ impl Upstream {
             "{}: body vs google.api.http",
             route.rpc
         );
-        let url = self.url(route, invoice_id)?;
+        let url = self.url(route, invoice_id);
         let mut request = self
             .client
             .request(route.method.clone(), url)
@@ -383,17 +391,17 @@ impl Upstream {
     }
 
     /// `base + route`, with the id as one percent-encoded segment.
-    fn url(&self, route: &Route, invoice_id: Option<&str>) -> Result<Url, UpstreamError> {
-        let mut url = String::with_capacity(self.base.len() + route.template.len() + 32);
-        url.push_str(&self.base);
-        url.push_str(route.before_id);
+    fn url(&self, route: &Route, invoice_id: Option<&str>) -> Url {
+        let mut path = String::with_capacity(self.base_path.len() + route.template.len() + 32);
+        path.push_str(&self.base_path);
+        path.push_str(route.before_id);
         if let (Some(id), Some(after)) = (invoice_id, route.after_id) {
-            url.extend(utf8_percent_encode(id, PATH_SEGMENT));
-            url.push_str(after);
+            path.extend(utf8_percent_encode(id, PATH_SEGMENT));
+            path.push_str(after);
         }
-        Url::parse(&url).map_err(|e| UpstreamError::Internal {
-            detail: format!("cannot build the upstream URL for {}: {e}", route.rpc),
-        })
+        let mut url = self.base.clone();
+        url.set_path(&path);
+        url
     }
 }
 
@@ -480,7 +488,7 @@ mod tests {
             ("A-z.0_9~", "/api/gormic/v1/om/invoices/A-z.0_9~/close"),
         ];
         for (id, path) in cases {
-            let url = up.url(&routes::CLOSE_INVOICE, Some(id)).unwrap();
+            let url = up.url(&routes::CLOSE_INVOICE, Some(id));
             assert_eq!(url.path(), path, "id {id:?}");
             assert_eq!(url.query(), None);
             assert_eq!(url.fragment(), None);
@@ -489,9 +497,7 @@ mod tests {
 
     #[test]
     fn create_has_no_id_segment() {
-        let url = upstream("https://h")
-            .url(&routes::CREATE_INVOICE, None)
-            .unwrap();
+        let url = upstream("https://h").url(&routes::CREATE_INVOICE, None);
         assert_eq!(url.as_str(), "https://h/v1/om/invoices");
     }
 
