@@ -140,9 +140,14 @@ fn http_status_code(status: u16) -> Code {
 }
 
 /// `NoChanges` → `NO_CHANGES`, `NotFound` → `NOT_FOUND`; codes already in
-/// UPPER_SNAKE_CASE are unchanged; other characters become `_`.
+/// UPPER_SNAKE_CASE are unchanged; other characters become `_`, and a code
+/// that does not start with a letter gets a `CODE_` prefix, as
+/// `ErrorInfo.reason` must.
 pub fn reason_of(code: &str) -> String {
-    let mut out = String::with_capacity(code.len() + 4);
+    let mut out = String::with_capacity(code.len() + 8);
+    if !code.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        out.push_str("CODE_");
+    }
     let mut previous: Option<char> = None;
     for c in code.chars() {
         if c.is_ascii_uppercase()
@@ -342,5 +347,6 @@ mod tests {
         assert_eq!(reason_of("ORDER_CLOSED"), "ORDER_CLOSED");
         assert_eq!(reason_of("INVOICE_NOT_FOUND"), "INVOICE_NOT_FOUND");
         assert_eq!(reason_of("rate-limited"), "RATE_LIMITED");
+        assert_eq!(reason_of("42-x"), "CODE_42_X");
     }
 }

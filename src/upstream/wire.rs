@@ -195,15 +195,16 @@ pub(super) fn send_response(envelope: Envelope<SendData>) -> pb::SendInvoiceResp
     }
 }
 
-/// `1043` and `1043.0` are 1043; `1043.5`, `1e300` and `-0.5` are not integers.
+/// `1043` and `1043.0` are 1043; `1043.5`, `1e300` and `-0.5` are not
+/// integers. A JSON number outside int64 arrives as a float that has lost
+/// digits, so floats are accepted only where they are exact (|n| ≤ 2^53).
 fn integral(number: &serde_json::Number) -> Option<i64> {
+    const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
     if let Some(n) = number.as_i64() {
         return Some(n);
     }
     let f = number.as_f64()?;
-    // i64::MAX as f64 rounds up to 2^63, which no longer fits.
-    let in_range = f >= i64::MIN as f64 && f < i64::MAX as f64;
-    (f.fract() == 0.0 && in_range).then_some(f as i64)
+    (f.fract() == 0.0 && f.abs() <= EXACT).then_some(f as i64)
 }
 
 /// The body of an error answer: `{"error": {"code": …}, "requestId": …}`.
@@ -225,12 +226,17 @@ struct RawErrorBody {
 
 impl ErrorBody {
     /// Reads whatever an error body offers; `None` when it is not a JSON
-    /// object. A non-string `code` is kept in its JSON text.
+    /// object. A non-string `message` or `requestId` is kept in its JSON text.
     pub(super) fn parse(bytes: &[u8]) -> Option<Self> {
         let raw: RawErrorBody = serde_json::from_slice(bytes).ok()?;
         let error = raw.error.unwrap_or(Json::Null);
         Some(Self {
-            code: text(error.get("code")),
+            // Only a non-empty string is a code; any other shape leaves the
+            // answer without one (its body is then quoted in the error).
+            code: match error.get("code") {
+                Some(Json::String(code)) if !code.is_empty() => Some(code.clone()),
+                _ => None,
+            },
             message: text(error.get("message")),
             request_id: text(raw.request_id.as_ref()),
         })
@@ -294,6 +300,9 @@ mod tests {
         assert_eq!(integral(&number("1043.5")), None);
         assert_eq!(integral(&number("1e300")), None);
         assert_eq!(integral(&number("18446744073709551615")), None);
+        assert_eq!(integral(&number("-9223372036854775809")), None);
+        assert_eq!(integral(&number("9007199254740993.0")), None);
+        assert_eq!(integral(&number("9007199254740992.0")), Some(1 << 53));
     }
 
     #[test]
@@ -307,10 +316,12 @@ mod tests {
     }
 
     #[test]
-    fn error_body_keeps_non_string_codes() {
-        let body = ErrorBody::parse(br#"{"error":{"code":42},"requestId":"r"}"#).unwrap();
-        assert_eq!(body.code.as_deref(), Some("42"));
-        assert_eq!(body.request_id.as_deref(), Some("r"));
+    fn error_body_codes_are_non_empty_strings() {
+        let body = ErrorBody::parse(br#"{"error":{"code":42},"requestId":17}"#).unwrap();
+        assert_eq!(body.code, None);
+        assert_eq!(body.request_id.as_deref(), Some("17"));
+        let body = ErrorBody::parse(br#"{"error":{"code":"ORDER_CLOSED"}}"#).unwrap();
+        assert_eq!(body.code.as_deref(), Some("ORDER_CLOSED"));
         assert!(ErrorBody::parse(b"<html>").is_none());
     }
 }

@@ -504,3 +504,59 @@ async fn an_oversized_answer_is_refused_not_buffered() {
     let status = malformed(Scripted::ok(json!({"id": big})), Op::Create).await;
     assert_malformed(&status, "larger than");
 }
+
+#[tokio::test]
+async fn hostile_upstream_bodies_give_a_status_and_never_crash_the_gateway() {
+    let (upstream, mut gateway) = spawn_app().await;
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let bodies: Vec<Vec<u8>> = vec![
+        deep.clone().into_bytes(),
+        format!(r#"{{"data": {deep}}}"#).into_bytes(),
+        vec![0xff, 0xfe, 0x00, 0x80],
+        b"null".to_vec(),
+        b"[]".to_vec(),
+        br#"{"data": null}"#.to_vec(),
+        br#"{"data": {"invoiceNumber": null, "invoiceSource": null, "invoicedAt": null}}"#.to_vec(),
+        br#"{"data": {"invoiceNumber": 1e400, "invoiceSource": "x", "invoicedAt": "y"}}"#.to_vec(),
+        br#"{"data": {"invoiceNumber": -9223372036854775809, "invoiceSource": "x", "invoicedAt": "y"}}"#.to_vec(),
+        br#"{"error": {"code": {"nested": [1, 2]}}, "requestId": 17}"#.to_vec(),
+        br#"{"error": "ORDER_CLOSED"}"#.to_vec(),
+        br#"{"error": {"code": ""}}"#.to_vec(),
+        br#"{"warnings": "not a list", "data": {"invoiceNumber": 1, "invoiceSource": "x", "invoicedAt": "y"}}"#.to_vec(),
+    ];
+    for status in [200, 400, 500] {
+        for body in &bodies {
+            upstream.respond(Scripted {
+                status,
+                headers: vec![("content-type".into(), "application/json".into())],
+                body: body.clone(),
+                delay: None,
+            });
+            let error = fail(&mut gateway, Op::Close).await;
+            let context = format!(
+                "HTTP {status}, body {:?}",
+                String::from_utf8_lossy(&body[..body.len().min(60)])
+            );
+            assert_ne!(error.code(), Code::Ok, "{context}");
+            assert!(
+                details(&error).error_info().is_some(),
+                "{context}: {error:?}"
+            );
+            if status == 200 {
+                assert_eq!(error.code(), Code::Internal, "{context}: {error:?}");
+            }
+        }
+    }
+    // Still serving after all of that.
+    upstream.respond(Scripted::ok(
+        json!({"invoiceNumber": 5, "invoiceSource": "x", "invoicedAt": "y"}),
+    ));
+    let ok = gateway
+        .client
+        .close_invoice(authed(pb::CloseInvoiceRequest {
+            invoice_id: "inv-1".into(),
+        }))
+        .await
+        .expect("the gateway still serves");
+    assert_eq!(ok.into_inner().invoice_number, 5);
+}
