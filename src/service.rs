@@ -212,14 +212,25 @@ fn required(field: &'static str, value: &str) -> Option<FieldViolation> {
     })
 }
 
+/// Longest `invoice_id` accepted: it travels in the URL, percent-encoded (up
+/// to three bytes per byte), and servers commonly refuse URLs over 8 KiB.
+pub const MAX_INVOICE_ID_BYTES: usize = 1024;
+
 /// Any id is encoded into one path segment, except the dot segments, which
 /// URL normalisation would resolve against the path.
 fn invoice_id(value: &str) -> Option<FieldViolation> {
-    required("invoice_id", value).or_else(|| {
-        matches!(value, "." | "..").then(|| FieldViolation {
-            field: "invoice_id",
-            description: format!("must not be {value:?}"),
-        })
+    let problem = if value.is_empty() {
+        "is required".to_owned()
+    } else if matches!(value, "." | "..") {
+        format!("must not be {value:?}")
+    } else if value.len() > MAX_INVOICE_ID_BYTES {
+        format!("is longer than {MAX_INVOICE_ID_BYTES} bytes")
+    } else {
+        return None;
+    };
+    Some(FieldViolation {
+        field: "invoice_id",
+        description: problem,
     })
 }
 
@@ -354,5 +365,7 @@ mod tests {
         assert!(invoice_id("").is_some());
         assert!(invoice_id("...").is_none());
         assert!(invoice_id("a/b").is_none());
+        assert!(invoice_id(&"x".repeat(MAX_INVOICE_ID_BYTES)).is_none());
+        assert!(invoice_id(&"x".repeat(MAX_INVOICE_ID_BYTES + 1)).is_some());
     }
 }
