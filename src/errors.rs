@@ -315,15 +315,20 @@ fn rejected(rejection: &Rejection, details: &mut ErrorDetails) -> (Code, String)
 
     metadata.insert("upstream_code".to_owned(), code.clone());
     let (status, words) = match upstream_code(code) {
-        Some((status, words)) => (status, words),
-        None if http == 400 => (Code::FailedPrecondition, "upstream refused the request"),
-        None => (http_status_code(http), "upstream refused the request"),
+        Some(known) => known,
+        // A code the table does not know yet: the upstream's own words, if any.
+        None => (
+            if http == 400 {
+                Code::FailedPrecondition
+            } else {
+                http_status_code(http)
+            },
+            rejection
+                .message
+                .as_deref()
+                .unwrap_or("upstream refused the request"),
+        ),
     };
-    let words = rejection
-        .message
-        .as_deref()
-        .filter(|_| upstream_code(code).is_none())
-        .unwrap_or(words);
     details.set_error_info(reason_of(code), UPSTREAM_DOMAIN, metadata);
     (status, format!("{words} ({code})"))
 }

@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 use crate::errors::{CallError, FieldViolation};
 use crate::proto::v1 as pb;
 use crate::proto::v1::invoice_service_server::InvoiceService;
+use crate::routes;
 use crate::upstream::{CallContext, Credentials, Reply, Upstream};
 
 /// The service implementation; cheap to clone, all clones share one pool.
@@ -43,7 +44,7 @@ impl InvoiceGateway {
         let caller_request_id = text(&metadata, "x-request-id");
         let mut log = CallLog::start(rpc, caller_request_id);
         let result = async {
-            let credentials = credentials(&metadata)?;
+            let credentials = credentials(&metadata, caller_request_id)?;
             let violations = validate(&message);
             if !violations.is_empty() {
                 return Err(CallError::InvalidRequest(violations));
@@ -76,7 +77,7 @@ impl InvoiceService for InvoiceGateway {
         request: Request<pb::CreateInvoiceRequest>,
     ) -> Result<Response<pb::CreateInvoiceResponse>, Status> {
         self.handle(
-            "CreateInvoice",
+            routes::CREATE_INVOICE.rpc,
             request,
             validate_create,
             |c, r| async move { self.upstream.create_invoice(&c, &r).await },
@@ -89,7 +90,7 @@ impl InvoiceService for InvoiceGateway {
         request: Request<pb::UpdateInvoiceRequest>,
     ) -> Result<Response<pb::UpdateInvoiceResponse>, Status> {
         self.handle(
-            "UpdateInvoice",
+            routes::UPDATE_INVOICE.rpc,
             request,
             validate_update,
             |c, r| async move { self.upstream.update_invoice(&c, &r).await },
@@ -103,9 +104,12 @@ impl InvoiceService for InvoiceGateway {
     ) -> Result<Response<pb::DeleteInvoiceResponse>, Status> {
         let validate =
             |r: &pb::DeleteInvoiceRequest| invoice_id(&r.invoice_id).into_iter().collect();
-        self.handle("DeleteInvoice", request, validate, |c, r| async move {
-            self.upstream.delete_invoice(&c, &r).await
-        })
+        self.handle(
+            routes::DELETE_INVOICE.rpc,
+            request,
+            validate,
+            |c, r| async move { self.upstream.delete_invoice(&c, &r).await },
+        )
         .await
     }
 
@@ -115,9 +119,12 @@ impl InvoiceService for InvoiceGateway {
     ) -> Result<Response<pb::CloseInvoiceResponse>, Status> {
         let validate =
             |r: &pb::CloseInvoiceRequest| invoice_id(&r.invoice_id).into_iter().collect();
-        self.handle("CloseInvoice", request, validate, |c, r| async move {
-            self.upstream.close_invoice(&c, &r).await
-        })
+        self.handle(
+            routes::CLOSE_INVOICE.rpc,
+            request,
+            validate,
+            |c, r| async move { self.upstream.close_invoice(&c, &r).await },
+        )
         .await
     }
 
@@ -126,9 +133,12 @@ impl InvoiceService for InvoiceGateway {
         request: Request<pb::SendInvoiceRequest>,
     ) -> Result<Response<pb::SendInvoiceResponse>, Status> {
         let validate = |r: &pb::SendInvoiceRequest| invoice_id(&r.invoice_id).into_iter().collect();
-        self.handle("SendInvoice", request, validate, |c, r| async move {
-            self.upstream.send_invoice(&c, &r).await
-        })
+        self.handle(
+            routes::SEND_INVOICE.rpc,
+            request,
+            validate,
+            |c, r| async move { self.upstream.send_invoice(&c, &r).await },
+        )
         .await
     }
 }
@@ -137,7 +147,7 @@ impl InvoiceService for InvoiceGateway {
 
 /// Authentication is checked before the organization: a caller without a
 /// key learns nothing else.
-fn credentials(metadata: &MetadataMap) -> Result<Credentials, CallError> {
+fn credentials(metadata: &MetadataMap, request_id: Option<&str>) -> Result<Credentials, CallError> {
     let mut api_key = header(metadata, "api-key").ok_or(CallError::MissingApiKey)?;
     api_key.set_sensitive(true);
     let organization_id =
@@ -145,7 +155,7 @@ fn credentials(metadata: &MetadataMap) -> Result<Credentials, CallError> {
     Ok(Credentials {
         api_key,
         organization_id,
-        request_id: header(metadata, "x-request-id"),
+        request_id: request_id.and_then(|id| HeaderValue::from_str(id).ok()),
     })
 }
 

@@ -183,11 +183,6 @@ impl Upstream {
         self
     }
 
-    /// The gateway's own bound on each upstream call (`--upstream-timeout`).
-    pub fn timeout(&self) -> Duration {
-        self.timeout
-    }
-
     pub async fn create_invoice(
         &self,
         call: &CallContext,
@@ -261,20 +256,19 @@ impl Upstream {
         route: &Route,
         invoice_id: Option<&str>,
         body: Option<&impl serde::Serialize>,
-        convert: fn(wire::Envelope<D>) -> Result<R, String>,
+        convert: fn(wire::Envelope<D>) -> Result<R, wire::Unreadable>,
     ) -> Result<Reply<R>, UpstreamError> {
         let reply = self.call::<D>(route, invoice_id, body, call).await?;
         let http_status = reply.http_status;
-        let request_id = reply.message.request_id.clone();
         match convert(reply.message) {
             Ok(message) => Ok(Reply {
                 message,
                 http_status,
             }),
-            Err(detail) => Err(UpstreamError::Malformed {
+            Err(unreadable) => Err(UpstreamError::Malformed {
                 http_status,
-                detail: format!("{}: {detail}", route.rpc),
-                request_id: request_id.filter(|id| !id.is_empty()),
+                detail: format!("{}: {}", route.rpc, unreadable.detail),
+                request_id: unreadable.request_id,
             }),
         }
     }
@@ -328,7 +322,7 @@ impl Upstream {
             request = request.header(CONTENT_TYPE, "application/json").body(json);
         }
 
-        let mut response = request.send().await.map_err(unreachable)?;
+        let mut response = request.send().await.map_err(transport_fault)?;
         let http_status = response.status().as_u16();
         let header_request_id = response
             .headers()
@@ -341,7 +335,9 @@ impl Upstream {
             .map(|v| parse_retry_after(v.as_bytes()));
         let bytes = read_body(&mut response, http_status).await?;
 
-        if response.status().is_success() {
+        // A 2xx is a success when its body is the envelope; otherwise, and
+        // for every other status, the body is read as an error answer.
+        let unreadable = if response.status().is_success() {
             match serde_json::from_slice::<wire::Envelope<D>>(&bytes) {
                 Ok(envelope) => {
                     return Ok(Reply {
@@ -349,21 +345,22 @@ impl Upstream {
                         http_status,
                     });
                 }
-                Err(error) => {
-                    // A 2xx carrying `{"error": {"code": …}}` is a refusal.
-                    let refusal = wire::ErrorBody::parse(&bytes).filter(|b| b.code.is_some());
-                    if refusal.is_none() {
-                        return Err(UpstreamError::Malformed {
-                            http_status,
-                            detail: format!("{}: {error}", route.rpc),
-                            request_id: header_request_id,
-                        });
-                    }
-                }
+                Err(error) => Some(error),
             }
-        }
-
+        } else {
+            None
+        };
         let parsed = wire::ErrorBody::parse(&bytes).unwrap_or_default();
+        if let Some(error) = unreadable
+            && parsed.code.is_none()
+        {
+            return Err(UpstreamError::Malformed {
+                http_status,
+                detail: format!("{}: {error}", route.rpc),
+                request_id: header_request_id,
+            });
+        }
+        // A 2xx carrying `{"error": {"code": …}}` is a refusal like a 400.
         let body_excerpt = match parsed.code {
             Some(_) => None,
             None => excerpt(&bytes),
@@ -416,7 +413,7 @@ async fn read_body(
             .content_length()
             .map_or(512, |n| n.min(MAX_BODY_BYTES as u64) as usize),
     );
-    while let Some(chunk) = response.chunk().await.map_err(unreachable)? {
+    while let Some(chunk) = response.chunk().await.map_err(transport_fault)? {
         if body.len() + chunk.len() > MAX_BODY_BYTES {
             return Err(UpstreamError::Malformed {
                 http_status,
@@ -429,7 +426,8 @@ async fn read_body(
     Ok(body)
 }
 
-fn unreachable(error: reqwest::Error) -> UpstreamError {
+/// A reqwest error: the connection failed, or broke during the exchange.
+fn transport_fault(error: reqwest::Error) -> UpstreamError {
     // The URL holds no secret, but the status message is for callers: name
     // the fault, not our topology.
     let request_sent = !error.is_connect();

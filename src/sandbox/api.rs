@@ -9,7 +9,8 @@ use std::time::SystemTime;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{patch, post};
@@ -122,6 +123,16 @@ impl App {
                 format!("sbx-req-{n}")
             }
         }
+    }
+}
+
+/// Every route starts with the header checks: a refused request never
+/// reaches an organization.
+impl FromRequestParts<App> for Call {
+    type Rejection = Turned;
+
+    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, Turned> {
+        app.begin(&parts.headers)
     }
 }
 
@@ -242,11 +253,7 @@ fn required(value: Option<String>, name: &str) -> Result<String, Refusal> {
 
 // ---- routes ------------------------------------------------------------------
 
-async fn create(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Response {
-    let call = match app.begin(&headers) {
-        Ok(call) => call,
-        Err(turned) => return turned.into_response(),
-    };
+async fn create(State(app): State<App>, call: Call, body: Bytes) -> Response {
     let result = params::<CreateBody>(&body).and_then(|p| {
         let params = CreateParams {
             order_id: required(p.order_id, "orderId")?,
@@ -259,16 +266,7 @@ async fn create(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Resp
     call.reply(result.map(|id| json!({"id": id})))
 }
 
-async fn update(
-    State(app): State<App>,
-    Path(uid): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let call = match app.begin(&headers) {
-        Ok(call) => call,
-        Err(turned) => return turned.into_response(),
-    };
+async fn update(call: Call, Path(uid): Path<String>, body: Bytes) -> Response {
     let result = params::<UpdateBody>(&body).and_then(|p| {
         let params = UpdateParams {
             id: required(p.id, "id")?,
@@ -281,20 +279,12 @@ async fn update(
     call.reply(result.map(|()| json!({"success": true})))
 }
 
-async fn delete(State(app): State<App>, Path(uid): Path<String>, headers: HeaderMap) -> Response {
-    let call = match app.begin(&headers) {
-        Ok(call) => call,
-        Err(turned) => return turned.into_response(),
-    };
+async fn delete(State(app): State<App>, call: Call, Path(uid): Path<String>) -> Response {
     let result = call.run(|tenant| tenant.delete(&app.fixture, &uid));
     call.reply(result.map(|()| json!({"succeed": true})))
 }
 
-async fn close(State(app): State<App>, Path(uid): Path<String>, headers: HeaderMap) -> Response {
-    let call = match app.begin(&headers) {
-        Ok(call) => call,
-        Err(turned) => return turned.into_response(),
-    };
+async fn close(State(app): State<App>, call: Call, Path(uid): Path<String>) -> Response {
     let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
     let result = call.run(|tenant| tenant.close(&app.fixture, &uid, now));
     call.reply(result.map(|closed| {
@@ -306,11 +296,7 @@ async fn close(State(app): State<App>, Path(uid): Path<String>, headers: HeaderM
     }))
 }
 
-async fn send(State(app): State<App>, Path(uid): Path<String>, headers: HeaderMap) -> Response {
-    let call = match app.begin(&headers) {
-        Ok(call) => call,
-        Err(turned) => return turned.into_response(),
-    };
+async fn send(State(app): State<App>, call: Call, Path(uid): Path<String>) -> Response {
     let result = call.run(|tenant| tenant.send(&app.fixture, &uid));
     call.reply(result.map(|message_id| json!({"success": true, "messageId": message_id})))
 }

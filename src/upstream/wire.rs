@@ -91,7 +91,7 @@ pub(super) struct Envelope<D> {
     #[serde(default)]
     instance_id: Option<String>,
     #[serde(default)]
-    pub(super) request_id: Option<String>,
+    request_id: Option<String>,
     data: D,
 }
 
@@ -100,7 +100,7 @@ pub(super) struct CreateData {
     id: String,
 }
 
-/// `data` of update and send-less operations that answer `{success}`.
+/// `data` of update: `{success}`.
 #[derive(Deserialize)]
 pub(super) struct SuccessData {
     success: bool,
@@ -167,17 +167,27 @@ pub(super) fn delete_response(envelope: Envelope<DeleteData>) -> pb::DeleteInvoi
     }
 }
 
-/// Fails when `invoiceNumber` is not an integral number that fits an int64.
+/// A 2xx answer whose `data` cannot become the response message.
+pub(super) struct Unreadable {
+    pub(super) detail: String,
+    /// The envelope's `requestId`, for the error details.
+    pub(super) request_id: Option<String>,
+}
+
+/// Fails when `invoiceNumber` is not an exact integer (see [`integral`]).
 pub(super) fn close_response(
     envelope: Envelope<CloseData>,
-) -> Result<pb::CloseInvoiceResponse, String> {
+) -> Result<pb::CloseInvoiceResponse, Unreadable> {
     let (data, meta) = envelope.split();
-    let invoice_number = integral(&data.invoice_number).ok_or_else(|| {
-        format!(
-            "data.invoiceNumber is not an integer that fits int64: {}",
-            data.invoice_number
-        )
-    })?;
+    let Some(invoice_number) = integral(&data.invoice_number) else {
+        return Err(Unreadable {
+            detail: format!(
+                "data.invoiceNumber is not an integer that fits int64: {}",
+                data.invoice_number
+            ),
+            request_id: meta.map(|m| m.request_id).filter(|id| !id.is_empty()),
+        });
+    };
     Ok(pb::CloseInvoiceResponse {
         invoice_number,
         invoice_source: data.invoice_source,

@@ -19,7 +19,9 @@ use tonic_reflection::pb::v1::{
 
 use gormic_gateway::proto::v1 as pb;
 
-use crate::support::{FakeUpstream, Scripted, TestGateway, authed, logs, spawn_app};
+use crate::support::{
+    FakeUpstream, ORGANIZATION, Scripted, TestGateway, authed, logs, spawn_app, with_metadata,
+};
 
 const SERVICE: &str = "gormic.om.v1.InvoiceService";
 
@@ -54,6 +56,19 @@ async fn health_reports_serving_for_the_server_and_the_service() {
     assert_eq!(unknown.code(), Code::NotFound);
 }
 
+/// Either reflection version lists our service, health, and both versions.
+fn assert_lists_every_service<'a>(listed: impl Iterator<Item = &'a str>) {
+    let names: Vec<_> = listed.collect();
+    for expected in [
+        SERVICE,
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(names.contains(&expected), "{expected} in {names:?}");
+    }
+}
+
 #[tokio::test]
 async fn reflection_lists_and_describes_the_service() {
     let (_upstream, gateway) = spawn_app().await;
@@ -83,15 +98,7 @@ async fn reflection_lists_and_describes_the_service() {
     else {
         panic!("expected a service list");
     };
-    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
-    for expected in [
-        SERVICE,
-        "grpc.health.v1.Health",
-        "grpc.reflection.v1.ServerReflection",
-        "grpc.reflection.v1alpha.ServerReflection",
-    ] {
-        assert!(names.contains(&expected), "{expected} in {names:?}");
-    }
+    assert_lists_every_service(list.service.iter().map(|s| s.name.as_str()));
 
     let Some(MessageResponse::FileDescriptorResponse(files)) = responses
         .next()
@@ -143,14 +150,7 @@ async fn v1alpha_reflection_is_served_too() {
     else {
         panic!("expected a service list");
     };
-    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
-    for expected in [
-        SERVICE,
-        "grpc.health.v1.Health",
-        "grpc.reflection.v1.ServerReflection",
-    ] {
-        assert!(names.contains(&expected), "{expected} in {names:?}");
-    }
+    assert_lists_every_service(list.service.iter().map(|s| s.name.as_str()));
 }
 
 #[tokio::test]
@@ -160,32 +160,29 @@ async fn each_call_logs_one_line_and_never_the_api_key() {
     upstream.respond(Scripted::ok(closed()));
     let secret = "sk-live-very-secret-31337";
     for (request_id, key) in [("log-ok-1", secret), ("log-missing-key-1", "")] {
-        let mut request = tonic::Request::new(pb::CloseInvoiceRequest {
-            invoice_id: "inv-1".into(),
-        });
-        request
-            .metadata_mut()
-            .insert("organization-id", "org-1".parse().unwrap());
-        request
-            .metadata_mut()
-            .insert("x-request-id", request_id.parse().unwrap());
+        let mut entries = vec![("organization-id", "org-1"), ("x-request-id", request_id)];
         if !key.is_empty() {
-            request
-                .metadata_mut()
-                .insert("api-key", key.parse().unwrap());
+            entries.push(("api-key", key));
         }
+        let request = with_metadata(
+            pb::CloseInvoiceRequest {
+                invoice_id: "inv-1".into(),
+            },
+            &entries,
+        );
         let _ = gateway.client.close_invoice(request).await;
     }
     upstream.respond(Scripted::code("ALREADY_CLOSED"));
-    let mut request = authed(pb::CloseInvoiceRequest {
-        invoice_id: "inv-1".into(),
-    });
-    request
-        .metadata_mut()
-        .insert("api-key", secret.parse().unwrap());
-    request
-        .metadata_mut()
-        .insert("x-request-id", "log-refused-1".parse().unwrap());
+    let request = with_metadata(
+        pb::CloseInvoiceRequest {
+            invoice_id: "inv-1".into(),
+        },
+        &[
+            ("api-key", secret),
+            ("organization-id", ORGANIZATION),
+            ("x-request-id", "log-refused-1"),
+        ],
+    );
     let _ = gateway.client.close_invoice(request).await;
 
     let text = logs.text();

@@ -6,7 +6,9 @@ use tonic::Code;
 use gormic_gateway::errors::GATEWAY_DOMAIN;
 use gormic_gateway::proto::v1 as pb;
 
-use crate::support::{API_KEY, ORGANIZATION, Scripted, authed, details, error_info, spawn_app};
+use crate::support::{
+    API_KEY, ORGANIZATION, Scripted, authed, details, error_info, spawn_app, with_metadata,
+};
 
 fn close(id: &str) -> pb::CloseInvoiceRequest {
     pb::CloseInvoiceRequest {
@@ -18,10 +20,7 @@ fn close(id: &str) -> pb::CloseInvoiceRequest {
 async fn missing_organization_id_is_invalid_argument_and_nothing_is_sent() {
     let (upstream, mut gateway) = spawn_app().await;
     upstream.respond(Scripted::ok(serde_json::json!({"success": true})));
-    let mut request = tonic::Request::new(close("inv-1"));
-    request
-        .metadata_mut()
-        .insert("api-key", API_KEY.parse().unwrap());
+    let request = with_metadata(close("inv-1"), &[("api-key", API_KEY)]);
     let status = gateway
         .client
         .close_invoice(request)
@@ -39,12 +38,12 @@ async fn missing_organization_id_is_invalid_argument_and_nothing_is_sent() {
 async fn missing_api_key_is_unauthenticated_and_nothing_is_sent() {
     let (upstream, mut gateway) = spawn_app().await;
     for with_org in [true, false] {
-        let mut request = tonic::Request::new(close("inv-1"));
-        if with_org {
-            request
-                .metadata_mut()
-                .insert("organization-id", ORGANIZATION.parse().unwrap());
-        }
+        let entries: &[_] = if with_org {
+            &[("organization-id", ORGANIZATION)]
+        } else {
+            &[]
+        };
+        let request = with_metadata(close("inv-1"), entries);
         let status = gateway
             .client
             .close_invoice(request)
@@ -64,13 +63,10 @@ async fn missing_api_key_is_unauthenticated_and_nothing_is_sent() {
 #[tokio::test]
 async fn empty_metadata_values_count_as_missing() {
     let (upstream, mut gateway) = spawn_app().await;
-    let mut request = tonic::Request::new(close("inv-1"));
-    request
-        .metadata_mut()
-        .insert("api-key", "".parse().unwrap());
-    request
-        .metadata_mut()
-        .insert("organization-id", ORGANIZATION.parse().unwrap());
+    let request = with_metadata(
+        close("inv-1"),
+        &[("api-key", ""), ("organization-id", ORGANIZATION)],
+    );
     let status = gateway
         .client
         .close_invoice(request)
@@ -168,10 +164,7 @@ async fn an_unknown_invoice_type_number_is_refused() {
 #[tokio::test]
 async fn gateway_errors_echo_the_callers_request_id() {
     let (_upstream, mut gateway) = spawn_app().await;
-    let mut request = tonic::Request::new(close("inv-1"));
-    request
-        .metadata_mut()
-        .insert("x-request-id", "trace-7".parse().unwrap());
+    let request = with_metadata(close("inv-1"), &[("x-request-id", "trace-7")]);
     let status = gateway
         .client
         .close_invoice(request)

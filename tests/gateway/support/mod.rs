@@ -113,16 +113,23 @@ pub async fn spawn_app() -> (FakeUpstream, TestGateway) {
     (upstream, gateway)
 }
 
+/// A request with exactly these metadata entries.
+pub fn with_metadata<T>(message: T, entries: &[(&'static str, &str)]) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    for (key, value) in entries {
+        request
+            .metadata_mut()
+            .insert(*key, value.parse().expect("ASCII metadata value"));
+    }
+    request
+}
+
 /// A request with both required metadata entries.
 pub fn authed<T>(message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request
-        .metadata_mut()
-        .insert("api-key", API_KEY.parse().unwrap());
-    request
-        .metadata_mut()
-        .insert("organization-id", ORGANIZATION.parse().unwrap());
-    request
+    with_metadata(
+        message,
+        &[("api-key", API_KEY), ("organization-id", ORGANIZATION)],
+    )
 }
 
 /// The `google.rpc` details of a status; fails the test if they do not decode.
