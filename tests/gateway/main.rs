@@ -5,8 +5,10 @@ mod support;
 
 mod forwarding;
 mod grpc_web;
+mod limits;
 mod operations;
 mod requests;
+mod retries;
 mod sandbox;
 mod transport;
 mod upstream_errors;
