@@ -10,6 +10,7 @@
 pub mod config;
 pub mod cors;
 pub mod errors;
+pub mod idempotency;
 pub mod proto;
 mod routes;
 pub mod sandbox;
