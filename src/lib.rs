@@ -13,6 +13,7 @@ mod call_log;
 pub mod config;
 pub mod cors;
 pub mod errors;
+pub mod idempotency;
 pub mod limits;
 pub mod logging;
 pub mod proto;

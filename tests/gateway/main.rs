@@ -5,6 +5,7 @@ mod support;
 
 mod forwarding;
 mod grpc_web;
+mod idempotency_store;
 mod limits;
 mod operations;
 mod requests;

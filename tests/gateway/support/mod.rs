@@ -6,6 +6,7 @@
 
 pub mod fake_upstream;
 pub mod logs;
+pub mod redis;
 pub mod sandbox;
 
 use std::net::SocketAddr;
