@@ -9,11 +9,14 @@
 
 pub mod config;
 pub mod cors;
+pub mod credentials;
 pub mod errors;
 pub mod proto;
+pub mod reload;
 mod routes;
 pub mod sandbox;
 pub mod server;
 pub mod service;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
