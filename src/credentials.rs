@@ -47,9 +47,10 @@ use crate::tls::CallerIdentity;
 #[derive(Debug, Clone, clap::Args)]
 pub struct CredentialsArgs {
     /// TOML file mapping mTLS caller identities to the api-key (and
-    /// optionally organization-id) sent upstream for them; callers not in the
-    /// file are refused (format in docs). Needs --tls-client-ca. Re-read when
-    /// it changes (--reload-interval). Default: none (callers send their own
+    /// optionally organization-id) sent upstream for them, one `[[caller]]`
+    /// table each with `identity`, `api_key`, `organization_id`; callers not
+    /// in the file are refused. Needs --tls-client-ca. Re-read when it
+    /// changes (--reload-interval). Default: none (callers send their own
     /// api-key).
     #[arg(
         long,
@@ -160,12 +161,7 @@ fn parse_snapshot(path: &Path, snapshot: &Snapshot) -> Result<Map, CredentialsEr
 /// Parses a credentials file. Problems are reported in our words with the
 /// line: the TOML library's messages are used only for syntax errors, which
 /// quote no content.
-pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<Map, CredentialsError> {
-    let error = |offset: Option<usize>, text: &str, problem: String| CredentialsError {
-        path: path.to_path_buf(),
-        line: offset.map(|o| line_of(text, o)),
-        problem,
-    };
+fn parse(path: &Path, bytes: &[u8]) -> Result<Map, CredentialsError> {
     let text = std::str::from_utf8(bytes).map_err(|e| CredentialsError {
         path: path.to_path_buf(),
         line: Some(
@@ -176,10 +172,14 @@ pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<Map, CredentialsError> 
         ),
         problem: "not UTF-8 text".into(),
     })?;
+    let error = |offset: Option<usize>, problem: String| CredentialsError {
+        path: path.to_path_buf(),
+        line: offset.map(|o| line_of(text, o)),
+        problem,
+    };
     let document = DeTable::parse(text).map_err(|e| {
         error(
             e.span().map(|s| s.start),
-            text,
             format!("not valid TOML: {}", e.message()),
         )
     })?;
@@ -193,7 +193,6 @@ pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<Map, CredentialsError> 
             // be a pasted api-key.
             return Err(error(
                 Some(key.span().start),
-                text,
                 "unknown key at the top level (expected only [[caller]] tables)".into(),
             ));
         }
@@ -202,19 +201,17 @@ pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<Map, CredentialsError> 
             _ => {
                 return Err(error(
                     Some(value.span().start),
-                    text,
                     "`caller` must be an array of tables, written [[caller]]".into(),
                 ));
             }
         };
         for caller in callers.iter() {
-            let entry = caller_entry(caller, text, &error)?;
+            let entry = caller_entry(caller, &error)?;
             let line = line_of(text, entry.identity_at);
             match first_seen.entry(entry.identity.clone()) {
                 Entry::Occupied(first) => {
                     return Err(error(
                         Some(entry.identity_at),
-                        text,
                         format!(
                             "identity {:?} is already mapped on line {}",
                             entry.identity.as_str(),
@@ -232,7 +229,6 @@ pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<Map, CredentialsError> 
     if map.is_empty() {
         return Err(error(
             None,
-            text,
             "no [[caller]] entries: every call would be refused (a file read mid-write?)".into(),
         ));
     }
@@ -249,14 +245,12 @@ const FIELDS: &str = "identity, api_key, organization_id";
 
 fn caller_entry(
     caller: &Spanned<DeValue<'_>>,
-    text: &str,
-    error: &impl Fn(Option<usize>, &str, String) -> CredentialsError,
+    error: &impl Fn(Option<usize>, String) -> CredentialsError,
 ) -> Result<CallerEntry, CredentialsError> {
     let at = caller.span().start;
     let DeValue::Table(table) = caller.get_ref() else {
         return Err(error(
             Some(at),
-            text,
             "each `caller` entry must be a table, written [[caller]]".into(),
         ));
     };
@@ -271,7 +265,6 @@ fn caller_entry(
             _ => {
                 return Err(error(
                     Some(key.span().start),
-                    text,
                     format!("unknown field in [[caller]] (allowed: {FIELDS})"),
                 ));
             }
@@ -280,7 +273,6 @@ fn caller_entry(
         let DeValue::String(string) = value.get_ref() else {
             return Err(error(
                 Some(value.span().start),
-                text,
                 format!("{field} must be a string"),
             ));
         };
@@ -288,33 +280,32 @@ fn caller_entry(
     }
 
     let Some((identity, identity_at)) = identity else {
-        return Err(error(Some(at), text, "[[caller]] has no identity".into()));
+        return Err(error(Some(at), "[[caller]] has no identity".into()));
     };
     if identity.trim().is_empty() {
-        return Err(error(Some(identity_at), text, "identity is empty".into()));
+        return Err(error(Some(identity_at), "identity is empty".into()));
     }
     if identity.trim() != identity || identity.chars().any(char::is_control) {
         return Err(error(
             Some(identity_at),
-            text,
             "identity has leading or trailing spaces or control characters \
              (it must equal the certificate's name exactly)"
                 .into(),
         ));
     }
     let Some((key, key_at)) = api_key else {
-        return Err(error(Some(at), text, "[[caller]] has no api_key".into()));
+        return Err(error(Some(at), "[[caller]] has no api_key".into()));
     };
-    let mut api_key = header_value(key)
-        .map_err(|problem| error(Some(key_at), text, format!("api_key {problem}")))?;
+    let mut api_key =
+        header_value(key).map_err(|problem| error(Some(key_at), format!("api_key {problem}")))?;
     api_key.set_sensitive(true);
-    let organization_id =
-        match organization_id {
-            None => None,
-            Some((id, id_at)) => Some(header_value(id).map_err(|problem| {
-                error(Some(id_at), text, format!("organization_id {problem}"))
-            })?),
-        };
+    let organization_id = match organization_id {
+        None => None,
+        Some((id, id_at)) => Some(
+            header_value(id)
+                .map_err(|problem| error(Some(id_at), format!("organization_id {problem}")))?,
+        ),
+    };
     Ok(CallerEntry {
         identity: CallerIdentity::new(identity),
         identity_at,

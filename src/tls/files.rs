@@ -157,9 +157,12 @@ pub(crate) fn certificates(
         .collect();
     if certificates.is_empty() {
         let holds_key = sections.iter().any(|(kind, _)| is_key(*kind));
-        return Err(arg.error(if holds_key {
+        let swappable = arg.flag.ends_with("-cert");
+        return Err(arg.error(if holds_key && swappable {
             "no certificate in the file, only a private key (are the certificate and key files swapped?)"
                 .to_string()
+        } else if holds_key {
+            "no certificate in the file, only a private key".to_string()
         } else {
             format!("no certificate in the file {}", expected("CERTIFICATE"))
         }));

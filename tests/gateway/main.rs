@@ -3,10 +3,12 @@
 
 mod support;
 
+mod credentials;
 mod forwarding;
 mod grpc_web;
 mod operations;
 mod requests;
 mod sandbox;
+mod tls;
 mod transport;
 mod upstream_errors;
