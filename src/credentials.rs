@@ -10,7 +10,8 @@
 //! - When the mapping has an `organization_id`, it is the one sent; a caller
 //!   sending a different `organization-id` is refused with
 //!   `PERMISSION_DENIED` (it asked to act for an organization its identity
-//!   is not mapped to). Without one, the caller's `organization-id` is sent.
+//!   is not mapped to). Without one, the caller's `organization-id` is sent
+//!   ([`MappedCredentials::organization_id_for`] decides both).
 //! - A caller whose identity is not in the file (or whose certificate names
 //!   nobody) is refused with `PERMISSION_DENIED`, reason `CALLER_NOT_ALLOWED`;
 //!   nothing is sent upstream.
@@ -67,6 +68,30 @@ pub struct MappedCredentials {
     /// Marked sensitive: hyper and `http` keep it out of their `Debug`.
     pub api_key: HeaderValue,
     pub organization_id: Option<HeaderValue>,
+}
+
+/// A mapped caller asked to act for an organization its mapping does not
+/// name: the call is refused with `PERMISSION_DENIED`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("this caller is mapped to another organization than the organization-id it sent")]
+pub struct OrganizationMismatch;
+
+impl MappedCredentials {
+    /// The `organization-id` to send upstream for a call that carried
+    /// `sent`: the mapped one when the mapping names one (`sent` absent or
+    /// equal; a different one is an [`OrganizationMismatch`]), else the
+    /// caller's own (`None` when it sent none: the usual missing-metadata
+    /// error applies).
+    pub fn organization_id_for(
+        &self,
+        sent: Option<&HeaderValue>,
+    ) -> Result<Option<HeaderValue>, OrganizationMismatch> {
+        match (&self.organization_id, sent) {
+            (Some(mapped), Some(sent)) if mapped != sent => Err(OrganizationMismatch),
+            (Some(mapped), _) => Ok(Some(mapped.clone())),
+            (None, sent) => Ok(sent.cloned()),
+        }
+    }
 }
 
 impl fmt::Debug for MappedCredentials {

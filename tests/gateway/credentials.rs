@@ -5,8 +5,8 @@
 
 use clap::Parser;
 
-use gormic_gateway::credentials::{CredentialMap, CredentialsArgs};
-use gormic_gateway::reload::Reloaded;
+use gormic_gateway::credentials::{CredentialMap, CredentialsArgs, OrganizationMismatch};
+use gormic_gateway::reload::{Outcome, Reloaded};
 use gormic_gateway::tls::{CallerIdentity, TlsArgs};
 
 use crate::support::certs::TestDir;
@@ -280,4 +280,79 @@ fn the_credentials_flag_requires_mtls() {
         cli.credentials.credentials.as_deref(),
         Some(std::path::Path::new("c.toml"))
     );
+}
+
+#[test]
+fn the_mapped_organization_wins_and_a_different_one_is_refused() {
+    let dir = TestDir::new("credentials-organization");
+    let map = CredentialMap::load(&dir.write("credentials.toml", GOOD)).expect("valid file");
+    let header = |value: &str| http::HeaderValue::from_str(value).expect("header value");
+
+    let invoicer = map.lookup(&identity(INVOICER)).expect("mapped with org-42");
+    assert_eq!(
+        invoicer.organization_id_for(None),
+        Ok(Some(header("org-42")))
+    );
+    assert_eq!(
+        invoicer.organization_id_for(Some(&header("org-42"))),
+        Ok(Some(header("org-42")))
+    );
+    assert_eq!(
+        invoicer.organization_id_for(Some(&header("org-7"))),
+        Err(OrganizationMismatch)
+    );
+
+    let reporter = map.lookup(&identity(REPORTER)).expect("mapped without org");
+    assert_eq!(
+        reporter.organization_id_for(Some(&header("org-7"))),
+        Ok(Some(header("org-7")))
+    );
+    assert_eq!(reporter.organization_id_for(None), Ok(None));
+}
+
+#[tokio::test]
+async fn a_refused_reload_is_logged_without_the_key() {
+    let logs = crate::support::logs();
+    let dir = TestDir::new("credentials-logged");
+    let path = dir.write("credentials.toml", GOOD);
+    let map = CredentialMap::load(&path).expect("valid file");
+
+    let (outcomes_tx, mut outcomes) = tokio::sync::mpsc::unbounded_channel();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let watched = map.clone();
+    let task = tokio::spawn(gormic_gateway::reload::watch(
+        std::time::Duration::from_millis(20),
+        async move {
+            let _ = stopped.await;
+        },
+        "credentials",
+        move || watched.reload(),
+        move |what, outcome| {
+            let _ = outcomes_tx.send((what, outcome));
+        },
+    ));
+    dir.write(
+        "credentials.toml",
+        "[[caller]]\nidentity = \"a.svc\"\napi_key = \"gk_live_SECRET_logged\"\napi_kee = \"gk_live_SECRET_typo\"\n",
+    );
+    let outcome = tokio::time::timeout(std::time::Duration::from_secs(20), outcomes.recv())
+        .await
+        .expect("the watch task reports")
+        .expect("the watch task runs");
+    assert_eq!(outcome, ("credentials", Outcome::Failure));
+    stop.send(()).expect("the watch task is waiting");
+    task.await.expect("the watch task stops");
+
+    let text = logs.text();
+    let line = text
+        .lines()
+        .find(|line| line.contains("reload of credentials refused"))
+        .unwrap_or_else(|| panic!("no warn line in:\n{text}"));
+    assert!(
+        line.contains("\"level\":\"WARN\"")
+            && line.contains(&format!("{}: line 4: unknown field", path.display())),
+        "{line}"
+    );
+    assert!(!text.contains("SECRET"), "a key reached the logs:\n{text}");
+    assert_eq!(map.len(), 2, "the old map stays");
 }
