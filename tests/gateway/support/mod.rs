@@ -20,7 +20,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use gormic_gateway::proto::v1::invoice_service_client::InvoiceServiceClient;
 use gormic_gateway::service::InvoiceGateway;
-use gormic_gateway::upstream::Upstream;
+use gormic_gateway::upstream::{Upstream, UpstreamOptions};
 
 pub use fake_upstream::{FakeUpstream, Recorded, Scripted};
 pub use logs::logs;
@@ -60,8 +60,15 @@ impl TestGateway {
         upstream_timeout: Duration,
         options: gormic_gateway::server::ServerOptions,
     ) -> Self {
-        let url = reqwest::Url::parse(upstream_url).expect("test upstream URL");
-        let upstream = Upstream::new(&url, upstream_timeout).expect("HTTP client");
+        let url = url::Url::parse(upstream_url).expect("test upstream URL");
+        let upstream = Upstream::new(
+            &url,
+            UpstreamOptions {
+                timeout: upstream_timeout,
+                ..Default::default()
+            },
+        )
+        .expect("HTTP client");
         Self::start_with_upstream(upstream, options).await
     }
 
