@@ -8,6 +8,9 @@
 //! is ([`CallerIdentity`]), and swaps in rotated files without a restart
 //! ([`ServerTls::reload`], driven by [`crate::reload::watch`]). Only new
 //! handshakes see a reload; established connections keep their session.
+//! [`UpstreamTls`] does the same for the upstream side (`--upstream-ca`,
+//! client certificate), and [`check_upstream_url`] keeps api-keys off
+//! plain-text networks.
 
 mod files;
 mod identity;
@@ -26,7 +29,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
 pub use identity::{CallerIdentity, identity_of};
-pub use upstream::{check_upstream_url, upstream_client_config};
+pub use upstream::{UpstreamTls, check_upstream_url, upstream_client_config};
 
 use crate::reload::{ChangeGate, Reloaded, Snapshot};
 use files::FileArg;
@@ -77,8 +80,8 @@ pub struct TlsArgs {
     #[arg(long, env = "GORMIC_TLS_HANDSHAKE_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub tls_handshake_timeout: Duration,
 
-    /// How often the certificate, key, client CA and --credentials files are
-    /// checked for changes (by content). 10s is small next to the delay
+    /// How often the TLS files (server and upstream) and the --credentials
+    /// file are checked for changes (by content). 10s is small next to the delay
     /// before Kubernetes shows an updated Secret in a pod (up to a minute or
     /// more) and to how early cert-manager renews, and reading a few small
     /// files every 10s costs nothing measurable.
@@ -87,12 +90,14 @@ pub struct TlsArgs {
 
     /// CA certificates (PEM) trusted for the upstream's HTTPS certificate,
     /// in addition to the public roots compiled into the gateway. For an
-    /// upstream behind a private CA. Default: the public roots only.
+    /// upstream behind a private CA. Default: the public roots only. Re-read
+    /// when it changes.
     #[arg(long, env = "GORMIC_UPSTREAM_CA", value_name = "FILE")]
     pub upstream_ca: Option<PathBuf>,
 
     /// Client certificate (PEM) the gateway presents to the upstream, for an
-    /// upstream that requires mutual TLS. Default: none.
+    /// upstream that requires mutual TLS. Default: none. Re-read when it
+    /// changes.
     #[arg(
         long,
         env = "GORMIC_UPSTREAM_CLIENT_CERT",

@@ -14,8 +14,8 @@ use tokio::sync::mpsc;
 
 use gormic_gateway::reload::{self, Outcome, Reloaded};
 use gormic_gateway::tls::{
-    CallerIdentity, HandshakeError, ServerTls, TlsArgs, TlsError, check_upstream_url, identity_of,
-    upstream_client_config,
+    CallerIdentity, HandshakeError, ServerTls, TlsArgs, TlsError, UpstreamTls, check_upstream_url,
+    identity_of, upstream_client_config,
 };
 
 use crate::support::certs::{Ca, Leaf, Names, TestDir, client_config, tls_connect, tls_server};
@@ -714,7 +714,7 @@ async fn upstream_client_certificate() {
 
 #[test]
 fn plain_http_upstream_only_on_loopback_or_when_allowed() {
-    let check = |url: &str, allow: bool| check_upstream_url(&url.parse().expect("URI"), allow);
+    let check = |url: &str, allow: bool| check_upstream_url(&url.parse().expect("URL"), allow);
     for url in [
         "https://api.example.com/gormic",
         "https://10.0.0.5:8443",
@@ -724,6 +724,7 @@ fn plain_http_upstream_only_on_loopback_or_when_allowed() {
         "http://[::ffff:127.0.0.1]:8080",
         "http://localhost:8080",
         "http://LOCALHOST.",
+        "http://0x7f.1:8080",
     ] {
         assert_eq!(check(url, false), Ok(()), "{url}");
     }
@@ -733,6 +734,7 @@ fn plain_http_upstream_only_on_loopback_or_when_allowed() {
         "http://[2001:db8::1]",
         "http://localhost.example.com",
         "http://127.0.0.1.nip.io",
+        "http://localhost.evil.example",
     ] {
         let error = check(url, false).expect_err(url);
         assert!(
@@ -767,4 +769,79 @@ fn identities_with_control_characters_are_passed_over() {
     });
     assert_eq!(identity_of(&client.der), None);
     assert_eq!(identity_of(b"not a certificate"), None);
+}
+
+#[tokio::test]
+async fn upstream_ca_and_client_certificate_rotate_without_a_new_config() {
+    let dir = TestDir::new("upstream-rotation");
+    let old_ca = Ca::new("old upstream CA");
+    let new_ca = Ca::new("new upstream CA");
+    let clients_ca = Ca::new("upstream's client CA");
+    let other_ca = Ca::new("some other client CA");
+    // The upstream before and after it moved to a new CA; both require a
+    // client certificate from `clients_ca`.
+    let before = tls_server(&old_ca.server(), Some(&clients_ca)).await;
+    let after = tls_server(&new_ca.server(), Some(&clients_ca)).await;
+    let rejected_client = other_ca.client(&Names::default());
+    let accepted_client = clients_ca.client(&Names::default());
+
+    let mut flags = args();
+    flags.upstream_ca = Some(dir.write("upstream-ca.crt", &old_ca.pem));
+    flags.upstream_client_cert = Some(dir.write("client.crt", &rejected_client.cert_pem));
+    flags.upstream_client_key = Some(dir.write("client.key", &rejected_client.key_pem));
+    let upstream = UpstreamTls::load(&flags).expect("valid files");
+    assert!(upstream.has_files());
+    let config = upstream.client_config();
+
+    let refused = upstream_read(before, config.clone()).await;
+    assert!(
+        !matches!(&refused, Ok((received, _)) if !received.is_empty()),
+        "a client certificate from another CA is refused: {refused:?}"
+    );
+    assert!(
+        upstream_read(after, config.clone()).await.is_err(),
+        "new CA not trusted yet"
+    );
+
+    dir.write("upstream-ca.crt", &new_ca.pem);
+    dir.write("client.crt", &accepted_client.cert_pem);
+    dir.write("client.key", &accepted_client.key_pem);
+    assert_eq!(
+        upstream.reload().expect("valid rotation"),
+        Reloaded::Replaced
+    );
+    let (received, _) = upstream_read(after, config.clone())
+        .await
+        .expect("the same config now trusts the new CA and presents the new certificate");
+    assert_eq!(received, b"ok\n");
+    assert!(
+        upstream_read(before, config.clone()).await.is_err(),
+        "the old CA was replaced"
+    );
+
+    // A broken rotation: the key of another certificate.
+    let key = dir.write("client.key", &rejected_client.key_pem);
+    let error = upstream.reload().expect_err("mismatched pair").to_string();
+    assert!(
+        error.starts_with(&format!(
+            "--upstream-client-key {}: the private key does not match",
+            key.display()
+        )),
+        "{error}"
+    );
+    let (received, _) = upstream_read(after, config)
+        .await
+        .expect("the old pair stays");
+    assert_eq!(received, b"ok\n");
+    assert_eq!(
+        upstream.reload().expect("reported once"),
+        Reloaded::Unchanged
+    );
+
+    let plain = UpstreamTls::load(&args()).expect("no files");
+    assert!(!plain.has_files());
+    assert_eq!(
+        plain.reload().expect("nothing to read"),
+        Reloaded::Unchanged
+    );
 }
