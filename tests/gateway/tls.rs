@@ -845,3 +845,38 @@ async fn upstream_ca_and_client_certificate_rotate_without_a_new_config() {
         Reloaded::Unchanged
     );
 }
+
+#[tokio::test]
+async fn a_resumed_mtls_session_keeps_its_identity() {
+    let dir = TestDir::new("resumption");
+    let server_ca = Ca::new("server CA");
+    let client_ca = Ca::new("client CA");
+    let tls = load(&server_files(&dir, &server_ca.server(), Some(&client_ca)));
+    let (addr, mut results) = serve(tls, PATIENCE).await;
+    let client = client_ca.client(&Names {
+        uris: vec!["spiffe://prod.example/ns/billing/sa/invoicer"],
+        ..Names::default()
+    });
+    // One config, so its session cache carries the ticket to the second
+    // connection.
+    let config = client_config(&server_ca, Some(&client));
+
+    let mut kinds = Vec::new();
+    for _ in 0..2 {
+        let mut stream = tls_connect(addr, config.clone()).await.expect("handshake");
+        assert_eq!(read_all(&mut stream).await, b"served");
+        kinds.push(stream.get_ref().1.handshake_kind());
+        let identity = next(&mut results).await.expect("accepted");
+        assert_eq!(
+            identity.as_ref().map(CallerIdentity::as_str),
+            Some("spiffe://prod.example/ns/billing/sa/invoicer")
+        );
+    }
+    assert_eq!(
+        kinds,
+        [
+            Some(rustls::HandshakeKind::Full),
+            Some(rustls::HandshakeKind::Resumed)
+        ]
+    );
+}
