@@ -81,6 +81,8 @@ pub fn init(level: LogLevel, format: LogFormat) -> LogGuard {
     let writer = Sink::start();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter(level))
+        // Colour codes only for a person at a terminal, never in log files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&io::stderr()))
         .with_writer(BatchingWriter);
     let _ = match format {
         LogFormat::Text => builder.try_init(),

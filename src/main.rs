@@ -84,8 +84,7 @@ async fn serve(config: Config, sandbox: Option<Fixture>) -> Result<(), Box<dyn s
     };
     let upstream = Upstream::new(&upstream_url, config.upstream_options.clone())
         .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
-    let listener = TcpListener::bind(config.listen)
-        .await
+    let listener = server::bind(config.listen)
         .map_err(|e| format!("cannot listen on {} (--listen): {e}", config.listen))?;
     tracing::info!(
         grpc = %listener.local_addr()?,

@@ -29,6 +29,23 @@ use crate::proto::v1::invoice_service_server::InvoiceServiceServer;
 use crate::runtime::Workers;
 use crate::service::InvoiceGateway;
 
+/// Connections the kernel queues for `accept` (std's default is 128, which
+/// drops SYNs when hundreds of clients connect at once; nginx uses 511).
+pub const LISTEN_BACKLOG: u32 = 1024;
+
+/// Binds `addr` for [`run`], with [`LISTEN_BACKLOG`].
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // A restarted gateway can bind while old connections linger in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// The path prefix of the invoice service's calls.
 pub const SERVICE_PREFIX: &str = "/gormic.om.v1.InvoiceService/";
 
