@@ -12,15 +12,18 @@
 mod call_log;
 pub mod config;
 pub mod cors;
+pub mod credentials;
 pub mod errors;
 pub mod idempotency;
 pub mod limits;
 pub mod logging;
 pub mod proto;
+pub mod reload;
 pub mod retry;
 pub mod routes;
 pub mod runtime;
 pub mod sandbox;
 pub mod server;
 pub mod service;
+pub mod tls;
 pub mod upstream;

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod credentials;
 mod forwarding;
 mod grpc_web;
 mod idempotency_store;
@@ -11,5 +12,6 @@ mod operations;
 mod requests;
 mod retries;
 mod sandbox;
+mod tls;
 mod transport;
 mod upstream_errors;

@@ -4,6 +4,7 @@
 
 #![allow(dead_code, unused_imports)]
 
+pub mod certs;
 pub mod fake_upstream;
 pub mod logs;
 pub mod redis;
