@@ -46,7 +46,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let client = Upstream::new(&upstream_url.parse()?, UpstreamOptions::default())?;
     tokio::spawn(run(
         gateway_listener,
-        InvoiceGateway::new(client),
+        InvoiceGateway::new(client)?,
         std::future::pending(),
         ServerOptions::default(),
     ));

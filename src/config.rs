@@ -13,8 +13,11 @@ use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use url::Url;
 
 use crate::cors::CorsOrigins;
+use crate::credentials::CredentialsArgs;
+use crate::idempotency::IdempotencyArgs;
 use crate::retry::RetryArgs;
 use crate::server::{ConnectionLimits, ServerOptions};
+use crate::tls::TlsArgs;
 use crate::upstream::UpstreamOptions;
 
 /// gRPC gateway for the Gormic Order Management invoices REST API.
@@ -81,6 +84,15 @@ pub struct Cli {
 
     #[command(flatten)]
     pub retry: RetryArgs,
+
+    #[command(flatten)]
+    pub tls: TlsArgs,
+
+    #[command(flatten)]
+    pub credentials: CredentialsArgs,
+
+    #[command(flatten)]
+    pub idempotency: IdempotencyArgs,
 
     /// Browser origins allowed to call the gateway with gRPC-Web: a
     /// comma-separated list such as `https://app.example.com,http://localhost:3000`,
@@ -270,6 +282,8 @@ impl Cli {
                 idle_timeout: limits.upstream_idle_timeout,
                 shards: workers,
                 retry: self.retry.clone(),
+                // Loaded from the files by main, after parsing.
+                tls: None,
             },
             server: ServerOptions {
                 grace: self.shutdown_grace,
@@ -287,6 +301,9 @@ impl Cli {
                     max_connection_age_grace: limits.max_connection_age_grace,
                     http1_header_read_timeout: limits.http1_header_read_timeout,
                 },
+                // Loaded from the files by main, after parsing.
+                tls: None,
+                tls_handshake_timeout: self.tls.tls_handshake_timeout,
             },
             max_in_flight: limits.max_in_flight,
         })

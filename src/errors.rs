@@ -45,6 +45,23 @@ pub mod reason {
     /// No upstream connection could be had (all busy, or connecting) within
     /// the deadline; nothing was sent.
     pub const UPSTREAM_CONNECTION_TIMEOUT: &str = "UPSTREAM_CONNECTION_TIMEOUT";
+    /// With `--credentials`: the caller's certificate names no mapped
+    /// identity; nothing was sent.
+    pub const CALLER_NOT_ALLOWED: &str = "CALLER_NOT_ALLOWED";
+    /// With `--credentials`: the caller asked for another organization than
+    /// its mapping names; nothing was sent.
+    pub const ORGANIZATION_NOT_ALLOWED: &str = "ORGANIZATION_NOT_ALLOWED";
+    /// The `idempotency-key` was used before with a different request.
+    pub const IDEMPOTENCY_KEY_REUSED: &str = "IDEMPOTENCY_KEY_REUSED";
+    /// A call with the same `idempotency-key` is still in progress.
+    pub const IDEMPOTENCY_KEY_IN_PROGRESS: &str = "IDEMPOTENCY_KEY_IN_PROGRESS";
+    /// A call with this `idempotency-key` reached the upstream and its
+    /// outcome is unknown: reconcile, then use a new key.
+    pub const IDEMPOTENCY_OUTCOME_UNKNOWN: &str = "IDEMPOTENCY_OUTCOME_UNKNOWN";
+    /// The idempotency store could not be reached; nothing was sent.
+    pub const IDEMPOTENCY_STORE_UNAVAILABLE: &str = "IDEMPOTENCY_STORE_UNAVAILABLE";
+    /// The idempotency store is full; nothing was sent.
+    pub const IDEMPOTENCY_STORE_FULL: &str = "IDEMPOTENCY_STORE_FULL";
 }
 
 /// Why a call failed.
@@ -58,6 +75,20 @@ pub enum CallError {
     InvalidRequest(Vec<FieldViolation>),
     #[error("overloaded")]
     Overloaded { max_in_flight: usize },
+    #[error("caller not allowed")]
+    CallerNotAllowed { identity: Option<String> },
+    #[error("organization not allowed")]
+    OrganizationNotAllowed { identity: String },
+    #[error("idempotency key reused")]
+    IdempotencyKeyReused,
+    #[error("idempotency key in progress")]
+    IdempotencyKeyInProgress { retry_after: Duration },
+    #[error("idempotency outcome unknown")]
+    IdempotencyOutcomeUnknown,
+    #[error("idempotency store unavailable")]
+    IdempotencyStoreUnavailable(String),
+    #[error("idempotency store full")]
+    IdempotencyStoreFull,
     #[error("request too large")]
     RequestTooLarge(RequestTooLarge),
     #[error(transparent)]
@@ -242,6 +273,93 @@ impl CallError {
                     format!(
                         "gateway overloaded: {max_in_flight} calls in flight (--max-in-flight)"
                     ),
+                )
+            }
+            Self::CallerNotAllowed { identity } => {
+                let mut metadata = HashMap::new();
+                let message = match identity {
+                    Some(identity) => {
+                        metadata.insert("caller".to_owned(), identity.clone());
+                        format!("caller {identity} is not in --credentials")
+                    }
+                    None => "the client certificate names no caller identity".to_owned(),
+                };
+                details.set_error_info(reason::CALLER_NOT_ALLOWED, GATEWAY_DOMAIN, metadata);
+                (Code::PermissionDenied, message)
+            }
+            Self::OrganizationNotAllowed { identity } => {
+                let metadata = HashMap::from([("caller".to_owned(), identity.clone())]);
+                details.set_error_info(reason::ORGANIZATION_NOT_ALLOWED, GATEWAY_DOMAIN, metadata);
+                (
+                    Code::PermissionDenied,
+                    format!("caller {identity} may not act for this organization-id"),
+                )
+            }
+            Self::IdempotencyKeyReused => {
+                details.set_error_info(
+                    reason::IDEMPOTENCY_KEY_REUSED,
+                    GATEWAY_DOMAIN,
+                    HashMap::new(),
+                );
+                details.add_bad_request_violation(
+                    crate::idempotency::METADATA_KEY,
+                    "was used before with a different request",
+                );
+                (
+                    Code::InvalidArgument,
+                    format!(
+                        "idempotency-key was used before for another {rpc} request; nothing was sent"
+                    ),
+                )
+            }
+            Self::IdempotencyKeyInProgress { retry_after } => {
+                details.set_error_info(
+                    reason::IDEMPOTENCY_KEY_IN_PROGRESS,
+                    GATEWAY_DOMAIN,
+                    HashMap::new(),
+                );
+                details.set_retry_info(Some(*retry_after));
+                (
+                    Code::Aborted,
+                    "a call with this idempotency-key is still in progress; retry after the delay"
+                        .to_owned(),
+                )
+            }
+            Self::IdempotencyOutcomeUnknown => {
+                details.set_error_info(
+                    reason::IDEMPOTENCY_OUTCOME_UNKNOWN,
+                    GATEWAY_DOMAIN,
+                    HashMap::new(),
+                );
+                (
+                    Code::FailedPrecondition,
+                    "an earlier call with this idempotency-key reached the upstream and its outcome \
+                     is unknown: check the invoice's state, then use a new key"
+                        .to_owned(),
+                )
+            }
+            Self::IdempotencyStoreUnavailable(detail) => {
+                let metadata = HashMap::from([("detail".to_owned(), detail.clone())]);
+                details.set_error_info(
+                    reason::IDEMPOTENCY_STORE_UNAVAILABLE,
+                    GATEWAY_DOMAIN,
+                    metadata,
+                );
+                (
+                    Code::Unavailable,
+                    format!("idempotency store unavailable: {detail}; nothing was sent"),
+                )
+            }
+            Self::IdempotencyStoreFull => {
+                details.set_error_info(
+                    reason::IDEMPOTENCY_STORE_FULL,
+                    GATEWAY_DOMAIN,
+                    HashMap::new(),
+                );
+                details.set_retry_info(Some(SHED_RETRY_DELAY));
+                (
+                    Code::ResourceExhausted,
+                    "idempotency store full; nothing was sent".to_owned(),
                 )
             }
             Self::RequestTooLarge(RequestTooLarge { declared, limit }) => {

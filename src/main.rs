@@ -10,14 +10,21 @@ use std::future::Future;
 use std::path::Path;
 use std::process::ExitCode;
 
+use std::time::Duration;
+
 use clap::Parser;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use url::Url;
 
 use gormic_gateway::config::{Cli, Command, Config, SandboxArgs, Target};
+use gormic_gateway::credentials::CredentialMap;
+use gormic_gateway::idempotency::Idempotency;
 use gormic_gateway::limits::InFlightLimit;
+use gormic_gateway::reload;
 use gormic_gateway::sandbox::{self, Fixture};
 use gormic_gateway::service::InvoiceGateway;
+use gormic_gateway::tls::{self, ServerTls, UpstreamTls};
 use gormic_gateway::upstream::Upstream;
 use gormic_gateway::{logging, server};
 
@@ -51,18 +58,89 @@ enum Exit {
 
 /// The gateway, in front of `--upstream` or the in-process sandbox.
 fn gateway(cli: &Cli) -> Result<(), Exit> {
-    let config = cli.config().map_err(|e| Exit::Usage(e.to_string()))?;
-    // A bad fixture file stops the binary here, before any port is bound.
+    let mut config = cli.config().map_err(|e| Exit::Usage(e.to_string()))?;
+    // A bad file named by a flag stops the binary here, before any port is
+    // bound, with the flag, the file and the problem.
     let sandbox = match &config.upstream {
         Target::Url(_) => None,
         Target::Sandbox { fixture } => Some(load_fixture(fixture.as_deref())?),
     };
+    let files = Files::load(cli, &config)?;
+    config.upstream_options.tls = Some(files.upstream_tls.client_config());
+    config.server.tls = files.server_tls.clone();
     let _logs = logging::init(cli.log_level, cli.log_format);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Exit::Failed(format!("cannot start the async runtime: {e}")))?;
-    block_on(runtime, serve(config, sandbox))
+    block_on(runtime, serve(cli, config, sandbox, files))
+}
+
+/// What the flags' files hold, checked at start-up and re-read on change.
+struct Files {
+    server_tls: Option<ServerTls>,
+    upstream_tls: UpstreamTls,
+    credentials: Option<CredentialMap>,
+}
+
+impl Files {
+    fn load(cli: &Cli, config: &Config) -> Result<Self, Exit> {
+        let usage = |e: &dyn std::fmt::Display| Exit::Usage(e.to_string());
+        if let Target::Url(url) = &config.upstream {
+            tls::check_upstream_url(url, cli.tls.allow_insecure_upstream)
+                .map_err(|problem| Exit::Usage(format!("--upstream {url}: {problem}")))?;
+        }
+        Ok(Self {
+            server_tls: ServerTls::load(&cli.tls).map_err(|e| usage(&e))?,
+            upstream_tls: UpstreamTls::load(&cli.tls).map_err(|e| usage(&e))?,
+            credentials: cli
+                .credentials
+                .credentials
+                .as_deref()
+                .map(CredentialMap::load)
+                .transpose()
+                .map_err(|e| usage(&e))?,
+        })
+    }
+
+    /// One reload task per reloadable file set, until `stop` says so.
+    fn watch(&self, interval: Duration, stop: &watch::Receiver<bool>) {
+        let until = |stop: &watch::Receiver<bool>| {
+            let mut stop = stop.clone();
+            async move {
+                let _ = stop.wait_for(|stopped| *stopped).await;
+            }
+        };
+        let count = |_: &'static str, _: reload::Outcome| {};
+        if let Some(server_tls) = self.server_tls.clone() {
+            tokio::spawn(reload::watch(
+                interval,
+                until(stop),
+                "tls",
+                move || server_tls.reload(),
+                count,
+            ));
+        }
+        if self.upstream_tls.has_files() {
+            let upstream_tls = self.upstream_tls.clone();
+            tokio::spawn(reload::watch(
+                interval,
+                until(stop),
+                "upstream_tls",
+                move || upstream_tls.reload(),
+                count,
+            ));
+        }
+        if let Some(credentials) = self.credentials.clone() {
+            tokio::spawn(reload::watch(
+                interval,
+                until(stop),
+                "credentials",
+                move || credentials.reload(),
+                count,
+            ));
+        }
+    }
 }
 
 fn block_on(
@@ -74,8 +152,21 @@ fn block_on(
         .map_err(|e| Exit::Failed(e.to_string()))
 }
 
-async fn serve(config: Config, sandbox: Option<Fixture>) -> Result<(), Box<dyn std::error::Error>> {
-    let shutdown = shutdown_signal();
+async fn serve(
+    cli: &Cli,
+    config: Config,
+    sandbox: Option<Fixture>,
+    files: Files,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let signal = shutdown_signal();
+    let (stop, stopped) = watch::channel(false);
+    let shutdown = async move {
+        signal.await;
+        let _ = stop.send(true);
+    };
+    let idempotency = Idempotency::from_args(&cli.idempotency)
+        .await
+        .map_err(|e| e.to_string())?;
     let upstream_url = match (&config.upstream, sandbox) {
         (Target::Url(url), _) => url.clone(),
         (Target::Sandbox { .. }, fixture) => {
@@ -88,16 +179,25 @@ async fn serve(config: Config, sandbox: Option<Fixture>) -> Result<(), Box<dyn s
         .map_err(|e| format!("cannot listen on {} (--listen): {e}", config.listen))?;
     tracing::info!(
         grpc = %listener.local_addr()?,
+        tls = files.server_tls.as_ref().map(|t| if t.mutual() { "mutual" } else { "server" }),
         upstream = %upstream_url,
         upstream_timeout = %humantime::format_duration(config.upstream_options.timeout),
         workers = config.server.workers,
         max_in_flight = config.max_in_flight,
         upstream_max_connections = config.upstream_options.max_connections,
+        idempotency_store = %cli.idempotency.idempotency_store,
+        credentials = files.credentials.as_ref().map(CredentialMap::len),
         cors_allowed_origins = %config.server.cors,
         "serving gormic.om.v1.InvoiceService"
     );
-    let gateway = InvoiceGateway::new(upstream)
-        .with_in_flight_limit(InFlightLimit::new(config.max_in_flight));
+    files.watch(cli.tls.reload_interval, &stopped);
+    let mut gateway = InvoiceGateway::new(upstream)
+        .map_err(|e| e.to_string())?
+        .with_in_flight_limit(InFlightLimit::new(config.max_in_flight))
+        .with_idempotency(idempotency);
+    if let Some(credentials) = files.credentials.clone() {
+        gateway = gateway.with_credentials(credentials);
+    }
     server::run(listener, gateway, shutdown, config.server).await?;
     Ok(())
 }

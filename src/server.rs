@@ -17,6 +17,7 @@ use std::time::Duration;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tonic::service::Routes;
@@ -28,6 +29,7 @@ use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::v1::invoice_service_server::InvoiceServiceServer;
 use crate::runtime::Workers;
 use crate::service::InvoiceGateway;
+use crate::tls::{CallerIdentity, ServerTls};
 
 /// Connections the kernel queues for `accept` (std's default is 128, which
 /// drops SYNs when hundreds of clients connect at once; nginx uses 511).
@@ -72,6 +74,10 @@ pub struct ServerOptions {
     /// Worker threads (see [`crate::runtime`]).
     pub workers: usize,
     pub limits: ConnectionLimits,
+    /// TLS (and mTLS) on the listener; `None`: plaintext.
+    pub tls: Option<ServerTls>,
+    /// How long a client has to complete the TLS handshake.
+    pub tls_handshake_timeout: Duration,
 }
 
 /// Per-connection protections (each a flag; defaults justified in
@@ -125,6 +131,8 @@ impl Default for ServerOptions {
             cors: CorsOrigins::None,
             workers: 1,
             limits: ConnectionLimits::default(),
+            tls: None,
+            tls_handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -205,6 +213,8 @@ pub async fn run_with(
         service,
         max_age: limits.max_connection_age,
         age_grace: limits.max_connection_age_grace,
+        tls: options.tls.clone(),
+        handshake_timeout: options.tls_handshake_timeout,
     });
 
     let workers = Workers::start(options.workers).map_err(ServerError::Workers)?;
@@ -261,6 +271,8 @@ struct Shared {
     service: Stack,
     max_age: Option<Duration>,
     age_grace: Duration,
+    tls: Option<ServerTls>,
+    handshake_timeout: Duration,
 }
 
 /// Accepts connections for ever, handing each to a worker.
@@ -291,9 +303,32 @@ async fn accept_loop(
         let shared = shared.clone();
         let draining = draining.clone();
         workers.spawn(async move {
-            match TcpStream::from_std(stream) {
-                Ok(stream) => serve_connection(stream, peer, &shared, draining).await,
-                Err(error) => tracing::debug!(%peer, %error, "cannot register the connection"),
+            let stream = match TcpStream::from_std(stream) {
+                Ok(stream) => stream,
+                Err(error) => {
+                    tracing::debug!(%peer, %error, "cannot register the connection");
+                    return;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            // The handshake runs here, on the worker, so that a slow one
+            // never holds up accepting.
+            match &shared.tls {
+                None => serve_connection(stream, None, peer, &shared, draining).await,
+                Some(tls) => match tls.accept(stream, shared.handshake_timeout).await {
+                    Ok(accepted) => {
+                        serve_connection(
+                            accepted.stream,
+                            accepted.identity,
+                            peer,
+                            &shared,
+                            draining,
+                        )
+                        .await
+                    }
+                    // Port scanners and TCP health checks do this all day.
+                    Err(error) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+                },
             }
         });
     }
@@ -301,14 +336,19 @@ async fn accept_loop(
 
 /// Serves one connection on the current worker until it ends, reaches its
 /// maximum age, or the server drains.
-async fn serve_connection(
-    stream: TcpStream,
+async fn serve_connection<IO>(
+    stream: IO,
+    identity: Option<CallerIdentity>,
     peer: SocketAddr,
     shared: &Shared,
     mut draining: watch::Receiver<bool>,
-) {
-    let _ = stream.set_nodelay(true);
-    let service = TowerToHyperService::new(shared.service.clone());
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = TowerToHyperService::new(WithIdentity {
+        inner: shared.service.clone(),
+        identity,
+    });
     let connection = shared
         .builder
         .serve_connection(TokioIo::new(stream), service);
@@ -335,6 +375,37 @@ async fn serve_connection(
     };
     if let Err(error) = result {
         tracing::debug!(%peer, %error, "connection ended with an error");
+    }
+}
+
+/// Puts the connection's mTLS identity on each of its requests, where the
+/// call path reads it (`tonic::Request::extensions`).
+#[derive(Clone)]
+struct WithIdentity<S> {
+    inner: S,
+    identity: Option<CallerIdentity>,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for WithIdentity<S>
+where
+    S: tower::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        if let Some(identity) = &self.identity {
+            request.extensions_mut().insert(identity.clone());
+        }
+        self.inner.call(request)
     }
 }
 

@@ -1,8 +1,10 @@
 //! `gormic.om.v1.InvoiceService`: reads the call metadata and deadline,
 //! validates the request, and runs every RPC through one call path
-//! ([`InvoiceGateway::call`]): admission, credentials, validation, the
-//! upstream exchange, the status mapping, the response metadata and the log
-//! line.
+//! (`InvoiceGateway::call`), each step owned by its module: admission
+//! (`limits`), credentials (metadata, or `credentials` by mTLS identity),
+//! validation, the idempotency key (`idempotency::step`), the upstream
+//! exchange with its retries (`upstream`), the status (`errors`), the
+//! response metadata and the log line (`call_log`).
 
 use std::time::Duration;
 
@@ -11,34 +13,84 @@ use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status};
 
 use crate::call_log::{CallLog, Ending};
+use crate::credentials::CredentialMap;
 use crate::errors::{CallError, FieldViolation, StatusContext};
+use crate::idempotency::step::{Start, Verdict};
+use crate::idempotency::{self, Idempotency, Lease};
 use crate::limits::{InFlightLimit, RequestTooLarge};
 use crate::proto::v1 as pb;
 use crate::proto::v1::invoice_service_server::InvoiceService;
+use crate::tls::CallerIdentity;
 use crate::upstream::{
     CallContext, CloseInvoice, CreateInvoice, Credentials, DeleteInvoice, Operation, SendInvoice,
     UpdateInvoice, Upstream,
 };
 
 /// The service implementation; cheap to clone, all clones share one pool.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct InvoiceGateway {
     upstream: Upstream,
     in_flight: InFlightLimit,
+    idempotency: Idempotency,
+    /// `--credentials`: mTLS identities mapped to the keys sent upstream.
+    credentials: Option<CredentialMap>,
+}
+
+impl std::fmt::Debug for InvoiceGateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InvoiceGateway")
+            .field("upstream", &self.upstream)
+            .field("max_in_flight", &self.in_flight.max())
+            .field("credentials", &self.credentials.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a call learns on its way, for its status, log line and record.
+#[derive(Default)]
+struct CallState {
+    /// Upstream requests made, when any was tried.
+    attempts: Option<u32>,
+    upstream_status: Option<u16>,
+    /// The idempotency lease to record the verdict on, and the verdict.
+    lease: Option<(Lease, Verdict)>,
+}
+
+/// A call's answer before it becomes a gRPC response.
+enum Answer<R> {
+    /// From the upstream, now.
+    Fresh(R),
+    /// From the idempotency record: the first call's answer.
+    Replayed(Result<R, Status>),
 }
 
 impl InvoiceGateway {
-    /// A gateway with the default `--max-in-flight`.
-    pub fn new(upstream: Upstream) -> Self {
-        Self {
+    /// A gateway with the command line's defaults: `--max-in-flight`, an
+    /// in-memory idempotency store, callers bringing their own api-key.
+    pub fn new(upstream: Upstream) -> Result<Self, crate::idempotency::ConfigError> {
+        Ok(Self {
             upstream,
             in_flight: InFlightLimit::new(crate::limits::DEFAULT_MAX_IN_FLIGHT),
-        }
+            idempotency: Idempotency::in_memory()?,
+            credentials: None,
+        })
     }
 
     /// Replaces the cap on calls in flight.
     pub fn with_in_flight_limit(mut self, limit: InFlightLimit) -> Self {
         self.in_flight = limit;
+        self
+    }
+
+    /// Replaces the idempotency store.
+    pub fn with_idempotency(mut self, store: Idempotency) -> Self {
+        self.idempotency = store;
+        self
+    }
+
+    /// Injects credentials by mTLS identity (`--credentials`).
+    pub fn with_credentials(mut self, map: CredentialMap) -> Self {
+        self.credentials = Some(map);
         self
     }
 
@@ -51,71 +103,168 @@ impl InvoiceGateway {
         let rpc = Op::ROUTE.rpc;
         let (metadata, extensions, message) = request.into_parts();
         let request_id = RequestId::read(&metadata);
-        let mut log = CallLog::start(rpc, request_id.as_str(), "", None);
+        let identity = extensions.get::<CallerIdentity>();
+        let mut log = CallLog::start(
+            rpc,
+            request_id.as_str(),
+            "",
+            identity.map(CallerIdentity::as_str),
+        );
+        let mut state = CallState::default();
 
-        let mut attempts = None;
-        let mut upstream_status = None;
-        let result = async {
-            // Refused before anything else: the cheapest answer, and the
-            // one that protects the process.
-            let _admitted = self.in_flight.try_admit().ok_or(CallError::Overloaded {
-                max_in_flight: self.in_flight.max(),
-            })?;
-            if let Some(too_large) = extensions.get::<RequestTooLarge>() {
-                return Err(CallError::RequestTooLarge(*too_large));
-            }
-            let credentials = credentials(&metadata)?;
-            let violations = validate(&message);
-            if !violations.is_empty() {
-                return Err(CallError::InvalidRequest(violations));
-            }
-            let call = CallContext {
-                credentials,
-                request_id: request_id.header(),
-                caller_timeout: grpc_timeout(&metadata),
-                traceparent: None,
-                tracestate: None,
-            };
-            let exchange = self.upstream.send::<Op>(&call, &message).await;
-            attempts = Some(exchange.attempts).filter(|&n| n > 0);
-            upstream_status = match &exchange.result {
-                Ok(reply) => Some(reply.http_status),
-                Err(error) => error.http_status(),
-            };
-            Ok(exchange.result?.message)
-        }
-        .await;
-
-        match result {
-            Ok(message) => {
-                log.finish(Ending {
-                    code: tonic::Code::Ok,
-                    upstream_status,
-                    attempts,
-                    error: None,
-                    replayed: false,
-                });
-                let mut response = Response::new(message);
-                request_id.set_on(response.metadata_mut());
-                Ok(response)
-            }
-            Err(error) => {
-                let mut status = error.to_status(&StatusContext {
+        let answer = self
+            .forward::<Op>(
+                &metadata,
+                &extensions,
+                &message,
+                validate,
+                &request_id,
+                &mut state,
+            )
+            .await;
+        let (answer, replayed) = match answer {
+            Ok(Answer::Fresh(message)) => (Ok(message), false),
+            Ok(Answer::Replayed(answer)) => (answer, true),
+            Err(error) => (
+                Err(error.to_status(&StatusContext {
                     rpc,
                     request_id: Some(request_id.as_str()),
-                    attempts,
-                });
-                log.finish(Ending {
-                    code: status.code(),
-                    upstream_status,
-                    attempts,
-                    error: Some(status.message()),
-                    replayed: false,
-                });
-                request_id.set_on(status.metadata_mut());
-                Err(status)
-            }
+                    attempts: state.attempts,
+                })),
+                false,
+            ),
+        };
+        // Recorded before answering, so that a quick retry finds it.
+        if let Some((lease, verdict)) = state.lease.take() {
+            idempotency::step::record(lease, verdict, &answer).await;
         }
+
+        log.finish(Ending {
+            code: answer
+                .as_ref()
+                .map_or_else(Status::code, |_| tonic::Code::Ok),
+            upstream_status: state.upstream_status,
+            attempts: state.attempts,
+            error: answer.as_ref().err().map(Status::message),
+            replayed,
+        });
+        let mut answer = answer.map(Response::new);
+        let metadata = match &mut answer {
+            Ok(response) => response.metadata_mut(),
+            Err(status) => status.metadata_mut(),
+        };
+        request_id.set_on(metadata);
+        if replayed {
+            metadata.insert(
+                crate::idempotency::REPLAYED_METADATA_KEY,
+                MetadataValue::from_static("true"),
+            );
+        }
+        answer
+    }
+
+    /// The steps of a call, up to its answer.
+    async fn forward<Op: Operation>(
+        &self,
+        metadata: &MetadataMap,
+        extensions: &tonic::Extensions,
+        message: &Op::Request,
+        validate: fn(&Op::Request) -> Vec<FieldViolation>,
+        request_id: &RequestId,
+        state: &mut CallState,
+    ) -> Result<Answer<Op::Response>, CallError> {
+        // Refused before anything else: the cheapest answer, and the one
+        // that protects the process.
+        let _admitted = self.in_flight.try_admit().ok_or(CallError::Overloaded {
+            max_in_flight: self.in_flight.max(),
+        })?;
+        if let Some(too_large) = extensions.get::<RequestTooLarge>() {
+            return Err(CallError::RequestTooLarge(*too_large));
+        }
+        let credentials = self.credentials(metadata, extensions.get::<CallerIdentity>())?;
+        let violations = validate(message);
+        if !violations.is_empty() {
+            return Err(CallError::InvalidRequest(violations));
+        }
+        let caller_timeout = grpc_timeout(metadata);
+
+        let budget =
+            self.upstream.exchange_budget(caller_timeout) + self.idempotency.store_timeout();
+        let start = idempotency::step::start(
+            &self.idempotency,
+            metadata,
+            Op::ROUTE.rpc,
+            &credentials,
+            message,
+            budget,
+        )
+        .await;
+        let lease = match start? {
+            Start::NoKey => None,
+            Start::Fresh(lease) => Some(lease),
+            Start::Replay(outcome) => {
+                return Ok(Answer::Replayed(idempotency::step::replay(&outcome)?));
+            }
+        };
+
+        let call = CallContext {
+            credentials,
+            request_id: request_id.header(),
+            caller_timeout,
+            traceparent: None,
+            tracestate: None,
+        };
+        let exchange = self.upstream.send::<Op>(&call, message).await;
+        state.attempts = Some(exchange.attempts).filter(|&n| n > 0);
+        state.upstream_status = match &exchange.result {
+            Ok(reply) => Some(reply.http_status),
+            Err(error) => error.http_status(),
+        };
+        if let Some(lease) = lease {
+            let verdict = match &exchange.result {
+                Ok(_) => Verdict::Complete,
+                Err(error) => Verdict::of_failure(error, exchange.sent),
+            };
+            state.lease = Some((lease, verdict));
+        }
+        Ok(Answer::Fresh(exchange.result?.message))
+    }
+
+    /// The credentials sent upstream: the caller's own metadata, or with
+    /// `--credentials` those mapped to its mTLS identity (its own api-key
+    /// is then ignored, never forwarded). Authentication is checked before
+    /// the organization: a caller without a key learns nothing else.
+    fn credentials(
+        &self,
+        metadata: &MetadataMap,
+        identity: Option<&CallerIdentity>,
+    ) -> Result<Credentials, CallError> {
+        let Some(map) = &self.credentials else {
+            let mut api_key = header(metadata, "api-key").ok_or(CallError::MissingApiKey)?;
+            api_key.set_sensitive(true);
+            let organization_id =
+                header(metadata, "organization-id").ok_or(CallError::MissingOrganizationId)?;
+            return Ok(Credentials {
+                api_key,
+                organization_id,
+            });
+        };
+        let identity = identity.ok_or(CallError::CallerNotAllowed { identity: None })?;
+        let mapped = map
+            .lookup(identity)
+            .ok_or_else(|| CallError::CallerNotAllowed {
+                identity: Some(identity.to_string()),
+            })?;
+        let organization_id = mapped
+            .organization_id_for(header(metadata, "organization-id").as_ref())
+            .map_err(|_| CallError::OrganizationNotAllowed {
+                identity: identity.to_string(),
+            })?
+            .ok_or(CallError::MissingOrganizationId)?;
+        Ok(Credentials {
+            api_key: mapped.api_key.clone(),
+            organization_id,
+        })
     }
 }
 
@@ -161,19 +310,6 @@ impl InvoiceService for InvoiceGateway {
 }
 
 // ---- metadata ------------------------------------------------------------
-
-/// Authentication is checked before the organization: a caller without a
-/// key learns nothing else.
-fn credentials(metadata: &MetadataMap) -> Result<Credentials, CallError> {
-    let mut api_key = header(metadata, "api-key").ok_or(CallError::MissingApiKey)?;
-    api_key.set_sensitive(true);
-    let organization_id =
-        header(metadata, "organization-id").ok_or(CallError::MissingOrganizationId)?;
-    Ok(Credentials {
-        api_key,
-        organization_id,
-    })
-}
 
 /// A non-empty ASCII metadata value, as an HTTP header value.
 fn header(metadata: &MetadataMap, key: &str) -> Option<HeaderValue> {

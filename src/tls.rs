@@ -121,6 +121,23 @@ pub struct TlsArgs {
     pub allow_insecure_upstream: bool,
 }
 
+impl Default for TlsArgs {
+    /// The command line's defaults: plaintext, public upstream roots.
+    fn default() -> Self {
+        Self {
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            tls_handshake_timeout: Duration::from_secs(10),
+            reload_interval: Duration::from_secs(10),
+            upstream_ca: None,
+            upstream_client_cert: None,
+            upstream_client_key: None,
+            allow_insecure_upstream: false,
+        }
+    }
+}
+
 fn parse_duration(value: &str) -> Result<Duration, String> {
     let duration =
         humantime::parse_duration(value).map_err(|e| format!("{e} (examples: 500ms, 10s, 1m)"))?;

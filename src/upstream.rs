@@ -73,6 +73,10 @@ pub struct UpstreamOptions {
     /// Connection pools, one per worker thread.
     pub shards: usize,
     pub retry: RetryArgs,
+    /// TLS client configuration for an `https://` upstream
+    /// (`crate::tls::UpstreamTls::client_config`); `None` uses the
+    /// compiled-in public roots.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Default for UpstreamOptions {
@@ -85,6 +89,7 @@ impl Default for UpstreamOptions {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             shards: 1,
             retry: RetryArgs::default(),
+            tls: None,
         }
     }
 }
@@ -273,16 +278,32 @@ impl Upstream {
     /// Builds the client. `base` may carry a path prefix
     /// (`http://host/api/gormic` → `/api/gormic/v1/om/invoices`).
     pub fn new(base: &Url, options: UpstreamOptions) -> Result<Self, BuildError> {
-        let connector = connect::Connector::new(base).map_err(BuildError::Url)?;
+        let tls = match (&options.tls, base.scheme()) {
+            (Some(config), _) => Some(config.clone()),
+            (None, "https") => Some(
+                crate::tls::upstream_client_config(&crate::tls::TlsArgs::default())
+                    .map_err(|e| BuildError::Url(e.to_string()))?,
+            ),
+            (None, _) => None,
+        };
+        let connector = connect::Connector::new(base, tls).map_err(BuildError::Url)?;
         let host = match (base.host_str(), base.port()) {
             (Some(host), Some(port)) => format!("{host}:{port}"),
             (Some(host), None) => host.to_owned(),
             (None, _) => return Err(BuildError::Url("has no host".into())),
         };
+        let authority = http::uri::Authority::try_from(host.as_str())
+            .map_err(|e| BuildError::Url(format!("host is not an authority: {e}")))?;
+        let scheme = if base.scheme() == "https" {
+            http::uri::Scheme::HTTPS
+        } else {
+            http::uri::Scheme::HTTP
+        };
         let host = HeaderValue::from_str(&host)
             .map_err(|e| BuildError::Url(format!("host is not a header value: {e}")))?;
         let pool = Pool::new(
             connector,
+            (scheme, authority),
             PoolLimits {
                 max_connections: options.max_connections,
                 max_pending: options.max_pending,
@@ -504,6 +525,11 @@ impl Upstream {
             headers.insert("tracestate", tracestate.clone());
         }
         request
+    }
+
+    /// How long a call's whole upstream exchange may take (all attempts).
+    pub fn exchange_budget(&self, caller_timeout: Option<Duration>) -> Duration {
+        self.budget(caller_timeout).0
     }
 
     /// How long the upstream exchange may take, and which limit that is: the

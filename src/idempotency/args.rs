@@ -63,6 +63,19 @@ pub struct IdempotencyArgs {
     pub idempotency_store_timeout: Duration,
 }
 
+impl Default for IdempotencyArgs {
+    /// The command line's defaults.
+    fn default() -> Self {
+        Self {
+            idempotency_store: StoreLocation::Memory,
+            idempotency_ttl: Duration::from_secs(24 * 3600),
+            idempotency_max_entries: 100_000,
+            idempotency_max_bytes: 64 * 1024 * 1024,
+            idempotency_store_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
 /// The value of `--idempotency-store`.
 #[derive(Clone, PartialEq, Eq)]
 pub enum StoreLocation {

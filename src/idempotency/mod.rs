@@ -35,6 +35,7 @@ pub mod memory;
 mod outcome;
 mod record;
 pub mod redis;
+pub(crate) mod step;
 
 use std::fmt;
 use std::sync::Arc;
@@ -148,6 +149,18 @@ impl Idempotency {
             Store::Memory(_) => Duration::ZERO,
             Store::Redis(store) => store.timeout(),
         }
+    }
+
+    /// The default store: in memory, with the command line's limits.
+    pub fn in_memory() -> Result<Self, ConfigError> {
+        let args = IdempotencyArgs::default();
+        Ok(Self {
+            store: Store::Memory(memory::MemoryStore::start(memory::Limits {
+                ttl: args.idempotency_ttl,
+                max_entries: args.idempotency_max_entries,
+                max_bytes: args.idempotency_max_bytes,
+            })?),
+        })
     }
 
     /// Records and bytes held, for the memory store.

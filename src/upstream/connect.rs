@@ -1,16 +1,21 @@
-//! Opening one upstream connection: name resolution, TCP (no Nagle), then
-//! the HTTP/1.1 handshake. The connection's driver is returned to the pool,
-//! which runs it as a task on the current worker.
+//! Opening one upstream connection: name resolution, TCP (no Nagle), TLS for
+//! an `https://` upstream (the roots and client certificate of
+//! `crate::tls::UpstreamTls`, ALPN `h2` then `http/1.1`), then the HTTP/1.1
+//! or HTTP/2 handshake as ALPN decided. The connection's driver is returned
+//! to the pool, which runs it as a task on the current worker.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 use url::Url;
 
 /// The body of every upstream request: the JSON, in one piece.
@@ -38,32 +43,54 @@ pub(crate) struct ConnectError(pub String);
 const H2_KEEPALIVE: Duration = Duration::from_secs(30);
 
 /// Opens connections to the upstream's host and port.
-#[derive(Debug)]
 pub(crate) struct Connector {
     host: String,
     port: u16,
+    /// For `https://`: the client configuration and the name to verify.
+    tls: Option<(TlsConnector, ServerName<'static>)>,
 }
 
 impl Connector {
-    /// The host and port of `base` (`http://`; TLS comes with `https://`).
-    pub(crate) fn new(base: &Url) -> Result<Self, String> {
+    /// The host and port of `base`; `tls` is required for `https://`.
+    pub(crate) fn new(base: &Url, tls: Option<Arc<rustls::ClientConfig>>) -> Result<Self, String> {
         let host = match base.host() {
             Some(url::Host::Ipv6(ip)) => ip.to_string(),
             Some(host) => host.to_string(),
-            None => return Err("the upstream URL has no host".into()),
+            None => return Err("has no host".into()),
         };
-        let port = base
-            .port_or_known_default()
-            .ok_or("the upstream URL has no port")?;
-        Ok(Self { host, port })
+        let port = base.port_or_known_default().ok_or("has no port")?;
+        let tls = match (base.scheme(), tls) {
+            ("https", Some(config)) => {
+                let name = ServerName::try_from(host.clone())
+                    .map_err(|e| format!("host {host} is not a TLS server name: {e}"))?;
+                Some((TlsConnector::from(config), name))
+            }
+            ("https", None) => {
+                return Err("is https but no TLS client configuration was given".into());
+            }
+            _ => None,
+        };
+        Ok(Self { host, port, tls })
     }
 
-    /// Resolves the host, connects to the first address that answers, and
-    /// performs the HTTP handshake.
+    /// Resolves the host, connects to the first address that answers, runs
+    /// the TLS handshake if any, and performs the HTTP handshake.
     pub(crate) async fn connect(&self) -> Result<Connection, ConnectError> {
         let stream = self.tcp().await?;
         let _ = stream.set_nodelay(true);
-        http1_handshake(TokioIo::new(stream)).await
+        let Some((connector, name)) = &self.tls else {
+            return http1_handshake(TokioIo::new(stream)).await;
+        };
+        let stream = connector
+            .connect(name.clone(), stream)
+            .await
+            .map_err(|e| ConnectError(format!("TLS handshake with {} failed: {e}", self.host)))?;
+        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+        if h2 {
+            http2_handshake(TokioIo::new(stream)).await
+        } else {
+            http1_handshake(TokioIo::new(stream)).await
+        }
     }
 
     async fn tcp(&self) -> Result<TcpStream, ConnectError> {
@@ -102,8 +129,6 @@ where
     })
 }
 
-/// Used once TLS negotiates `h2` with the upstream.
-#[allow(dead_code)]
 async fn http2_handshake<IO>(io: IO) -> Result<Connection, ConnectError>
 where
     IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,

@@ -65,6 +65,8 @@ pub(crate) struct Pool {
 struct Inner {
     shards: Box<[Shard]>,
     connector: Connector,
+    /// `scheme://authority` of HTTP/2 requests, whose URI must be absolute.
+    origin: (http::uri::Scheme, http::uri::Authority),
     idle_timeout: Duration,
     gauges: Arc<PoolGauges>,
 }
@@ -122,7 +124,11 @@ pub(crate) struct PoolLimits {
 }
 
 impl Pool {
-    pub(crate) fn new(connector: Connector, limits: PoolLimits) -> Self {
+    pub(crate) fn new(
+        connector: Connector,
+        origin: (http::uri::Scheme, http::uri::Authority),
+        limits: PoolLimits,
+    ) -> Self {
         let shards = limits.shards.max(1);
         // Every shard gets its share, and at least one connection.
         let per_shard = |total: usize| total.div_ceil(shards).max(1);
@@ -141,6 +147,7 @@ impl Pool {
                     })
                     .collect(),
                 connector,
+                origin,
                 idle_timeout: limits.idle_timeout,
                 gauges,
             }),
@@ -180,7 +187,10 @@ impl Pool {
             sent.store(true, Ordering::Relaxed);
             let outcome = match &mut lease.connection {
                 Some(Leased::Http1(idle)) => idle.sender.try_send_request(request).await,
-                Some(Leased::Http2(sender)) => sender.try_send_request(request).await,
+                Some(Leased::Http2(sender)) => {
+                    self.inner.absolute(&mut request);
+                    sender.try_send_request(request).await
+                }
                 None => unreachable_lease(),
             };
             match outcome {
@@ -300,6 +310,18 @@ impl Pool {
 }
 
 impl Inner {
+    /// HTTP/2 takes `:scheme` and `:authority` from the URI, not `Host`.
+    fn absolute(&self, request: &mut http::Request<RequestBody>) {
+        let (scheme, authority) = &self.origin;
+        let mut parts = request.uri().clone().into_parts();
+        parts.scheme = Some(scheme.clone());
+        parts.authority = Some(authority.clone());
+        if let Ok(uri) = http::Uri::from_parts(parts) {
+            *request.uri_mut() = uri;
+        }
+        request.headers_mut().remove(http::header::HOST);
+    }
+
     fn lock(&self, shard: usize) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves the state consistent enough
         // (counts only); keep serving.

@@ -80,6 +80,7 @@ impl TestGateway {
         let url = url::Url::parse(upstream_url).expect("test upstream URL");
         let upstream = Upstream::new(&url, config.upstream).expect("HTTP client");
         let gateway = InvoiceGateway::new(upstream)
+            .expect("in-memory idempotency store")
             .with_in_flight_limit(InFlightLimit::new(config.max_in_flight));
         Self::start_with_gateway(gateway, config.server).await
     }
@@ -89,7 +90,11 @@ impl TestGateway {
         upstream: Upstream,
         options: gormic_gateway::server::ServerOptions,
     ) -> Self {
-        Self::start_with_gateway(InvoiceGateway::new(upstream), options).await
+        Self::start_with_gateway(
+            InvoiceGateway::new(upstream).expect("in-memory idempotency store"),
+            options,
+        )
+        .await
     }
 
     /// Starts a server around a gateway configured by the test.
