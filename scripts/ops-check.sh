@@ -27,7 +27,8 @@
 #      grace; ports, probes, security context; every GORMIC_* variable is a
 #      flag's; Dockerfile shape; dashboard and alerts use only the gateway's
 #      metric names and no hard-coded datasource; runbook links resolve to
-#      headings of docs/operations.md; the docs name every flag and metric)
+#      headings of docs/operations.md; the docs name every flag and metric,
+#      and their links resolve)
 #   5. promtool: check rules and test rules for deploy/prometheus, and every
 #      dashboard query parsed as PromQL
 #   6. the Docker build context: the build stage's COPY sources, copied alone

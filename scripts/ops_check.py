@@ -8,7 +8,8 @@ Run by scripts/ops-check.sh with the ops venv's Python (it needs PyYAML):
         Dockerfile agree with each other and with the gateway's ports and
         flags; checkov skips are the documented ones; dashboard and alert
         rules use only the gateway's metric names; runbook links resolve to
-        headings of docs/operations.md; the docs name every flag and metric.
+        headings of docs/operations.md; the docs name every flag and metric,
+        and their own links resolve.
         Writes every dashboard query, with Grafana's variables replaced, as a
         Prometheus recording rule file, so that `promtool check rules`
         parses them.
@@ -534,6 +535,13 @@ def check_docs(root, env_used):
     for name in sorted(env_used):
         if name not in docs:
             problem(where, f"does not mention {name}, which deploy/kubernetes sets")
+    anchors = github_anchors(docs)
+    for m in re.finditer(r"\]\(#([^)]+)\)", docs):
+        if m.group(1) not in anchors:
+            problem(where, f"link to #{m.group(1)}, which is no heading here")
+    for m in re.finditer(r"\]\((\.\./[^)#]+)", docs):
+        if not (root / "docs" / m.group(1)).exists():
+            problem(where, f"link to {m.group(1)}, which does not exist")
 
 
 def check_binary_env(root, binary, env_used):
