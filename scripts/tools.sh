@@ -4,16 +4,53 @@
 #                               (from interop/python/requirements.txt, PyPI)
 #   interop/node/node_modules   @grpc/grpc-js, @grpc/proto-loader
 #                               (from interop/node/package-lock.json, npm)
+#   .tools/ops-venv             kubernetes-validate, checkov
+#                               (from deploy/ops-requirements.txt, PyPI; a venv
+#                               of its own: checkov's pins must not constrain
+#                               the clients' packages)
 # Needs python3 (>= 3.9, with venv) and node (>= 18) with npm.
 # Idempotent: a stamp of the pin files' hash skips the work when nothing changed.
 # Use the tools with: PATH="$PWD/.tools/venv/bin:$PATH"
+#
+# `scripts/tools.sh ops` installs only .tools/ops-venv (what
+# scripts/ops-check.sh needs; it also needs promtool, which it installs itself
+# with apt-get).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+only=${1:-all}
+case "$only" in
+all | ops) ;;
+*)
+    echo "usage: scripts/tools.sh [ops]" >&2
+    exit 2
+    ;;
+esac
 
 venv=.tools/venv
 requirements=interop/python/requirements.txt
 
 hash_of() { cat "$@" | sha256sum | cut -d' ' -f1; }
+
+# ---- Container and Kubernetes check tools (scripts/ops-check.sh)
+ops_venv=.tools/ops-venv
+ops_requirements=deploy/ops-requirements.txt
+ops_stamp="$ops_venv/.installed"
+ops_want=$(hash_of "$ops_requirements")
+if [[ -x "$ops_venv/bin/python" && -f "$ops_stamp" && "$(cat "$ops_stamp")" == "$ops_want" ]]; then
+    echo "tools: $ops_venv is up to date"
+else
+    echo "tools: installing $ops_requirements into $ops_venv"
+    python3 -m venv "$ops_venv"
+    "$ops_venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+        --require-virtualenv -r "$ops_requirements"
+    echo "$ops_want" >"$ops_stamp"
+fi
+echo "tools: checkov $("$ops_venv/bin/checkov" --version)," \
+    "kubernetes-validate $("$ops_venv/bin/python" -c 'import importlib.metadata as m; print(m.version("kubernetes-validate"))')"
+if [[ "$only" == ops ]]; then
+    exit 0
+fi
 
 # ---- Python tools
 python_stamp="$venv/.installed"
