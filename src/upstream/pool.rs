@@ -264,10 +264,9 @@ impl Pool {
 
     /// Opens a connection with `slot` and leases it.
     async fn open(&self, mut slot: Slot) -> Result<Lease, SendError> {
-        let Connection { sender, driver } = self
-            .inner
-            .connector
-            .connect()
+        // Boxed: the handshakes' state is 7 KiB, which every call's future
+        // would otherwise carry (and copy) though few calls ever connect.
+        let Connection { sender, driver } = Box::pin(self.inner.connector.connect())
             .await
             .map_err(SendError::Connect)?;
         slot.used = true;
