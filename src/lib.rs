@@ -7,13 +7,16 @@
 //! [`errors`]. [`sandbox`] is a stand-in for the REST API (`--sandbox`),
 //! reached through the same client.
 
+pub mod admin;
 pub mod config;
 pub mod cors;
 pub mod errors;
+pub mod metrics;
 pub mod proto;
 mod routes;
 pub mod sandbox;
 pub mod server;
 pub mod service;
 pub mod telemetry;
+pub mod trace;
 pub mod upstream;

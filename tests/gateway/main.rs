@@ -3,9 +3,11 @@
 
 mod support;
 
+mod admin;
 mod forwarding;
 mod grpc_web;
 mod operations;
+mod otlp;
 mod requests;
 mod sandbox;
 mod transport;

@@ -6,6 +6,7 @@
 
 pub mod fake_upstream;
 pub mod logs;
+pub mod otlp;
 pub mod sandbox;
 
 use std::net::SocketAddr;
