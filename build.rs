@@ -38,7 +38,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// One `pub(crate) const NAME: Route` per RPC of the service.
+/// One `pub const NAME: Route` per RPC of the service.
 fn routes(pool: &DescriptorPool) -> Result<String, String> {
     let service = pool
         .get_service_by_name(SERVICE)
@@ -81,7 +81,7 @@ fn routes(pool: &DescriptorPool) -> Result<String, String> {
         let _ = writeln!(
             out,
             "/// `{verb} {template}`, from the `google.api.http` option of `{full}`.\n\
-             pub(crate) const {name}: Route = Route {{ rpc: {rpc:?}, method: http::Method::{verb}, \
+             pub const {name}: Route = Route {{ rpc: {rpc:?}, method: http::Method::{verb}, \
              template: {template:?}, before_id: {before:?}, after_id: {after:?}, has_body: {has_body} }};",
             full = method.full_name(),
             rpc = method.name(),

@@ -17,7 +17,7 @@ use gormic_gateway::proto::v1::invoice_service_client::InvoiceServiceClient;
 use gormic_gateway::proto::v1::{CloseInvoiceRequest, CloseInvoiceResponse};
 use gormic_gateway::server::{ServerOptions, run};
 use gormic_gateway::service::InvoiceGateway;
-use gormic_gateway::upstream::Upstream;
+use gormic_gateway::upstream::{Upstream, UpstreamOptions};
 
 const ANSWER: &str = r#"{"app":"om","service":"invoices","warnings":[],"instanceId":"i-1","requestId":"r-1","data":{"invoiceNumber":1043,"invoiceSource":"POS","invoicedAt":"2026-11-25T10:00:00Z"}}"#;
 
@@ -43,7 +43,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let gateway_listener = TcpListener::bind("127.0.0.1:0").await?;
     let gateway_addr = gateway_listener.local_addr()?;
-    let client = Upstream::new(&upstream_url.parse()?, Duration::from_secs(10))?;
+    let client = Upstream::new(&upstream_url.parse()?, UpstreamOptions::default())?;
     tokio::spawn(run(
         gateway_listener,
         InvoiceGateway::new(client),

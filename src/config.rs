@@ -1,15 +1,21 @@
 //! Command line and environment: every flag has an env var, shown in
-//! `--help`. Parsing only checks values; nothing here binds a port.
+//! `--help`, and a default justified in its doc comment (and in
+//! docs/operations.md). Parsing only checks values; nothing here binds a
+//! port. Flags of a cross-cutting concern are defined by its module
+//! (`RetryArgs` in `retry`, ...) and flattened here.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::builder::BoolishValueParser;
+use clap::builder::{BoolishValueParser, TypedValueParser};
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
-use reqwest::Url;
+use url::Url;
 
 use crate::cors::CorsOrigins;
+use crate::retry::RetryArgs;
+use crate::server::{ConnectionLimits, ServerOptions};
+use crate::upstream::UpstreamOptions;
 
 /// gRPC gateway for the Gormic Order Management invoices REST API.
 #[derive(Debug, Parser)]
@@ -52,9 +58,29 @@ pub struct Cli {
     #[arg(long, env = "GORMIC_DEADLINE_MARGIN", value_name = "DURATION", default_value = "100ms", value_parser = humantime::parse_duration)]
     pub deadline_margin: Duration,
 
-    /// On SIGTERM/SIGINT, how long in-flight calls may take to finish.
+    /// On SIGTERM/SIGINT, after the delay, how long in-flight calls may take
+    /// to finish. Longer than --upstream-timeout, so that a call in flight
+    /// can end normally.
     #[arg(long, env = "GORMIC_SHUTDOWN_GRACE", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// On SIGTERM/SIGINT, how long the gateway keeps serving (and accepting)
+    /// while its readiness and gRPC health already say NOT_SERVING, so that
+    /// load balancers stop sending first. 0s for local use; set it to the
+    /// time your platform needs to update its endpoints (5s on Kubernetes).
+    #[arg(long, env = "GORMIC_SHUTDOWN_DELAY", value_name = "DURATION", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub shutdown_delay: Duration,
+
+    /// Worker threads; each serves its connections wholly (thread-per-core).
+    /// Default: the number of CPUs the process may use.
+    #[arg(long, env = "GORMIC_WORKER_THREADS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
+
+    #[command(flatten)]
+    pub limits: LimitArgs,
+
+    #[command(flatten)]
+    pub retry: RetryArgs,
 
     /// Browser origins allowed to call the gateway with gRPC-Web: a
     /// comma-separated list such as `https://app.example.com,http://localhost:3000`,
@@ -72,6 +98,81 @@ pub struct Cli {
 
     #[command(subcommand)]
     pub command: Option<Command>,
+}
+
+/// Hard limits on memory and load (docs/operations.md justifies each default).
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Limits")]
+pub struct LimitArgs {
+    /// Calls served at once, process-wide; past it a call is refused at
+    /// once with RESOURCE_EXHAUSTED (reason OVERLOADED) and never forwarded.
+    /// 10000 calls waiting on a slow upstream fit in the 64 MiB the gateway
+    /// promises.
+    #[arg(long, env = "GORMIC_MAX_IN_FLIGHT", value_name = "N", default_value_t = crate::limits::DEFAULT_MAX_IN_FLIGHT, value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
+    pub max_in_flight: usize,
+
+    /// Upstream connections open at once, process-wide (split between the
+    /// worker threads). 1024 is Envoy's default; with HTTP/1.1 it is also the
+    /// most upstream requests in flight.
+    #[arg(long, env = "GORMIC_UPSTREAM_MAX_CONNECTIONS", value_name = "N", default_value_t = crate::upstream::DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
+    pub upstream_max_connections: usize,
+
+    /// Calls waiting for an upstream connection, process-wide; past it a
+    /// call is refused with RESOURCE_EXHAUSTED (reason UPSTREAM_QUEUE_FULL).
+    /// Default: --max-in-flight's default, so that every admitted call may
+    /// wait within its own deadline; lower it to fail fast instead.
+    #[arg(long, env = "GORMIC_UPSTREAM_MAX_PENDING", value_name = "N", default_value_t = crate::upstream::DEFAULT_MAX_PENDING, value_parser = clap::value_parser!(u32).map(|n| n as usize))]
+    pub upstream_max_pending: usize,
+
+    /// How long an idle upstream connection is kept for reuse.
+    #[arg(long, env = "GORMIC_UPSTREAM_IDLE_TIMEOUT", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub upstream_idle_timeout: Duration,
+
+    /// Largest request message accepted; a larger one is refused with
+    /// RESOURCE_EXHAUSTED (reason REQUEST_TOO_LARGE) before it is read. The
+    /// largest real request is well under 4 KiB.
+    #[arg(long, env = "GORMIC_MAX_REQUEST_BYTES", value_name = "BYTES", default_value = "64KiB", value_parser = parse_bytes)]
+    pub max_request_bytes: usize,
+
+    /// Largest request header list (all metadata); a call over it is refused
+    /// by HTTP/2 (status 431) without affecting other calls on the
+    /// connection. 16 KiB is nginx's and Envoy's order of magnitude.
+    #[arg(long, env = "GORMIC_MAX_HEADER_BYTES", value_name = "BYTES", default_value = "16KiB", value_parser = parse_bytes)]
+    pub max_header_bytes: usize,
+
+    /// HTTP/2 calls one client connection may have open at once.
+    #[arg(
+        long,
+        env = "GORMIC_HTTP2_MAX_CONCURRENT_STREAMS",
+        value_name = "N",
+        default_value_t = 1024
+    )]
+    pub http2_max_concurrent_streams: u32,
+
+    /// Interval of HTTP/2 PINGs on a quiet connection, to find dead peers.
+    #[arg(long, env = "GORMIC_HTTP2_KEEPALIVE_INTERVAL", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub http2_keepalive_interval: Duration,
+
+    /// How long a PING may go unanswered before the connection is closed.
+    #[arg(long, env = "GORMIC_HTTP2_KEEPALIVE_TIMEOUT", value_name = "DURATION", default_value = "20s", value_parser = parse_duration)]
+    pub http2_keepalive_timeout: Duration,
+
+    /// After this age (±10 %) a client connection is asked to reconnect
+    /// (GOAWAY), so that long-lived connections rebalance across replicas
+    /// after a scale-up; `0s` turns it off. 30m costs one reconnect per
+    /// client connection per half hour.
+    #[arg(long, env = "GORMIC_MAX_CONNECTION_AGE", value_name = "DURATION", default_value = "30m", value_parser = humantime::parse_duration)]
+    pub max_connection_age: Duration,
+
+    /// How long calls on a connection past its age may take to finish;
+    /// longer than --upstream-timeout.
+    #[arg(long, env = "GORMIC_MAX_CONNECTION_AGE_GRACE", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub max_connection_age_grace: Duration,
+
+    /// HTTP/1.1 (gRPC-Web): how long a request's headers may take to
+    /// arrive; hyper also closes a keep-alive connection idle this long.
+    #[arg(long, env = "GORMIC_HTTP1_HEADER_READ_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub http1_header_read_timeout: Duration,
 }
 
 /// Other things the binary can run instead of the gateway.
@@ -130,10 +231,9 @@ pub enum LogFormat {
 pub struct Config {
     pub listen: SocketAddr,
     pub upstream: Target,
-    pub upstream_timeout: Duration,
-    pub deadline_margin: Duration,
-    pub shutdown_grace: Duration,
-    pub cors: CorsOrigins,
+    pub upstream_options: UpstreamOptions,
+    pub server: ServerOptions,
+    pub max_in_flight: usize,
 }
 
 /// A command line that cannot start the gateway.
@@ -155,13 +255,40 @@ impl Cli {
             },
             (None, false) => return Err(ConfigError::NoUpstream),
         };
+        let workers = self
+            .worker_threads
+            .map_or_else(crate::runtime::default_worker_threads, usize::from);
+        let limits = &self.limits;
         Ok(Config {
             listen: self.listen,
             upstream,
-            upstream_timeout: self.upstream_timeout,
-            deadline_margin: self.deadline_margin,
-            shutdown_grace: self.shutdown_grace,
-            cors: self.cors_allowed_origins.clone().unwrap_or_default(),
+            upstream_options: UpstreamOptions {
+                timeout: self.upstream_timeout,
+                deadline_margin: self.deadline_margin,
+                max_connections: limits.upstream_max_connections,
+                max_pending: limits.upstream_max_pending,
+                idle_timeout: limits.upstream_idle_timeout,
+                shards: workers,
+                retry: self.retry.clone(),
+            },
+            server: ServerOptions {
+                grace: self.shutdown_grace,
+                delay: self.shutdown_delay,
+                cors: self.cors_allowed_origins.clone().unwrap_or_default(),
+                workers,
+                limits: ConnectionLimits {
+                    max_request_bytes: limits.max_request_bytes,
+                    max_header_bytes: u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX),
+                    max_concurrent_streams: limits.http2_max_concurrent_streams,
+                    keepalive_interval: limits.http2_keepalive_interval,
+                    keepalive_timeout: limits.http2_keepalive_timeout,
+                    max_connection_age: Some(limits.max_connection_age)
+                        .filter(|age| !age.is_zero()),
+                    max_connection_age_grace: limits.max_connection_age_grace,
+                    http1_header_read_timeout: limits.http1_header_read_timeout,
+                },
+            },
+            max_in_flight: limits.max_in_flight,
         })
     }
 }
@@ -189,6 +316,32 @@ fn parse_upstream(value: &str) -> Result<Url, String> {
     Ok(url)
 }
 
+/// A size: `65536`, `64KiB`, `1MiB` (also `k`/`K`/`KB` and `M`/`MB`, all
+/// powers of 1024).
+fn parse_bytes(value: &str) -> Result<usize, String> {
+    let value = value.trim();
+    let split = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (digits, unit) = value.split_at(split);
+    let n: usize = digits
+        .parse()
+        .map_err(|_| format!("`{value}` is not a size (examples: 65536, 64KiB, 1MiB)"))?;
+    let scale = match unit.trim() {
+        "" | "B" => 1,
+        "k" | "K" | "KB" | "KiB" => 1024,
+        "M" | "MB" | "MiB" => 1024 * 1024,
+        other => return Err(format!("unknown unit `{other}` (use KiB or MiB)")),
+    };
+    let bytes = n
+        .checked_mul(scale)
+        .ok_or_else(|| format!("`{value}` is too large"))?;
+    if bytes == 0 {
+        return Err("must be greater than zero".into());
+    }
+    Ok(bytes)
+}
+
 fn parse_duration(value: &str) -> Result<Duration, String> {
     let duration =
         humantime::parse_duration(value).map_err(|e| format!("{e} (examples: 500ms, 10s, 1m)"))?;
@@ -211,7 +364,17 @@ mod tests {
         let cli = parse(&["--upstream", "http://127.0.0.1:8080/api"]).unwrap();
         let config = cli.config().unwrap();
         assert_eq!(config.listen, "0.0.0.0:50051".parse().unwrap());
-        assert_eq!(config.upstream_timeout, Duration::from_secs(10));
+        assert_eq!(config.upstream_options.timeout, Duration::from_secs(10));
+        assert_eq!(config.max_in_flight, 10_000);
+        assert_eq!(config.upstream_options.max_connections, 1024);
+        assert_eq!(config.server.limits.max_request_bytes, 64 * 1024);
+        assert_eq!(config.server.limits.max_header_bytes, 16 * 1024);
+        assert_eq!(
+            config.server.limits.max_connection_age,
+            Some(Duration::from_secs(30 * 60))
+        );
+        assert_eq!(config.server.delay, Duration::ZERO);
+        assert_eq!(config.upstream_options.retry.max_attempts, 3);
         let Target::Url(url) = config.upstream else {
             panic!("--upstream gives a URL target: {:?}", config.upstream);
         };
@@ -276,7 +439,7 @@ mod tests {
     #[test]
     fn cors_origins_default_to_none_and_are_checked() {
         let cli = parse(&["--upstream", "http://127.0.0.1:8080"]).unwrap();
-        assert_eq!(cli.config().unwrap().cors, CorsOrigins::None);
+        assert_eq!(cli.config().unwrap().server.cors, CorsOrigins::None);
         let cli = parse(&[
             "--upstream",
             "http://127.0.0.1:8080",
@@ -284,7 +447,7 @@ mod tests {
             "*",
         ])
         .unwrap();
-        assert_eq!(cli.config().unwrap().cors, CorsOrigins::Any);
+        assert_eq!(cli.config().unwrap().server.cors, CorsOrigins::Any);
         let error = parse(&["--cors-allowed-origins", "https://a.example/"])
             .unwrap_err()
             .to_string();
@@ -292,6 +455,31 @@ mod tests {
             error.contains("--cors-allowed-origins") && error.contains("https://a.example"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn sizes_take_binary_units_and_zero_is_refused() {
+        assert_eq!(parse_bytes("65536"), Ok(65_536));
+        assert_eq!(parse_bytes("64KiB"), Ok(65_536));
+        assert_eq!(parse_bytes("1MiB"), Ok(1_048_576));
+        assert!(parse_bytes("0").is_err());
+        assert!(parse_bytes("12 parsecs").is_err());
+        let error = parse(&["--max-request-bytes", "lots"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--max-request-bytes"), "{error}");
+    }
+
+    #[test]
+    fn a_zero_connection_age_turns_it_off() {
+        let cli = parse(&[
+            "--upstream",
+            "http://127.0.0.1:1",
+            "--max-connection-age",
+            "0s",
+        ])
+        .unwrap();
+        assert_eq!(cli.config().unwrap().server.limits.max_connection_age, None);
     }
 
     #[test]

@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method};
-use reqwest::Url;
 use tower_http::cors::{AllowOrigin, CorsLayer};
+use url::Url;
 
 /// Request headers a gRPC-Web client may send: the gRPC-Web protocol's own
 /// and the call metadata the gateway reads.

@@ -9,6 +9,7 @@ use std::time::Duration;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+use crate::limits::{RequestTooLarge, SHED_RETRY_DELAY};
 use crate::upstream::{Rejection, RetryAfter, TimeoutBound, UpstreamError};
 
 /// `ErrorInfo.domain` of errors the upstream reported (its error codes).
@@ -34,6 +35,16 @@ pub mod reason {
     pub const UPSTREAM_UNAVAILABLE: &str = "UPSTREAM_UNAVAILABLE";
     /// The gateway could not build the upstream request; nothing was sent.
     pub const GATEWAY_INTERNAL: &str = "GATEWAY_INTERNAL";
+    /// `--max-in-flight` calls were already in flight; nothing was sent.
+    pub const OVERLOADED: &str = "OVERLOADED";
+    /// The request message exceeds `--max-request-bytes`; nothing was sent.
+    pub const REQUEST_TOO_LARGE: &str = "REQUEST_TOO_LARGE";
+    /// Every upstream connection was busy and the queue for one was full;
+    /// nothing was sent.
+    pub const UPSTREAM_QUEUE_FULL: &str = "UPSTREAM_QUEUE_FULL";
+    /// No upstream connection could be had (all busy, or connecting) within
+    /// the deadline; nothing was sent.
+    pub const UPSTREAM_CONNECTION_TIMEOUT: &str = "UPSTREAM_CONNECTION_TIMEOUT";
 }
 
 /// Why a call failed.
@@ -45,6 +56,10 @@ pub enum CallError {
     MissingOrganizationId,
     #[error("invalid request")]
     InvalidRequest(Vec<FieldViolation>),
+    #[error("overloaded")]
+    Overloaded { max_in_flight: usize },
+    #[error("request too large")]
+    RequestTooLarge(RequestTooLarge),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
 }
@@ -165,6 +180,16 @@ pub fn reason_of(code: &str) -> String {
     out
 }
 
+/// What the status of a failed call needs to know about the call.
+#[derive(Debug, Clone, Copy)]
+pub struct StatusContext<'a> {
+    pub rpc: &'a str,
+    /// The call's `x-request-id`, reported when the upstream gave none.
+    pub request_id: Option<&'a str>,
+    /// Upstream requests made, when any was tried (`ErrorInfo.metadata.attempts`).
+    pub attempts: Option<u32>,
+}
+
 impl CallError {
     /// The upstream HTTP status, when an answer arrived.
     pub fn http_status(&self) -> Option<u16> {
@@ -174,11 +199,11 @@ impl CallError {
         }
     }
 
-    /// The gRPC status for this error. `caller_request_id` is the caller's
-    /// `x-request-id`, reported when the upstream gave none.
-    pub fn to_status(&self, rpc: &str, caller_request_id: Option<&str>) -> Status {
+    /// The gRPC status for this error.
+    pub fn to_status(&self, call: &StatusContext<'_>) -> Status {
+        let rpc = call.rpc;
         let mut details = ErrorDetails::new();
-        let mut request_id = caller_request_id.map(str::to_owned);
+        let mut request_id = call.request_id.map(str::to_owned);
         let (code, message) = match self {
             Self::MissingApiKey => {
                 details.set_error_info(reason::MISSING_API_KEY, GATEWAY_DOMAIN, HashMap::new());
@@ -206,6 +231,66 @@ impl CallError {
                     message.push_str(&v.description);
                 }
                 (Code::InvalidArgument, message)
+            }
+            Self::Overloaded { max_in_flight } => {
+                let metadata =
+                    HashMap::from([("max_in_flight".to_owned(), max_in_flight.to_string())]);
+                details.set_error_info(reason::OVERLOADED, GATEWAY_DOMAIN, metadata);
+                details.set_retry_info(Some(SHED_RETRY_DELAY));
+                (
+                    Code::ResourceExhausted,
+                    format!(
+                        "gateway overloaded: {max_in_flight} calls in flight (--max-in-flight)"
+                    ),
+                )
+            }
+            Self::RequestTooLarge(RequestTooLarge { declared, limit }) => {
+                let metadata = HashMap::from([
+                    ("size".to_owned(), declared.to_string()),
+                    ("limit".to_owned(), limit.to_string()),
+                ]);
+                details.set_error_info(reason::REQUEST_TOO_LARGE, GATEWAY_DOMAIN, metadata);
+                (
+                    Code::ResourceExhausted,
+                    format!(
+                        "request message of {declared} bytes exceeds the limit of {limit} bytes \
+                         (--max-request-bytes)"
+                    ),
+                )
+            }
+            Self::Upstream(UpstreamError::QueueFull) => {
+                details.set_error_info(reason::UPSTREAM_QUEUE_FULL, GATEWAY_DOMAIN, HashMap::new());
+                details.set_retry_info(Some(SHED_RETRY_DELAY));
+                (
+                    Code::ResourceExhausted,
+                    "every upstream connection is busy and the queue for one is full \
+                     (--upstream-max-connections, --upstream-max-pending)"
+                        .to_owned(),
+                )
+            }
+            Self::Upstream(UpstreamError::Timeout {
+                after,
+                bound,
+                request_sent: false,
+            }) => {
+                let metadata = HashMap::from([
+                    ("bound".to_owned(), bound_name(*bound).to_owned()),
+                    ("timeout_ms".to_owned(), after.as_millis().to_string()),
+                    ("request_sent".to_owned(), "false".to_owned()),
+                ]);
+                details.set_error_info(
+                    reason::UPSTREAM_CONNECTION_TIMEOUT,
+                    GATEWAY_DOMAIN,
+                    metadata,
+                );
+                (
+                    Code::DeadlineExceeded,
+                    format!(
+                        "no upstream connection became available for {rpc} within {}; \
+                         nothing was sent",
+                        millis(*after)
+                    ),
+                )
             }
             Self::Upstream(UpstreamError::Rejected(rejection)) => {
                 if rejection.request_id.is_some() {
@@ -235,26 +320,21 @@ impl CallError {
                     format!("malformed upstream answer to {detail}"),
                 )
             }
-            Self::Upstream(UpstreamError::Timeout { after, bound }) => {
-                let (bound_name, message) = match bound {
-                    TimeoutBound::CallerDeadline => (
-                        "caller_deadline",
-                        format!(
-                            "upstream did not answer {rpc} within the caller's deadline of {}",
-                            millis(*after)
-                        ),
+            Self::Upstream(UpstreamError::Timeout { after, bound, .. }) => {
+                let message = match bound {
+                    TimeoutBound::CallerDeadline => format!(
+                        "upstream did not answer {rpc} within the caller's deadline of {}",
+                        millis(*after)
                     ),
-                    TimeoutBound::UpstreamTimeout => (
-                        "upstream_timeout",
-                        format!(
-                            "upstream did not answer {rpc} within {} (--upstream-timeout)",
-                            millis(*after)
-                        ),
+                    TimeoutBound::UpstreamTimeout => format!(
+                        "upstream did not answer {rpc} within {} (--upstream-timeout)",
+                        millis(*after)
                     ),
                 };
                 let metadata = HashMap::from([
-                    ("bound".to_owned(), bound_name.to_owned()),
+                    ("bound".to_owned(), bound_name(*bound).to_owned()),
                     ("timeout_ms".to_owned(), after.as_millis().to_string()),
+                    ("request_sent".to_owned(), "true".to_owned()),
                 ]);
                 details.set_error_info(reason::UPSTREAM_TIMEOUT, GATEWAY_DOMAIN, metadata);
                 (Code::DeadlineExceeded, message)
@@ -278,6 +358,11 @@ impl CallError {
         };
         if let Some(id) = request_id {
             details.set_request_info(id, "");
+        }
+        if let (Some(attempts), Some(info)) = (call.attempts, details.error_info().cloned()) {
+            let mut metadata = info.metadata;
+            metadata.insert("attempts".to_owned(), attempts.to_string());
+            details.set_error_info(info.reason, info.domain, metadata);
         }
         Status::with_error_details(code, message, details)
     }
@@ -331,6 +416,13 @@ fn rejected(rejection: &Rejection, details: &mut ErrorDetails) -> (Code, String)
     };
     details.set_error_info(reason_of(code), UPSTREAM_DOMAIN, metadata);
     (status, format!("{words} ({code})"))
+}
+
+fn bound_name(bound: TimeoutBound) -> &'static str {
+    match bound {
+        TimeoutBound::CallerDeadline => "caller_deadline",
+        TimeoutBound::UpstreamTimeout => "upstream_timeout",
+    }
 }
 
 fn http_reason(status: u16) -> Option<&'static str> {

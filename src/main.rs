@@ -1,6 +1,8 @@
 //! The `gormic-gateway` binary: parse the configuration (failing fast, before
 //! any port is bound), bind, log every bound address, serve until SIGINT or
-//! SIGTERM, drain, exit 0. With `--sandbox` the sandbox REST API is started
+//! SIGTERM, drain, exit 0. The main thread runs the accept loop and the
+//! signal handling on a current-thread runtime; calls are served on the
+//! worker threads the server starts (`runtime`). With `--sandbox` the sandbox REST API is started
 //! first, on a loopback port, and is the upstream; `gormic-gateway sandbox`
 //! serves that REST API alone.
 
@@ -9,14 +11,15 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
-use reqwest::Url;
 use tokio::net::TcpListener;
+use url::Url;
 
 use gormic_gateway::config::{Cli, Command, Config, SandboxArgs, Target};
+use gormic_gateway::limits::InFlightLimit;
 use gormic_gateway::sandbox::{self, Fixture};
 use gormic_gateway::service::InvoiceGateway;
 use gormic_gateway::upstream::Upstream;
-use gormic_gateway::{server, telemetry};
+use gormic_gateway::{logging, server};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -54,15 +57,18 @@ fn gateway(cli: &Cli) -> Result<(), Exit> {
         Target::Url(_) => None,
         Target::Sandbox { fixture } => Some(load_fixture(fixture.as_deref())?),
     };
-    telemetry::init(cli.log_level, cli.log_format);
-    block_on(serve(config, sandbox))
+    let _logs = logging::init(cli.log_level, cli.log_format);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Exit::Failed(format!("cannot start the async runtime: {e}")))?;
+    block_on(runtime, serve(config, sandbox))
 }
 
 fn block_on(
+    runtime: tokio::runtime::Runtime,
     future: impl Future<Output = Result<(), Box<dyn std::error::Error>>>,
 ) -> Result<(), Exit> {
-    let runtime = tokio::runtime::Runtime::new()
-        .map_err(|e| Exit::Failed(format!("cannot start the async runtime: {e}")))?;
     runtime
         .block_on(future)
         .map_err(|e| Exit::Failed(e.to_string()))
@@ -76,29 +82,23 @@ async fn serve(config: Config, sandbox: Option<Fixture>) -> Result<(), Box<dyn s
             start_sandbox(fixture.unwrap_or_else(Fixture::builtin)).await?
         }
     };
-    let upstream = Upstream::new(&upstream_url, config.upstream_timeout)
-        .map_err(|e| format!("cannot build the HTTP client for --upstream: {e}"))?
-        .with_deadline_margin(config.deadline_margin);
-    let listener = TcpListener::bind(config.listen)
-        .await
+    let upstream = Upstream::new(&upstream_url, config.upstream_options.clone())
+        .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+    let listener = server::bind(config.listen)
         .map_err(|e| format!("cannot listen on {} (--listen): {e}", config.listen))?;
     tracing::info!(
         grpc = %listener.local_addr()?,
         upstream = %upstream_url,
-        upstream_timeout = %humantime::format_duration(config.upstream_timeout),
-        cors_allowed_origins = %config.cors,
+        upstream_timeout = %humantime::format_duration(config.upstream_options.timeout),
+        workers = config.server.workers,
+        max_in_flight = config.max_in_flight,
+        upstream_max_connections = config.upstream_options.max_connections,
+        cors_allowed_origins = %config.server.cors,
         "serving gormic.om.v1.InvoiceService"
     );
-    server::run(
-        listener,
-        InvoiceGateway::new(upstream),
-        shutdown,
-        server::ServerOptions {
-            grace: config.shutdown_grace,
-            cors: config.cors.clone(),
-        },
-    )
-    .await?;
+    let gateway = InvoiceGateway::new(upstream)
+        .with_in_flight_limit(InFlightLimit::new(config.max_in_flight));
+    server::run(listener, gateway, shutdown, config.server).await?;
     Ok(())
 }
 
@@ -131,9 +131,11 @@ fn sandbox_only(args: &SandboxArgs, cli: &Cli) -> Result<(), Exit> {
         return Ok(());
     }
     let fixture = load_fixture(args.fixture.as_deref())?;
-    telemetry::init(cli.log_level, cli.log_format);
+    let _logs = logging::init(cli.log_level, cli.log_format);
     let listen = args.listen;
-    block_on(async move {
+    let runtime = tokio::runtime::Runtime::new()
+        .map_err(|e| Exit::Failed(format!("cannot start the async runtime: {e}")))?;
+    block_on(runtime, async move {
         let shutdown = shutdown_signal();
         let listener = TcpListener::bind(listen)
             .await

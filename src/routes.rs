@@ -3,7 +3,7 @@
 
 /// How one RPC reaches the upstream.
 #[derive(Debug)]
-pub(crate) struct Route {
+pub struct Route {
     /// RPC name, for logs and error messages.
     pub rpc: &'static str,
     pub method: http::Method,

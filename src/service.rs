@@ -1,69 +1,118 @@
 //! `gormic.om.v1.InvoiceService`: reads the call metadata and deadline,
-//! validates the request, forwards it through [`Upstream`] and writes one log
-//! line per call.
+//! validates the request, and runs every RPC through one call path
+//! ([`InvoiceGateway::call`]): admission, credentials, validation, the
+//! upstream exchange, the status mapping, the response metadata and the log
+//! line.
 
-use std::future::Future;
 use std::time::Duration;
 
 use http::HeaderValue;
-use tokio::time::Instant;
-use tonic::metadata::MetadataMap;
+use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status};
 
-use crate::errors::{CallError, FieldViolation};
+use crate::call_log::{CallLog, Ending};
+use crate::errors::{CallError, FieldViolation, StatusContext};
+use crate::limits::{InFlightLimit, RequestTooLarge};
 use crate::proto::v1 as pb;
 use crate::proto::v1::invoice_service_server::InvoiceService;
-use crate::routes;
-use crate::upstream::{CallContext, Credentials, Reply, Upstream};
+use crate::upstream::{
+    CallContext, CloseInvoice, CreateInvoice, Credentials, DeleteInvoice, Operation, SendInvoice,
+    UpdateInvoice, Upstream,
+};
 
 /// The service implementation; cheap to clone, all clones share one pool.
 #[derive(Debug, Clone)]
 pub struct InvoiceGateway {
     upstream: Upstream,
+    in_flight: InFlightLimit,
 }
 
 impl InvoiceGateway {
+    /// A gateway with the default `--max-in-flight`.
     pub fn new(upstream: Upstream) -> Self {
-        Self { upstream }
+        Self {
+            upstream,
+            in_flight: InFlightLimit::new(crate::limits::DEFAULT_MAX_IN_FLIGHT),
+        }
     }
 
-    /// Runs one call: metadata, validation, the upstream exchange, the
-    /// status mapping and the log line.
-    async fn handle<Req, Res, F, Fut>(
+    /// Replaces the cap on calls in flight.
+    pub fn with_in_flight_limit(mut self, limit: InFlightLimit) -> Self {
+        self.in_flight = limit;
+        self
+    }
+
+    /// Runs one call of `Op`.
+    async fn call<Op: Operation>(
         &self,
-        rpc: &'static str,
-        request: Request<Req>,
-        validate: fn(&Req) -> Vec<FieldViolation>,
-        forward: F,
-    ) -> Result<Response<Res>, Status>
-    where
-        F: FnOnce(CallContext, Req) -> Fut,
-        Fut: Future<Output = Result<Reply<Res>, crate::upstream::UpstreamError>>,
-    {
-        let (metadata, _, message) = request.into_parts();
-        let caller_request_id = text(&metadata, "x-request-id");
-        let mut log = CallLog::start(rpc, caller_request_id);
+        request: Request<Op::Request>,
+        validate: fn(&Op::Request) -> Vec<FieldViolation>,
+    ) -> Result<Response<Op::Response>, Status> {
+        let rpc = Op::ROUTE.rpc;
+        let (metadata, extensions, message) = request.into_parts();
+        let request_id = RequestId::read(&metadata);
+        let mut log = CallLog::start(rpc, request_id.as_str(), "", None);
+
+        let mut attempts = None;
+        let mut upstream_status = None;
         let result = async {
-            let credentials = credentials(&metadata, caller_request_id)?;
+            // Refused before anything else: the cheapest answer, and the
+            // one that protects the process.
+            let _admitted = self.in_flight.try_admit().ok_or(CallError::Overloaded {
+                max_in_flight: self.in_flight.max(),
+            })?;
+            if let Some(too_large) = extensions.get::<RequestTooLarge>() {
+                return Err(CallError::RequestTooLarge(*too_large));
+            }
+            let credentials = credentials(&metadata)?;
             let violations = validate(&message);
             if !violations.is_empty() {
                 return Err(CallError::InvalidRequest(violations));
             }
             let call = CallContext {
                 credentials,
+                request_id: request_id.header(),
                 caller_timeout: grpc_timeout(&metadata),
+                traceparent: None,
+                tracestate: None,
             };
-            Ok(forward(call, message).await?)
+            let exchange = self.upstream.send::<Op>(&call, &message).await;
+            attempts = Some(exchange.attempts).filter(|&n| n > 0);
+            upstream_status = match &exchange.result {
+                Ok(reply) => Some(reply.http_status),
+                Err(error) => error.http_status(),
+            };
+            Ok(exchange.result?.message)
         }
         .await;
+
         match result {
-            Ok(reply) => {
-                log.finish(Some(reply.http_status), tonic::Code::Ok, None);
-                Ok(Response::new(reply.message))
+            Ok(message) => {
+                log.finish(Ending {
+                    code: tonic::Code::Ok,
+                    upstream_status,
+                    attempts,
+                    error: None,
+                    replayed: false,
+                });
+                let mut response = Response::new(message);
+                request_id.set_on(response.metadata_mut());
+                Ok(response)
             }
             Err(error) => {
-                let status = error.to_status(rpc, caller_request_id);
-                log.finish(error.http_status(), status.code(), Some(status.message()));
+                let mut status = error.to_status(&StatusContext {
+                    rpc,
+                    request_id: Some(request_id.as_str()),
+                    attempts,
+                });
+                log.finish(Ending {
+                    code: status.code(),
+                    upstream_status,
+                    attempts,
+                    error: Some(status.message()),
+                    replayed: false,
+                });
+                request_id.set_on(status.metadata_mut());
                 Err(status)
             }
         }
@@ -76,70 +125,38 @@ impl InvoiceService for InvoiceGateway {
         &self,
         request: Request<pb::CreateInvoiceRequest>,
     ) -> Result<Response<pb::CreateInvoiceResponse>, Status> {
-        self.handle(
-            routes::CREATE_INVOICE.rpc,
-            request,
-            validate_create,
-            |c, r| async move { self.upstream.create_invoice(&c, &r).await },
-        )
-        .await
+        self.call::<CreateInvoice>(request, validate_create).await
     }
 
     async fn update_invoice(
         &self,
         request: Request<pb::UpdateInvoiceRequest>,
     ) -> Result<Response<pb::UpdateInvoiceResponse>, Status> {
-        self.handle(
-            routes::UPDATE_INVOICE.rpc,
-            request,
-            validate_update,
-            |c, r| async move { self.upstream.update_invoice(&c, &r).await },
-        )
-        .await
+        self.call::<UpdateInvoice>(request, validate_update).await
     }
 
     async fn delete_invoice(
         &self,
         request: Request<pb::DeleteInvoiceRequest>,
     ) -> Result<Response<pb::DeleteInvoiceResponse>, Status> {
-        let validate =
-            |r: &pb::DeleteInvoiceRequest| invoice_id(&r.invoice_id).into_iter().collect();
-        self.handle(
-            routes::DELETE_INVOICE.rpc,
-            request,
-            validate,
-            |c, r| async move { self.upstream.delete_invoice(&c, &r).await },
-        )
-        .await
+        self.call::<DeleteInvoice>(request, |r| invoice_id(&r.invoice_id).into_iter().collect())
+            .await
     }
 
     async fn close_invoice(
         &self,
         request: Request<pb::CloseInvoiceRequest>,
     ) -> Result<Response<pb::CloseInvoiceResponse>, Status> {
-        let validate =
-            |r: &pb::CloseInvoiceRequest| invoice_id(&r.invoice_id).into_iter().collect();
-        self.handle(
-            routes::CLOSE_INVOICE.rpc,
-            request,
-            validate,
-            |c, r| async move { self.upstream.close_invoice(&c, &r).await },
-        )
-        .await
+        self.call::<CloseInvoice>(request, |r| invoice_id(&r.invoice_id).into_iter().collect())
+            .await
     }
 
     async fn send_invoice(
         &self,
         request: Request<pb::SendInvoiceRequest>,
     ) -> Result<Response<pb::SendInvoiceResponse>, Status> {
-        let validate = |r: &pb::SendInvoiceRequest| invoice_id(&r.invoice_id).into_iter().collect();
-        self.handle(
-            routes::SEND_INVOICE.rpc,
-            request,
-            validate,
-            |c, r| async move { self.upstream.send_invoice(&c, &r).await },
-        )
-        .await
+        self.call::<SendInvoice>(request, |r| invoice_id(&r.invoice_id).into_iter().collect())
+            .await
     }
 }
 
@@ -147,7 +164,7 @@ impl InvoiceService for InvoiceGateway {
 
 /// Authentication is checked before the organization: a caller without a
 /// key learns nothing else.
-fn credentials(metadata: &MetadataMap, request_id: Option<&str>) -> Result<Credentials, CallError> {
+fn credentials(metadata: &MetadataMap) -> Result<Credentials, CallError> {
     let mut api_key = header(metadata, "api-key").ok_or(CallError::MissingApiKey)?;
     api_key.set_sensitive(true);
     let organization_id =
@@ -155,7 +172,6 @@ fn credentials(metadata: &MetadataMap, request_id: Option<&str>) -> Result<Crede
     Ok(Credentials {
         api_key,
         organization_id,
-        request_id: request_id.and_then(|id| HeaderValue::from_str(id).ok()),
     })
 }
 
@@ -171,6 +187,62 @@ fn header(metadata: &MetadataMap, key: &str) -> Option<HeaderValue> {
 
 fn text<'a>(metadata: &'a MetadataMap, key: &str) -> Option<&'a str> {
     metadata.get(key)?.to_str().ok().filter(|s| !s.is_empty())
+}
+
+/// Longest `x-request-id` kept; a longer one is replaced by a generated id
+/// (it travels to the upstream, the logs and every error).
+const MAX_REQUEST_ID_BYTES: usize = 128;
+
+/// The call's `x-request-id`: the caller's when it sent a usable one, else
+/// generated, so that every call can be found in the gateway's and in
+/// Gormic's logs. Returned to the caller in the response metadata.
+struct RequestId {
+    value: HeaderValue,
+}
+
+impl RequestId {
+    fn read(metadata: &MetadataMap) -> Self {
+        let given = metadata
+            .get("x-request-id")
+            .map(|v| v.as_bytes())
+            .filter(|v| !v.is_empty() && v.len() <= MAX_REQUEST_ID_BYTES)
+            .filter(|v| v.iter().all(|b| b.is_ascii_graphic()))
+            .and_then(|v| HeaderValue::from_bytes(v).ok());
+        Self {
+            value: given.unwrap_or_else(generated_request_id),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        // Only visible ASCII gets in (above), so this never falls back.
+        self.value.to_str().unwrap_or_default()
+    }
+
+    fn header(&self) -> HeaderValue {
+        self.value.clone()
+    }
+
+    fn set_on(&self, metadata: &mut MetadataMap) {
+        // SAFETY of the conversion: a valid HeaderValue is valid ASCII metadata.
+        if let Ok(value) = MetadataValue::try_from(self.value.as_bytes()) {
+            metadata.insert("x-request-id", value);
+        }
+    }
+}
+
+/// A random version-4 UUID, the usual shape of a request id.
+fn generated_request_id() -> HeaderValue {
+    let bits = fastrand::u128(..);
+    let bits = (bits & !(0xf_u128 << 76) | (0x4_u128 << 76)) & !(0x3_u128 << 62) | (0x2_u128 << 62);
+    let text = format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        (bits >> 96) as u32,
+        (bits >> 80) as u16,
+        (bits >> 64) as u16,
+        (bits >> 48) as u16,
+        bits as u64 & 0xffff_ffff_ffff,
+    );
+    HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("unknown"))
 }
 
 /// The caller's deadline from the `grpc-timeout` header (`<digits><unit>`,
@@ -244,128 +316,26 @@ fn invoice_id(value: &str) -> Option<FieldViolation> {
     })
 }
 
-// ---- logging ---------------------------------------------------------------
-
-/// Writes the call's log line when it finishes, or when the caller goes
-/// away and the call's future is dropped.
-struct CallLog<'a> {
-    rpc: &'static str,
-    /// The caller's `x-request-id`, to find the call in the logs.
-    request_id: Option<&'a str>,
-    started: Instant,
-    done: bool,
-}
-
-impl<'a> CallLog<'a> {
-    fn start(rpc: &'static str, request_id: Option<&'a str>) -> Self {
-        Self {
-            rpc,
-            request_id,
-            started: Instant::now(),
-            done: false,
-        }
-    }
-
-    fn finish(&mut self, upstream_status: Option<u16>, code: tonic::Code, message: Option<&str>) {
-        self.done = true;
-        let latency_ms = self.started.elapsed().as_micros() as f64 / 1000.0;
-        let grpc_code = code_name(code);
-        let (rpc, request_id) = (self.rpc, self.request_id);
-        match message {
-            None => tracing::info!(
-                rpc,
-                request_id,
-                upstream_status,
-                grpc_code,
-                latency_ms,
-                "call"
-            ),
-            Some(error) => {
-                tracing::info!(
-                    rpc,
-                    request_id,
-                    upstream_status,
-                    grpc_code,
-                    latency_ms,
-                    error,
-                    "call"
-                )
-            }
-        }
-    }
-}
-
-impl Drop for CallLog<'_> {
-    fn drop(&mut self) {
-        if !self.done {
-            let latency_ms = self.started.elapsed().as_micros() as f64 / 1000.0;
-            let (rpc, request_id) = (self.rpc, self.request_id);
-            tracing::info!(
-                rpc,
-                request_id,
-                grpc_code = "CANCELLED",
-                latency_ms,
-                "call cancelled by the caller"
-            );
-        }
-    }
-}
-
-/// The canonical gRPC code name, as in the gRPC specification.
-pub fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "CANCELLED",
-        Unknown => "UNKNOWN",
-        InvalidArgument => "INVALID_ARGUMENT",
-        DeadlineExceeded => "DEADLINE_EXCEEDED",
-        NotFound => "NOT_FOUND",
-        AlreadyExists => "ALREADY_EXISTS",
-        PermissionDenied => "PERMISSION_DENIED",
-        ResourceExhausted => "RESOURCE_EXHAUSTED",
-        FailedPrecondition => "FAILED_PRECONDITION",
-        Aborted => "ABORTED",
-        OutOfRange => "OUT_OF_RANGE",
-        Unimplemented => "UNIMPLEMENTED",
-        Internal => "INTERNAL",
-        Unavailable => "UNAVAILABLE",
-        DataLoss => "DATA_LOSS",
-        Unauthenticated => "UNAUTHENTICATED",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn with_timeout(value: &str) -> MetadataMap {
+    fn with(key: &'static str, value: &str) -> MetadataMap {
         let mut metadata = MetadataMap::new();
-        metadata.insert("grpc-timeout", value.parse().unwrap());
+        metadata.insert(key, value.parse().unwrap());
         metadata
     }
 
     #[test]
     fn grpc_timeout_units() {
-        assert_eq!(
-            grpc_timeout(&with_timeout("250m")),
-            Some(Duration::from_millis(250))
-        );
-        assert_eq!(
-            grpc_timeout(&with_timeout("2S")),
-            Some(Duration::from_secs(2))
-        );
-        assert_eq!(
-            grpc_timeout(&with_timeout("1H")),
-            Some(Duration::from_secs(3600))
-        );
-        assert_eq!(
-            grpc_timeout(&with_timeout("99999999u")),
-            Some(Duration::from_micros(99_999_999))
-        );
-        assert_eq!(grpc_timeout(&with_timeout("123456789S")), None);
-        assert_eq!(grpc_timeout(&with_timeout("5x")), None);
-        assert_eq!(grpc_timeout(&with_timeout("m")), None);
+        let t = |v| grpc_timeout(&with("grpc-timeout", v));
+        assert_eq!(t("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(t("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(t("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(t("99999999u"), Some(Duration::from_micros(99_999_999)));
+        assert_eq!(t("123456789S"), None);
+        assert_eq!(t("5x"), None);
+        assert_eq!(t("m"), None);
     }
 
     #[test]
@@ -377,5 +347,32 @@ mod tests {
         assert!(invoice_id("a/b").is_none());
         assert!(invoice_id(&"x".repeat(MAX_INVOICE_ID_BYTES)).is_none());
         assert!(invoice_id(&"x".repeat(MAX_INVOICE_ID_BYTES + 1)).is_some());
+    }
+
+    #[test]
+    fn the_callers_request_id_is_kept_else_one_is_generated() {
+        assert_eq!(
+            RequestId::read(&with("x-request-id", "abc-1")).as_str(),
+            "abc-1"
+        );
+        let generated = RequestId::read(&MetadataMap::new());
+        let id = generated.as_str();
+        assert_eq!(id.len(), 36, "{id}");
+        assert_eq!(&id[14..15], "4", "version 4: {id}");
+        assert!(
+            matches!(&id[19..20], "8" | "9" | "a" | "b"),
+            "variant: {id}"
+        );
+        let too_long = "x".repeat(MAX_REQUEST_ID_BYTES + 1);
+        assert_eq!(
+            RequestId::read(&with("x-request-id", &too_long))
+                .as_str()
+                .len(),
+            36
+        );
+        assert_ne!(
+            RequestId::read(&MetadataMap::new()).as_str(),
+            RequestId::read(&MetadataMap::new()).as_str()
+        );
     }
 }

@@ -1,19 +1,34 @@
-//! The REST side of the gateway: one pooled HTTP client that sends each RPC to
-//! the Gormic invoices API and turns the answer into a proto response or an
-//! [`UpstreamError`]. The JSON shapes live in [`wire`], private to this module.
+//! The REST side of the gateway: sends each RPC ([`Operation`]) to the
+//! Gormic invoices API and turns the answer into a proto response or an
+//! [`UpstreamError`]. The exchange runs on a per-worker connection pool
+//! ([`pool`]) built on hyper's client connections, with the gateway's own
+//! retries ([`crate::retry`]) inside the caller's deadline. The JSON shapes
+//! live in `wire`, private to this module.
 
+mod connect;
+mod operation;
+mod pool;
 mod wire;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use http::header::{ACCEPT, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use bytes::Bytes;
+use http::header::{ACCEPT, CONTENT_TYPE, HOST, HeaderValue, RETRY_AFTER, USER_AGENT};
+use http_body_util::{BodyExt, Full};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
-use reqwest::Url;
-use serde::de::DeserializeOwned;
 use tokio::time::Instant;
+use url::Url;
 
-use crate::proto::v1 as pb;
-use crate::routes::{self, Route};
+pub use operation::{
+    CloseInvoice, CreateInvoice, DeleteInvoice, Operation, SendInvoice, Undecodable, UpdateInvoice,
+};
+pub use pool::PoolGauges;
+use pool::{Pool, PoolLimits, SendError};
+
+use crate::retry::{Decision, RetryArgs, RetryPolicy};
+use crate::routes::Route;
 
 /// Largest upstream body the gateway reads; a larger one is a malformed answer
 /// (the known answers are a few hundred bytes, this bounds memory per call).
@@ -29,20 +44,75 @@ const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
 
 /// Default of `--deadline-margin`.
 pub const DEFAULT_DEADLINE_MARGIN: Duration = Duration::from_millis(100);
+/// Default of `--upstream-max-connections`: Envoy's default circuit-breaker
+/// value; at ~20 KiB per HTTP/1.1 connection it is 20 MiB at most.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default of `--upstream-max-pending`: as many as may be in flight, so that
+/// every admitted call may wait for a connection within its own deadline.
+pub const DEFAULT_MAX_PENDING: usize = crate::limits::DEFAULT_MAX_IN_FLIGHT;
+/// Default of `--upstream-idle-timeout`.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Characters of an upstream body quoted in an error when it carries no code.
 const EXCERPT_CHARS: usize = 256;
 
-/// The Gormic REST API, reached through one shared connection pool.
+const JSON: HeaderValue = HeaderValue::from_static("application/json");
+const AGENT: HeaderValue =
+    HeaderValue::from_static(concat!("gormic-gateway/", env!("CARGO_PKG_VERSION")));
+
+/// How the upstream client behaves (the flags).
 #[derive(Debug, Clone)]
+pub struct UpstreamOptions {
+    /// Upper bound on each upstream request (`--upstream-timeout`).
+    pub timeout: Duration,
+    /// How much earlier than the caller's deadline the gateway gives up.
+    pub deadline_margin: Duration,
+    pub max_connections: usize,
+    pub max_pending: usize,
+    pub idle_timeout: Duration,
+    /// Connection pools, one per worker thread.
+    pub shards: usize,
+    pub retry: RetryArgs,
+}
+
+impl Default for UpstreamOptions {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(10),
+            deadline_margin: DEFAULT_DEADLINE_MARGIN,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_pending: DEFAULT_MAX_PENDING,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            shards: 1,
+            retry: RetryArgs::default(),
+        }
+    }
+}
+
+/// The Gormic REST API; cheap to clone, all clones share the pools.
+#[derive(Clone)]
 pub struct Upstream {
-    client: reqwest::Client,
-    /// Scheme, host and port, parsed once: each call only sets the path.
-    base: Url,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
     /// The base URL's path prefix without its trailing `/`; routes start with `/`.
     base_path: String,
+    /// `Host` of every request.
+    host: HeaderValue,
     timeout: Duration,
     deadline_margin: Duration,
+    retry: RetryPolicy,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("host", &self.inner.host)
+            .field("base_path", &self.inner.base_path)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Per-call headers taken from the gRPC metadata.
@@ -51,26 +121,37 @@ pub struct Credentials {
     /// Marked sensitive so that no `Debug` output shows it.
     pub api_key: HeaderValue,
     pub organization_id: HeaderValue,
-    /// The caller's `x-request-id`, forwarded for correlation.
-    pub request_id: Option<HeaderValue>,
 }
 
 /// What a call carries besides its request message.
 #[derive(Debug, Clone)]
 pub struct CallContext {
     pub credentials: Credentials,
+    /// The call's `x-request-id` (the caller's, or generated), sent upstream.
+    pub request_id: HeaderValue,
     /// The caller's gRPC deadline (`grpc-timeout`), when it set one.
     pub caller_timeout: Option<Duration>,
+    /// W3C trace context for the upstream request.
+    pub traceparent: Option<HeaderValue>,
+    pub tracestate: Option<HeaderValue>,
 }
-
-/// The body of the RPCs whose `google.api.http` option has none.
-const NO_BODY: Option<&()> = None;
 
 /// A successful upstream answer, with the HTTP status for the call log.
 #[derive(Debug)]
 pub struct Reply<T> {
     pub message: T,
     pub http_status: u16,
+}
+
+/// What one call's upstream exchange came to, over all its attempts.
+#[derive(Debug)]
+pub struct Exchange<T> {
+    pub result: Result<Reply<T>, UpstreamError>,
+    /// Requests made (1 + retries); 0 when none could be made.
+    pub attempts: u32,
+    /// Whether any attempt's request may have reached the upstream. `false`
+    /// means provably not: the upstream did nothing.
+    pub sent: bool,
 }
 
 /// Which limit ended a call that took too long.
@@ -101,6 +182,8 @@ pub enum UpstreamError {
     Timeout {
         after: Duration,
         bound: TimeoutBound,
+        /// `false`: the call was still waiting for a connection.
+        request_sent: bool,
     },
     /// The upstream could not be reached or the connection broke.
     #[error("upstream unreachable: {detail}")]
@@ -110,6 +193,9 @@ pub enum UpstreamError {
         /// a retry cannot repeat a side effect.
         request_sent: bool,
     },
+    /// Every upstream connection was busy and the queue for one was full.
+    #[error("upstream connection queue full")]
+    QueueFull,
     /// The gateway could not build the request (a bug, not a fault of the
     /// caller or the upstream); nothing was sent.
     #[error("cannot build the upstream request: {detail}")]
@@ -145,207 +231,224 @@ impl UpstreamError {
         match self {
             Self::Rejected(rejection) => Some(rejection.http_status),
             Self::Malformed { http_status, .. } => Some(*http_status),
-            Self::Timeout { .. } | Self::Unreachable { .. } | Self::Internal { .. } => None,
+            Self::Timeout { .. }
+            | Self::Unreachable { .. }
+            | Self::QueueFull
+            | Self::Internal { .. } => None,
         }
     }
+
+    /// The metric label of a failure without an answer.
+    pub fn error_type(&self) -> Option<&'static str> {
+        match self {
+            Self::Rejected(_) => None,
+            Self::Malformed { .. } => Some("malformed"),
+            Self::Timeout { .. } => Some("timeout"),
+            Self::Unreachable {
+                request_sent: false,
+                ..
+            } => Some("connect"),
+            Self::Unreachable { .. } => Some("connection"),
+            Self::QueueFull => Some("queue_full"),
+            Self::Internal { .. } => Some("internal"),
+        }
+    }
+}
+
+/// Why the upstream client cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("--upstream {0}")]
+    Url(String),
+}
+
+/// A request ready to be sent, as many times as the retries need.
+struct Prepared {
+    route: &'static Route,
+    uri: http::Uri,
+    body: Option<Bytes>,
 }
 
 impl Upstream {
     /// Builds the client. `base` may carry a path prefix
     /// (`http://host/api/gormic` → `/api/gormic/v1/om/invoices`).
-    pub fn new(base: &Url, timeout: Duration) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            // A redirect would carry the api-key to whatever host it names.
-            .redirect(reqwest::redirect::Policy::none())
-            .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .user_agent(concat!("gormic-gateway/", env!("CARGO_PKG_VERSION")))
-            .build()?;
-        Ok(Self {
-            client,
-            base_path: base.path().trim_end_matches('/').to_owned(),
-            base: {
-                let mut origin = base.clone();
-                origin.set_query(None);
-                origin.set_fragment(None);
-                origin
+    pub fn new(base: &Url, options: UpstreamOptions) -> Result<Self, BuildError> {
+        let connector = connect::Connector::new(base).map_err(BuildError::Url)?;
+        let host = match (base.host_str(), base.port()) {
+            (Some(host), Some(port)) => format!("{host}:{port}"),
+            (Some(host), None) => host.to_owned(),
+            (None, _) => return Err(BuildError::Url("has no host".into())),
+        };
+        let host = HeaderValue::from_str(&host)
+            .map_err(|e| BuildError::Url(format!("host is not a header value: {e}")))?;
+        let pool = Pool::new(
+            connector,
+            PoolLimits {
+                max_connections: options.max_connections,
+                max_pending: options.max_pending,
+                idle_timeout: options.idle_timeout,
+                shards: options.shards,
             },
-            timeout,
-            deadline_margin: DEFAULT_DEADLINE_MARGIN,
-        })
-    }
-
-    /// How much earlier than the caller's deadline the gateway gives up, so
-    /// that its DEADLINE_EXCEEDED (with details) reaches the caller before
-    /// the caller's own timer fires. Capped at a tenth of the deadline.
-    pub fn with_deadline_margin(mut self, margin: Duration) -> Self {
-        self.deadline_margin = margin;
-        self
-    }
-
-    pub async fn create_invoice(
-        &self,
-        call: &CallContext,
-        request: &pb::CreateInvoiceRequest,
-    ) -> Result<Reply<pb::CreateInvoiceResponse>, UpstreamError> {
-        let body = wire::create_body(request);
-        self.forward(call, &routes::CREATE_INVOICE, None, Some(&body), |e| {
-            Ok(wire::create_response(e))
-        })
-        .await
-    }
-
-    pub async fn update_invoice(
-        &self,
-        call: &CallContext,
-        request: &pb::UpdateInvoiceRequest,
-    ) -> Result<Reply<pb::UpdateInvoiceResponse>, UpstreamError> {
-        let body = wire::update_body(request);
-        let id = Some(request.invoice_id.as_str());
-        self.forward(call, &routes::UPDATE_INVOICE, id, Some(&body), |e| {
-            Ok(wire::update_response(e))
-        })
-        .await
-    }
-
-    pub async fn delete_invoice(
-        &self,
-        call: &CallContext,
-        request: &pb::DeleteInvoiceRequest,
-    ) -> Result<Reply<pb::DeleteInvoiceResponse>, UpstreamError> {
-        let id = Some(request.invoice_id.as_str());
-        self.forward(call, &routes::DELETE_INVOICE, id, NO_BODY, |e| {
-            Ok(wire::delete_response(e))
-        })
-        .await
-    }
-
-    pub async fn close_invoice(
-        &self,
-        call: &CallContext,
-        request: &pb::CloseInvoiceRequest,
-    ) -> Result<Reply<pb::CloseInvoiceResponse>, UpstreamError> {
-        let id = Some(request.invoice_id.as_str());
-        self.forward(
-            call,
-            &routes::CLOSE_INVOICE,
-            id,
-            NO_BODY,
-            wire::close_response,
-        )
-        .await
-    }
-
-    pub async fn send_invoice(
-        &self,
-        call: &CallContext,
-        request: &pb::SendInvoiceRequest,
-    ) -> Result<Reply<pb::SendInvoiceResponse>, UpstreamError> {
-        let id = Some(request.invoice_id.as_str());
-        self.forward(call, &routes::SEND_INVOICE, id, NO_BODY, |e| {
-            Ok(wire::send_response(e))
-        })
-        .await
-    }
-
-    /// One RPC: the exchange, then `convert` from the envelope to the proto
-    /// response; a conversion failure is a malformed answer.
-    async fn forward<D: DeserializeOwned, R>(
-        &self,
-        call: &CallContext,
-        route: &Route,
-        invoice_id: Option<&str>,
-        body: Option<&impl serde::Serialize>,
-        convert: fn(wire::Envelope<D>) -> Result<R, wire::Unreadable>,
-    ) -> Result<Reply<R>, UpstreamError> {
-        let reply = self.call::<D>(route, invoice_id, body, call).await?;
-        let http_status = reply.http_status;
-        match convert(reply.message) {
-            Ok(message) => Ok(Reply {
-                message,
-                http_status,
+        );
+        Ok(Self {
+            inner: Arc::new(Inner {
+                pool,
+                base_path: base.path().trim_end_matches('/').to_owned(),
+                host,
+                timeout: options.timeout,
+                deadline_margin: options.deadline_margin,
+                retry: RetryPolicy::new(&options.retry),
             }),
-            Err(unreadable) => Err(UpstreamError::Malformed {
-                http_status,
-                detail: format!("{}: {}", route.rpc, unreadable.detail),
-                request_id: unreadable.request_id,
-            }),
+        })
+    }
+
+    /// The pool's gauges, for the metrics.
+    pub fn pool_gauges(&self) -> Arc<PoolGauges> {
+        self.inner.pool.gauges()
+    }
+
+    /// Sends one call's request, retrying what [`crate::retry`] allows,
+    /// within the caller's deadline.
+    pub async fn send<Op: Operation>(
+        &self,
+        call: &CallContext,
+        request: &Op::Request,
+    ) -> Exchange<Op::Response> {
+        let prepared = match self.prepare::<Op>(request) {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                return Exchange {
+                    result: Err(error),
+                    attempts: 0,
+                    sent: false,
+                };
+            }
+        };
+        let started = Instant::now();
+        let (budget, bound) = self.budget(call.caller_timeout);
+        let deadline = started + budget;
+        let retry = &self.inner.retry;
+        retry.record_call();
+        let mut sent = false;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let attempt_sent = AtomicBool::new(false);
+            let exchange = self.exchange::<Op>(&prepared, call, &attempt_sent);
+            let result = match tokio::time::timeout_at(deadline, exchange).await {
+                Ok(result) => result,
+                Err(_) => Err(UpstreamError::Timeout {
+                    after: budget,
+                    bound,
+                    request_sent: attempt_sent.load(Ordering::Relaxed),
+                }),
+            };
+            sent |= attempt_sent.load(Ordering::Relaxed);
+            let error = match result {
+                Ok(reply) => {
+                    return Exchange {
+                        result: Ok(reply),
+                        attempts: attempt,
+                        sent,
+                    };
+                }
+                Err(error) => error,
+            };
+            let remaining = Some(deadline.saturating_duration_since(Instant::now()));
+            match retry.decide(Op::REPEATABLE, &error, attempt, remaining) {
+                Decision::Retry { delay, reason } => {
+                    tracing::debug!(
+                        rpc = Op::ROUTE.rpc,
+                        attempt,
+                        reason,
+                        delay_ms = delay.as_millis() as u64,
+                        "retrying the upstream request"
+                    );
+                    if tokio::time::timeout_at(deadline, tokio::time::sleep(delay))
+                        .await
+                        .is_err()
+                    {
+                        return Exchange {
+                            result: Err(error),
+                            attempts: attempt,
+                            sent,
+                        };
+                    }
+                }
+                Decision::Stop => {
+                    return Exchange {
+                        result: Err(error),
+                        attempts: attempt,
+                        sent,
+                    };
+                }
+            }
         }
     }
 
-    /// Sends one request and reads its answer, bounded by the shorter of the
-    /// caller's deadline and `--upstream-timeout`. On expiry the request
-    /// future is dropped, which closes its connection.
-    async fn call<D: DeserializeOwned>(
-        &self,
-        route: &Route,
-        invoice_id: Option<&str>,
-        body: Option<&impl serde::Serialize>,
-        call: &CallContext,
-    ) -> Result<Reply<wire::Envelope<D>>, UpstreamError> {
-        let (after, bound) = self.budget(call.caller_timeout);
-        let deadline = Instant::now() + after;
-        let exchange = self.exchange(route, invoice_id, body, &call.credentials);
-        match tokio::time::timeout_at(deadline, exchange).await {
-            Ok(result) => result,
-            Err(_) => Err(UpstreamError::Timeout { after, bound }),
-        }
-    }
-
-    async fn exchange<D: DeserializeOwned>(
-        &self,
-        route: &Route,
-        invoice_id: Option<&str>,
-        body: Option<&impl serde::Serialize>,
-        credentials: &Credentials,
-    ) -> Result<Reply<wire::Envelope<D>>, UpstreamError> {
+    fn prepare<Op: Operation>(&self, request: &Op::Request) -> Result<Prepared, UpstreamError> {
+        let route = Op::ROUTE;
+        let body = Op::body(request).map_err(|e| UpstreamError::Internal {
+            detail: format!("cannot encode the request body: {e}"),
+        })?;
         debug_assert_eq!(
             body.is_some(),
             route.has_body,
             "{}: body vs google.api.http",
             route.rpc
         );
-        let url = self.url(route, invoice_id);
-        let mut request = self
-            .client
-            .request(route.method.clone(), url)
-            .header("api-key", credentials.api_key.clone())
-            .header("organization-id", credentials.organization_id.clone())
-            .header(ACCEPT, "application/json");
-        if let Some(request_id) = &credentials.request_id {
-            request = request.header("x-request-id", request_id.clone());
-        }
-        if let Some(body) = body {
-            let json = serde_json::to_vec(body).map_err(|e| UpstreamError::Internal {
-                detail: format!("cannot encode the request body: {e}"),
-            })?;
-            request = request.header(CONTENT_TYPE, "application/json").body(json);
-        }
+        let path = self.path(route, Op::invoice_id(request));
+        let uri = http::Uri::try_from(path).map_err(|e| UpstreamError::Internal {
+            detail: format!("cannot build the request path: {e}"),
+        })?;
+        Ok(Prepared { route, uri, body })
+    }
 
-        let mut response = request.send().await.map_err(transport_fault)?;
-        let http_status = response.status().as_u16();
-        let header_request_id = response
-            .headers()
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let retry_after = response
-            .headers()
-            .get(RETRY_AFTER)
-            .map(|v| parse_retry_after(v.as_bytes()));
-        let bytes = read_body(&mut response, http_status).await?;
+    /// One attempt: a connection, the request, the whole answer.
+    async fn exchange<Op: Operation>(
+        &self,
+        prepared: &Prepared,
+        call: &CallContext,
+        sent: &AtomicBool,
+    ) -> Result<Reply<Op::Response>, UpstreamError> {
+        let request = self.request(prepared, call);
+        let (response, mut lease) = self
+            .inner
+            .pool
+            .send(request, sent)
+            .await
+            .map_err(send_fault)?;
+        let (parts, body) = response.into_parts();
+        let http_status = parts.status.as_u16();
+        let bytes = read_body(body, http_status).await?;
+        lease.reusable();
+        drop(lease);
 
         // A 2xx is a success when its body is the envelope; otherwise, and
         // for every other status, the body is read as an error answer.
-        let unreadable = if response.status().is_success() {
-            match serde_json::from_slice::<wire::Envelope<D>>(&bytes) {
-                Ok(envelope) => {
+        let header_request_id = || {
+            parts
+                .headers
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let unreadable = if parts.status.is_success() {
+            match Op::decode(&bytes) {
+                Ok(message) => {
                     return Ok(Reply {
-                        message: envelope,
+                        message,
                         http_status,
                     });
                 }
-                Err(error) => Some(error),
+                Err(Undecodable::Unreadable { detail, request_id }) => {
+                    return Err(UpstreamError::Malformed {
+                        http_status,
+                        detail: format!("{}: {detail}", prepared.route.rpc),
+                        request_id,
+                    });
+                }
+                Err(Undecodable::NotTheEnvelope(error)) => Some(error),
             }
         } else {
             None
@@ -356,8 +459,8 @@ impl Upstream {
         {
             return Err(UpstreamError::Malformed {
                 http_status,
-                detail: format!("{}: {error}", route.rpc),
-                request_id: header_request_id,
+                detail: format!("{}: {error}", prepared.route.rpc),
+                request_id: header_request_id(),
             });
         }
         // A 2xx carrying `{"error": {"code": …}}` is a refusal like a 400.
@@ -369,71 +472,110 @@ impl Upstream {
             http_status,
             code: parsed.code,
             message: parsed.message,
-            request_id: parsed.request_id.or(header_request_id),
-            retry_after,
+            request_id: parsed.request_id.or_else(header_request_id),
+            retry_after: parts
+                .headers
+                .get(RETRY_AFTER)
+                .map(|v| parse_retry_after(v.as_bytes())),
             body_excerpt,
         })))
+    }
+
+    fn request(&self, prepared: &Prepared, call: &CallContext) -> http::Request<Full<Bytes>> {
+        let body = prepared.body.clone().unwrap_or_default();
+        let mut request = http::Request::new(Full::new(body));
+        *request.method_mut() = prepared.route.method.clone();
+        *request.uri_mut() = prepared.uri.clone();
+        let headers = request.headers_mut();
+        headers.reserve(10);
+        headers.insert(HOST, self.inner.host.clone());
+        headers.insert(USER_AGENT, AGENT);
+        headers.insert(ACCEPT, JSON);
+        if prepared.body.is_some() {
+            headers.insert(CONTENT_TYPE, JSON);
+        }
+        headers.insert("api-key", call.credentials.api_key.clone());
+        headers.insert("organization-id", call.credentials.organization_id.clone());
+        headers.insert("x-request-id", call.request_id.clone());
+        if let Some(traceparent) = &call.traceparent {
+            headers.insert("traceparent", traceparent.clone());
+        }
+        if let Some(tracestate) = &call.tracestate {
+            headers.insert("tracestate", tracestate.clone());
+        }
+        request
     }
 
     /// How long the upstream exchange may take, and which limit that is: the
     /// caller's deadline less the margin (at most a tenth of it), or
     /// `--upstream-timeout`, whichever is shorter.
     fn budget(&self, caller_timeout: Option<Duration>) -> (Duration, TimeoutBound) {
+        let inner = &self.inner;
         let caller_budget =
-            caller_timeout.map(|caller| caller - self.deadline_margin.min(caller / 10));
+            caller_timeout.map(|caller| caller - inner.deadline_margin.min(caller / 10));
         match caller_budget {
-            Some(budget) if budget < self.timeout => (budget, TimeoutBound::CallerDeadline),
-            _ => (self.timeout, TimeoutBound::UpstreamTimeout),
+            Some(budget) if budget < inner.timeout => (budget, TimeoutBound::CallerDeadline),
+            _ => (inner.timeout, TimeoutBound::UpstreamTimeout),
         }
     }
 
-    /// `base + route`, with the id as one percent-encoded segment.
-    fn url(&self, route: &Route, invoice_id: Option<&str>) -> Url {
-        let mut path = String::with_capacity(self.base_path.len() + route.template.len() + 32);
-        path.push_str(&self.base_path);
+    /// `base path + route`, with the id as one percent-encoded segment.
+    fn path(&self, route: &Route, invoice_id: Option<&str>) -> String {
+        let base = &self.inner.base_path;
+        let mut path = String::with_capacity(base.len() + route.template.len() + 32);
+        path.push_str(base);
         path.push_str(route.before_id);
         if let (Some(id), Some(after)) = (invoice_id, route.after_id) {
             path.extend(utf8_percent_encode(id, PATH_SEGMENT));
             path.push_str(after);
         }
-        let mut url = self.base.clone();
-        url.set_path(&path);
-        url
+        path
     }
 }
 
-/// Reads the body chunk by chunk so that an oversized answer is refused
+/// Reads the body frame by frame so that an oversized answer is refused
 /// before it is held in memory.
 async fn read_body(
-    response: &mut reqwest::Response,
+    mut body: hyper::body::Incoming,
     http_status: u16,
 ) -> Result<Vec<u8>, UpstreamError> {
-    let mut body = Vec::with_capacity(
-        response
-            .content_length()
-            .map_or(512, |n| n.min(MAX_BODY_BYTES as u64) as usize),
-    );
-    while let Some(chunk) = response.chunk().await.map_err(transport_fault)? {
-        if body.len() + chunk.len() > MAX_BODY_BYTES {
+    let expected = http_body::Body::size_hint(&body).exact();
+    let mut bytes =
+        Vec::with_capacity(expected.map_or(512, |n| n.min(MAX_BODY_BYTES as u64) as usize));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| transport_fault(&e, true))?;
+        let Ok(chunk) = frame.into_data() else {
+            continue; // trailers
+        };
+        if bytes.len() + chunk.len() > MAX_BODY_BYTES {
             return Err(UpstreamError::Malformed {
                 http_status,
                 detail: format!("answer larger than {MAX_BODY_BYTES} bytes"),
                 request_id: None,
             });
         }
-        body.extend_from_slice(&chunk);
+        bytes.extend_from_slice(&chunk);
     }
-    Ok(body)
+    Ok(bytes)
 }
 
-/// A reqwest error: the connection failed, or broke during the exchange.
-fn transport_fault(error: reqwest::Error) -> UpstreamError {
-    // The URL holds no secret, but the status message is for callers: name
-    // the fault, not our topology.
-    let request_sent = !error.is_connect();
-    let error = error.without_url();
+fn send_fault(error: SendError) -> UpstreamError {
+    match error {
+        SendError::QueueFull => UpstreamError::QueueFull,
+        SendError::Connect(error) => UpstreamError::Unreachable {
+            detail: error.0,
+            request_sent: false,
+        },
+        SendError::Stale(error) => transport_fault(&error, false),
+        SendError::Sent(error) => transport_fault(&error, true),
+    }
+}
+
+/// A transport error, with its chain of causes.
+fn transport_fault(error: &(dyn std::error::Error + 'static), request_sent: bool) -> UpstreamError {
+    // The status message is for callers: name the fault, not our topology.
     let mut detail = error.to_string();
-    let mut source = std::error::Error::source(&error);
+    let mut source = error.source();
     while let Some(cause) = source {
         detail.push_str(": ");
         detail.push_str(&cause.to_string());
@@ -465,10 +607,15 @@ fn excerpt(bytes: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::routes;
 
     fn upstream(base: &str) -> Upstream {
         let url = Url::parse(base).unwrap();
-        Upstream::new(&url, Duration::from_secs(1)).unwrap()
+        let options = UpstreamOptions {
+            timeout: Duration::from_secs(1),
+            ..Default::default()
+        };
+        Upstream::new(&url, options).unwrap()
     }
 
     #[test]
@@ -486,17 +633,23 @@ mod tests {
             ("A-z.0_9~", "/api/gormic/v1/om/invoices/A-z.0_9~/close"),
         ];
         for (id, path) in cases {
-            let url = up.url(&routes::CLOSE_INVOICE, Some(id));
-            assert_eq!(url.path(), path, "id {id:?}");
-            assert_eq!(url.query(), None);
-            assert_eq!(url.fragment(), None);
+            let uri = http::Uri::try_from(up.path(&routes::CLOSE_INVOICE, Some(id))).unwrap();
+            assert_eq!(uri.path(), path, "id {id:?}");
+            assert_eq!(uri.query(), None);
         }
     }
 
     #[test]
     fn create_has_no_id_segment() {
-        let url = upstream("https://h").url(&routes::CREATE_INVOICE, None);
-        assert_eq!(url.as_str(), "https://h/v1/om/invoices");
+        let path = upstream("https://h").path(&routes::CREATE_INVOICE, None);
+        assert_eq!(path, "/v1/om/invoices");
+    }
+
+    #[test]
+    fn the_host_header_keeps_a_non_default_port() {
+        assert_eq!(upstream("http://h:8080/x").inner.host, "h:8080");
+        assert_eq!(upstream("https://h/x").inner.host, "h");
+        assert_eq!(upstream("http://[::1]:9/").inner.host, "[::1]:9");
     }
 
     #[test]
@@ -516,7 +669,16 @@ mod tests {
             up.budget(Some(ms(5000))),
             (ms(1000), TimeoutBound::UpstreamTimeout)
         );
-        let wide = upstream("http://h").with_deadline_margin(ms(5000));
+        let url = Url::parse("http://h").unwrap();
+        let wide = Upstream::new(
+            &url,
+            UpstreamOptions {
+                timeout: ms(1000),
+                deadline_margin: ms(5000),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_eq!(
             wide.budget(Some(ms(800))),
             (ms(720), TimeoutBound::CallerDeadline)

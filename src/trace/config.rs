@@ -14,8 +14,8 @@ pub const DEFAULT_SERVICE_NAME: &str = "gormic-gateway";
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct TraceArgs {
     /// OpenTelemetry collector to export spans to, over OTLP/gRPC (e.g.
-    /// `http://otel-collector:4317`; `https://` uses TLS with the system's
-    /// CA certificates). When unset, the standard
+    /// `http://otel-collector:4317`; `https://` uses TLS, trusting the Mozilla
+    /// root certificates). When unset, the standard
     /// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT is
     /// used; when none is set, no span is exported (off by default: the
     /// trace context is still continued and sent upstream at no cost).

@@ -88,7 +88,7 @@ impl Pipeline {
             if endpoint.uri.scheme_str() == Some("https") {
                 builder = builder.with_tls_config(
                     opentelemetry_otlp::tonic_types::transport::ClientTlsConfig::new()
-                        .with_native_roots(),
+                        .with_webpki_roots(),
                 );
             }
             builder.build()

@@ -305,6 +305,7 @@ async fn gateway_with_cors(cors: CorsOrigins) -> (FakeUpstream, TestGateway) {
     let options = ServerOptions {
         grace: Duration::from_secs(5),
         cors,
+        ..Default::default()
     };
     let gateway =
         TestGateway::start_with_options(&upstream.url(), Duration::from_secs(10), options).await;

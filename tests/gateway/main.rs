@@ -4,11 +4,16 @@
 mod support;
 
 mod admin;
+mod credentials;
 mod forwarding;
 mod grpc_web;
+mod idempotency_store;
+mod limits;
 mod operations;
 mod otlp;
 mod requests;
+mod retries;
 mod sandbox;
+mod tls;
 mod transport;
 mod upstream_errors;

@@ -100,6 +100,8 @@ pub fn envelope(data: serde_json::Value) -> serde_json::Value {
 
 #[derive(Default)]
 struct Shared {
+    /// TCP connections accepted, open now, and the most open at once.
+    connections: Mutex<Connections>,
     recorded: Mutex<Vec<Recorded>>,
     /// Answers used in order; the last one repeats.
     script: Mutex<VecDeque<Scripted>>,
@@ -107,6 +109,92 @@ struct Shared {
     /// Dropped-request count: a handler future dropped before it answered.
     abandoned: Mutex<usize>,
     abandoned_notify: Notify,
+}
+
+/// Connection counts as the upstream saw them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Connections {
+    pub accepted: usize,
+    pub open: usize,
+    pub max_open: usize,
+}
+
+/// A listener that counts connections for [`FakeUpstream::connections`].
+struct CountingListener {
+    inner: TcpListener,
+    shared: Arc<Shared>,
+}
+
+impl axum::serve::Listener for CountingListener {
+    type Io = CountedStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+        {
+            let mut c = self.shared.connections.lock().unwrap();
+            c.accepted += 1;
+            c.open += 1;
+            c.max_open = c.max_open.max(c.open);
+        }
+        (
+            CountedStream {
+                io,
+                shared: self.shared.clone(),
+            },
+            addr,
+        )
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A TCP stream that counts itself closed when dropped.
+pub struct CountedStream {
+    io: tokio::net::TcpStream,
+    shared: Arc<Shared>,
+}
+
+impl Drop for CountedStream {
+    fn drop(&mut self) {
+        self.shared.connections.lock().unwrap().open -= 1;
+    }
+}
+
+impl tokio::io::AsyncRead for CountedStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for CountedStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 #[derive(Clone)]
@@ -139,6 +227,10 @@ impl FakeUpstream {
         let app = axum::Router::new()
             .fallback(handle)
             .with_state(shared.clone());
+        let listener = CountingListener {
+            inner: listener,
+            shared: shared.clone(),
+        };
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
@@ -151,6 +243,19 @@ impl FakeUpstream {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The connections the upstream has seen.
+    pub fn connections(&self) -> Connections {
+        *self.shared.connections.lock().unwrap()
+    }
+
+    /// Answer the following requests with `answers` in order, the last one
+    /// repeating (replaces the script).
+    pub fn respond_in_order(&self, answers: Vec<Scripted>) {
+        let mut script = self.shared.script.lock().unwrap();
+        script.clear();
+        script.extend(answers);
     }
 
     /// Answer every following request with `answer` (replaces the script).

@@ -32,7 +32,7 @@ pub fn logs() -> Logs {
         let logs = Logs::default();
         let writer = logs.clone();
         tracing_subscriber::fmt()
-            .with_env_filter(gormic_gateway::telemetry::filter(LogLevel::Trace))
+            .with_env_filter(gormic_gateway::logging::filter(LogLevel::Trace))
             .json()
             .flatten_event(true)
             .with_writer(move || writer.clone())

@@ -4,25 +4,28 @@
 
 #![allow(dead_code, unused_imports)]
 
+pub mod certs;
 pub mod fake_upstream;
 pub mod logs;
 pub mod otlp;
+pub mod redis;
 pub mod sandbox;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic_types::{ErrorDetails, StatusExt};
 
+use gormic_gateway::limits::InFlightLimit;
 use gormic_gateway::proto::v1::invoice_service_client::InvoiceServiceClient;
+use gormic_gateway::server::ServerOptions;
 use gormic_gateway::service::InvoiceGateway;
-use gormic_gateway::upstream::Upstream;
+use gormic_gateway::upstream::{Upstream, UpstreamOptions};
 
-pub use fake_upstream::{FakeUpstream, Recorded, Scripted};
+pub use fake_upstream::{Connections, FakeUpstream, Recorded, Scripted};
 pub use logs::logs;
 
 pub const API_KEY: &str = "test-api-key-5f2c9a";
@@ -60,9 +63,26 @@ impl TestGateway {
         upstream_timeout: Duration,
         options: gormic_gateway::server::ServerOptions,
     ) -> Self {
-        let url = reqwest::Url::parse(upstream_url).expect("test upstream URL");
-        let upstream = Upstream::new(&url, upstream_timeout).expect("HTTP client");
+        let url = url::Url::parse(upstream_url).expect("test upstream URL");
+        let upstream = Upstream::new(
+            &url,
+            UpstreamOptions {
+                timeout: upstream_timeout,
+                ..Default::default()
+            },
+        )
+        .expect("HTTP client");
         Self::start_with_upstream(upstream, options).await
+    }
+
+    /// Starts a gateway in front of `upstream_url` with every knob chosen by
+    /// the test.
+    pub async fn start_configured(upstream_url: &str, config: GatewayConfig) -> Self {
+        let url = url::Url::parse(upstream_url).expect("test upstream URL");
+        let upstream = Upstream::new(&url, config.upstream).expect("HTTP client");
+        let gateway = InvoiceGateway::new(upstream)
+            .with_in_flight_limit(InFlightLimit::new(config.max_in_flight));
+        Self::start_with_gateway(gateway, config.server).await
     }
 
     /// Starts a gateway around an `Upstream` configured by the test.
@@ -70,14 +90,23 @@ impl TestGateway {
         upstream: Upstream,
         options: gormic_gateway::server::ServerOptions,
     ) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        Self::start_with_gateway(InvoiceGateway::new(upstream), options).await
+    }
+
+    /// Starts a server around a gateway configured by the test.
+    pub async fn start_with_gateway(
+        gateway: InvoiceGateway,
+        options: gormic_gateway::server::ServerOptions,
+    ) -> Self {
+        let listener =
+            gormic_gateway::server::bind("127.0.0.1:0".parse().expect("address")).expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let shutdown = async {
                 let _ = rx.await;
             };
-            gormic_gateway::server::run(listener, InvoiceGateway::new(upstream), shutdown, options)
+            gormic_gateway::server::run(listener, gateway, shutdown, options)
                 .await
                 .expect("server run");
         });
@@ -104,6 +133,25 @@ impl TestGateway {
         Channel::from_shared(format!("http://{}", self.addr))
             .expect("uri")
             .connect_lazy()
+    }
+}
+
+/// Every knob of a test gateway; `Default` is the command line's defaults
+/// (with one worker thread).
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub upstream: UpstreamOptions,
+    pub server: ServerOptions,
+    pub max_in_flight: usize,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            upstream: UpstreamOptions::default(),
+            server: ServerOptions::default(),
+            max_in_flight: gormic_gateway::limits::DEFAULT_MAX_IN_FLIGHT,
+        }
     }
 }
 

@@ -1,0 +1,365 @@
+//! Credential injection (`--credentials FILE`): maps the identity of an mTLS
+//! caller ([`CallerIdentity`]) to the `api-key`, and optionally the
+//! `organization-id`, the gateway sends upstream on its behalf, so services
+//! need not hold the Gormic key.
+//!
+//! Decided behaviour, applied in the call path when `--credentials` is set:
+//! - A mapped caller's own `api-key` metadata is ignored, never forwarded:
+//!   the mapped key is sent. (Ignored rather than refused, so that a service
+//!   can move behind the gateway's mapping before it drops its own key.)
+//! - When the mapping has an `organization_id`, it is the one sent; a caller
+//!   sending a different `organization-id` is refused with
+//!   `PERMISSION_DENIED` (it asked to act for an organization its identity
+//!   is not mapped to). Without one, the caller's `organization-id` is sent
+//!   ([`MappedCredentials::organization_id_for`] decides both).
+//! - A caller whose identity is not in the file (or whose certificate names
+//!   nobody) is refused with `PERMISSION_DENIED`, reason `CALLER_NOT_ALLOWED`;
+//!   nothing is sent upstream.
+//!
+//! The file is TOML, one `[[caller]]` table per identity:
+//!
+//! ```toml
+//! [[caller]]
+//! identity = "spiffe://prod.example/ns/billing/sa/invoicer"
+//! api_key = "gk_live_..."
+//! organization_id = "org-42"   # optional
+//! ```
+//!
+//! A bad file is refused as `FILE: line N: problem` (at start-up, and on
+//! reload while the previous map stays in use). Keys never appear in an
+//! error, a log line or `Debug` output. An empty file is refused too: a
+//! deliberate "nobody" is rare, a file caught mid-write is not.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use http::HeaderValue;
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+use crate::reload::{ChangeGate, Reloaded, Snapshot};
+use crate::tls::CallerIdentity;
+
+/// Credential-injection flag.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CredentialsArgs {
+    /// TOML file mapping mTLS caller identities to the api-key (and
+    /// optionally organization-id) sent upstream for them, one `[[caller]]`
+    /// table each with `identity`, `api_key`, `organization_id`; callers not
+    /// in the file are refused. Needs --tls-client-ca. Re-read when it
+    /// changes (--reload-interval). Default: none (callers send their own
+    /// api-key).
+    #[arg(
+        long,
+        env = "GORMIC_CREDENTIALS",
+        value_name = "FILE",
+        requires = "tls_client_ca"
+    )]
+    pub credentials: Option<PathBuf>,
+}
+
+/// What is sent upstream for a mapped caller.
+#[derive(Clone)]
+pub struct MappedCredentials {
+    /// Marked sensitive: hyper and `http` keep it out of their `Debug`.
+    pub api_key: HeaderValue,
+    pub organization_id: Option<HeaderValue>,
+}
+
+/// A mapped caller asked to act for an organization its mapping does not
+/// name: the call is refused with `PERMISSION_DENIED`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("this caller is mapped to another organization than the organization-id it sent")]
+pub struct OrganizationMismatch;
+
+impl MappedCredentials {
+    /// The `organization-id` to send upstream for a call that carried
+    /// `sent`: the mapped one when the mapping names one (`sent` absent or
+    /// equal; a different one is an [`OrganizationMismatch`]), else the
+    /// caller's own (`None` when it sent none: the usual missing-metadata
+    /// error applies).
+    pub fn organization_id_for(
+        &self,
+        sent: Option<&HeaderValue>,
+    ) -> Result<Option<HeaderValue>, OrganizationMismatch> {
+        match (&self.organization_id, sent) {
+            (Some(mapped), Some(sent)) if mapped != sent => Err(OrganizationMismatch),
+            (Some(mapped), _) => Ok(Some(mapped.clone())),
+            (None, sent) => Ok(sent.cloned()),
+        }
+    }
+}
+
+impl fmt::Debug for MappedCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MappedCredentials")
+            .field("api_key", &"<redacted>")
+            .field("organization_id", &self.organization_id)
+            .finish()
+    }
+}
+
+/// A credentials file that cannot be used: `FILE: line N: problem`.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}: {}{problem}", path.display(), line.map(|n| format!("line {n}: ")).unwrap_or_default())]
+pub struct CredentialsError {
+    pub path: PathBuf,
+    pub line: Option<usize>,
+    pub problem: String,
+}
+
+type Map = HashMap<CallerIdentity, Arc<MappedCredentials>>;
+
+/// The identity → credentials map in use. Cheap to clone; clones share the
+/// map and see reloads.
+#[derive(Clone)]
+pub struct CredentialMap(Arc<Inner>);
+
+struct Inner {
+    path: PathBuf,
+    map: ArcSwap<Map>,
+    gate: ChangeGate,
+}
+
+impl fmt::Debug for CredentialMap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CredentialMap")
+            .field("path", &self.0.path)
+            .field("callers", &self.len())
+            .finish()
+    }
+}
+
+impl CredentialMap {
+    /// Reads and checks the file.
+    pub fn load(path: &Path) -> Result<Self, CredentialsError> {
+        let snapshot = Snapshot::read(&[path]);
+        let map = parse_snapshot(path, &snapshot)?;
+        Ok(CredentialMap(Arc::new(Inner {
+            path: path.to_path_buf(),
+            map: ArcSwap::from_pointee(map),
+            gate: ChangeGate::new(vec![path.to_path_buf()], snapshot),
+        })))
+    }
+
+    /// The credentials for `identity`, if it is mapped. A hash lookup on the
+    /// current map: no lock, no allocation.
+    pub fn lookup(&self, identity: &CallerIdentity) -> Option<Arc<MappedCredentials>> {
+        self.0.map.load().get(identity).cloned()
+    }
+
+    /// Re-reads the file; as [`crate::tls::ServerTls::reload`]: a changed,
+    /// valid file replaces the map, a bad one leaves the map in use and is
+    /// reported once.
+    pub fn reload(&self) -> Result<Reloaded, CredentialsError> {
+        let Some(snapshot) = self.0.gate.next_change() else {
+            return Ok(Reloaded::Unchanged);
+        };
+        let map = parse_snapshot(&self.0.path, &snapshot)?;
+        self.0.map.store(Arc::new(map));
+        Ok(Reloaded::Replaced)
+    }
+
+    /// Number of mapped identities.
+    pub fn len(&self) -> usize {
+        self.0.map.load().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn parse_snapshot(path: &Path, snapshot: &Snapshot) -> Result<Map, CredentialsError> {
+    let bytes = snapshot.file(0).map_err(|failure| CredentialsError {
+        path: path.to_path_buf(),
+        line: None,
+        problem: failure.to_string(),
+    })?;
+    parse(path, bytes)
+}
+
+/// Parses a credentials file. Problems are reported in our words with the
+/// line: the TOML library's messages are used only for syntax errors, which
+/// quote no content.
+fn parse(path: &Path, bytes: &[u8]) -> Result<Map, CredentialsError> {
+    let text = std::str::from_utf8(bytes).map_err(|e| CredentialsError {
+        path: path.to_path_buf(),
+        line: Some(
+            1 + bytes[..e.valid_up_to()]
+                .iter()
+                .filter(|b| **b == b'\n')
+                .count(),
+        ),
+        problem: "not UTF-8 text".into(),
+    })?;
+    let error = |offset: Option<usize>, problem: String| CredentialsError {
+        path: path.to_path_buf(),
+        line: offset.map(|o| line_of(text, o)),
+        problem,
+    };
+    let document = DeTable::parse(text).map_err(|e| {
+        error(
+            e.span().map(|s| s.start),
+            format!("not valid TOML: {}", e.message()),
+        )
+    })?;
+
+    let mut map = Map::new();
+    // Where each identity was first mapped, to name both lines of a duplicate.
+    let mut first_seen: HashMap<CallerIdentity, usize> = HashMap::new();
+    for (key, value) in document.get_ref() {
+        if key.get_ref().as_ref() != "caller" {
+            // The key's text is not echoed: whatever was typed there could
+            // be a pasted api-key.
+            return Err(error(
+                Some(key.span().start),
+                "unknown key at the top level (expected only [[caller]] tables)".into(),
+            ));
+        }
+        let callers = match value.get_ref() {
+            DeValue::Array(callers) => callers,
+            _ => {
+                return Err(error(
+                    Some(value.span().start),
+                    "`caller` must be an array of tables, written [[caller]]".into(),
+                ));
+            }
+        };
+        for caller in callers.iter() {
+            let entry = caller_entry(caller, &error)?;
+            let line = line_of(text, entry.identity_at);
+            match first_seen.entry(entry.identity.clone()) {
+                Entry::Occupied(first) => {
+                    return Err(error(
+                        Some(entry.identity_at),
+                        format!(
+                            "identity {:?} is already mapped on line {}",
+                            entry.identity.as_str(),
+                            first.get()
+                        ),
+                    ));
+                }
+                Entry::Vacant(slot) => {
+                    slot.insert(line);
+                }
+            }
+            map.insert(entry.identity, Arc::new(entry.credentials));
+        }
+    }
+    if map.is_empty() {
+        return Err(error(
+            None,
+            "no [[caller]] entries: every call would be refused (a file read mid-write?)".into(),
+        ));
+    }
+    Ok(map)
+}
+
+struct CallerEntry {
+    identity: CallerIdentity,
+    identity_at: usize,
+    credentials: MappedCredentials,
+}
+
+const FIELDS: &str = "identity, api_key, organization_id";
+
+fn caller_entry(
+    caller: &Spanned<DeValue<'_>>,
+    error: &impl Fn(Option<usize>, String) -> CredentialsError,
+) -> Result<CallerEntry, CredentialsError> {
+    let at = caller.span().start;
+    let DeValue::Table(table) = caller.get_ref() else {
+        return Err(error(
+            Some(at),
+            "each `caller` entry must be a table, written [[caller]]".into(),
+        ));
+    };
+    let mut identity = None;
+    let mut api_key = None;
+    let mut organization_id = None;
+    for (key, value) in table {
+        let slot = match key.get_ref().as_ref() {
+            "identity" => &mut identity,
+            "api_key" => &mut api_key,
+            "organization_id" => &mut organization_id,
+            _ => {
+                return Err(error(
+                    Some(key.span().start),
+                    format!("unknown field in [[caller]] (allowed: {FIELDS})"),
+                ));
+            }
+        };
+        let field = key.get_ref().as_ref();
+        let DeValue::String(string) = value.get_ref() else {
+            return Err(error(
+                Some(value.span().start),
+                format!("{field} must be a string"),
+            ));
+        };
+        *slot = Some((string.as_ref(), value.span().start));
+    }
+
+    let Some((identity, identity_at)) = identity else {
+        return Err(error(Some(at), "[[caller]] has no identity".into()));
+    };
+    if identity.trim().is_empty() {
+        return Err(error(Some(identity_at), "identity is empty".into()));
+    }
+    if identity.trim() != identity || identity.chars().any(char::is_control) {
+        return Err(error(
+            Some(identity_at),
+            "identity has leading or trailing spaces or control characters \
+             (it must equal the certificate's name exactly)"
+                .into(),
+        ));
+    }
+    let Some((key, key_at)) = api_key else {
+        return Err(error(Some(at), "[[caller]] has no api_key".into()));
+    };
+    let mut api_key =
+        header_value(key).map_err(|problem| error(Some(key_at), format!("api_key {problem}")))?;
+    api_key.set_sensitive(true);
+    let organization_id = match organization_id {
+        None => None,
+        Some((id, id_at)) => Some(
+            header_value(id)
+                .map_err(|problem| error(Some(id_at), format!("organization_id {problem}")))?,
+        ),
+    };
+    Ok(CallerEntry {
+        identity: CallerIdentity::new(identity),
+        identity_at,
+        credentials: MappedCredentials {
+            api_key,
+            organization_id,
+        },
+    })
+}
+
+/// A value sendable as gRPC metadata and an HTTP header: printable ASCII,
+/// not empty, no surrounding spaces. The problem never quotes the value.
+fn header_value(value: &str) -> Result<HeaderValue, &'static str> {
+    if value.trim().is_empty() {
+        return Err("is empty");
+    }
+    if value.trim() != value {
+        return Err("has leading or trailing spaces");
+    }
+    if !value.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) {
+        return Err("is not a valid header value (printable ASCII only)");
+    }
+    HeaderValue::from_str(value).map_err(|_| "is not a valid header value (printable ASCII only)")
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    1 + text.as_bytes()[..end]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+}

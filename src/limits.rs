@@ -1,0 +1,344 @@
+//! Hard limits on what one process holds: the cap on calls in flight
+//! (admission) and the cap on request message size. The upstream connection
+//! cap and its queue live in `upstream::pool`; the HTTP/2 and HTTP/1.1
+//! protections in `server`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http_body::{Frame, SizeHint};
+use http_body_util::BodyExt;
+use tonic::body::Body;
+use tower::{Layer, Service};
+
+/// Default of `--max-in-flight`: with ~3 KiB per call waiting on a slow
+/// upstream, 10 000 calls stay within the 64 MiB the gateway promises
+/// (BENCHMARKS.md), and no single replica should ever need more.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 10_000;
+/// Default of `--max-request-bytes`. The largest legitimate request is an
+/// UpdateInvoice with four ids of at most a few hundred bytes; 64 KiB leaves
+/// room for any future field while refusing junk early.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// A shed call is refused with this `RetryInfo` delay: long enough for a
+/// burst to pass, short enough not to idle a recovered gateway.
+pub const SHED_RETRY_DELAY: Duration = Duration::from_secs(1);
+/// At most one log line per this period about shed calls.
+const SHED_LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// The process-wide cap on calls in flight. Cheap to clone; all clones share
+/// one count.
+#[derive(Debug, Clone)]
+pub struct InFlightLimit {
+    inner: Arc<InFlight>,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    max: usize,
+    current: AtomicUsize,
+    shed_total: AtomicU64,
+    /// Shed calls not yet reported in a log line, and when the last line was.
+    shed_unreported: AtomicU64,
+    last_report: std::sync::Mutex<Option<Instant>>,
+}
+
+/// One admitted call; gives its place back when dropped.
+#[derive(Debug)]
+pub struct Admitted {
+    inner: Arc<InFlight>,
+}
+
+impl InFlightLimit {
+    pub fn new(max: usize) -> Self {
+        Self {
+            inner: Arc::new(InFlight {
+                max: max.max(1),
+                current: AtomicUsize::new(0),
+                shed_total: AtomicU64::new(0),
+                shed_unreported: AtomicU64::new(0),
+                last_report: std::sync::Mutex::new(None),
+            }),
+        }
+    }
+
+    /// Admits a call, or `None` when `max` calls are already in flight (the
+    /// call is counted as shed and, at most once a second, logged).
+    pub fn try_admit(&self) -> Option<Admitted> {
+        let inner = &self.inner;
+        let previous = inner.current.fetch_add(1, Ordering::AcqRel);
+        if previous < inner.max {
+            return Some(Admitted {
+                inner: inner.clone(),
+            });
+        }
+        inner.current.fetch_sub(1, Ordering::AcqRel);
+        inner.shed_total.fetch_add(1, Ordering::Relaxed);
+        inner.shed_unreported.fetch_add(1, Ordering::Relaxed);
+        self.report_shedding();
+        None
+    }
+
+    pub fn max(&self) -> usize {
+        self.inner.max
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.inner.current.load(Ordering::Relaxed)
+    }
+
+    /// Calls refused so far.
+    pub fn shed_total(&self) -> u64 {
+        self.inner.shed_total.load(Ordering::Relaxed)
+    }
+
+    fn report_shedding(&self) {
+        let inner = &self.inner;
+        let now = Instant::now();
+        let Ok(mut last) = inner.last_report.try_lock() else {
+            return; // another thread is reporting right now
+        };
+        if last.is_some_and(|at| now.duration_since(at) < SHED_LOG_EVERY) {
+            return;
+        }
+        *last = Some(now);
+        let count = inner.shed_unreported.swap(0, Ordering::Relaxed);
+        tracing::warn!(
+            shed = count,
+            max_in_flight = inner.max,
+            "overloaded: refused calls past --max-in-flight with RESOURCE_EXHAUSTED"
+        );
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.inner.current.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Set on a request whose message is larger than `--max-request-bytes`; the
+/// call path refuses it with RESOURCE_EXHAUSTED before anything else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestTooLarge {
+    /// The length the gRPC frame declares.
+    pub declared: usize,
+    pub limit: usize,
+}
+
+/// Checks the length prefix of the first gRPC message of each invoice call.
+/// An oversized one is never read: the request is marked
+/// [`RequestTooLarge`] and its body replaced by an empty message, so the
+/// refusal takes the one call path (status, details, metrics, log line)
+/// instead of tonic's `OUT_OF_RANGE`, which the gRPC specification reserves
+/// for other cases.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestSizeLayer {
+    limit: usize,
+    /// Only paths under this prefix are checked (health and reflection are
+    /// bounded by tonic's own limit).
+    prefix: &'static str,
+}
+
+impl RequestSizeLayer {
+    pub fn new(limit: usize, prefix: &'static str) -> Self {
+        Self { limit, prefix }
+    }
+}
+
+impl<S> Layer<S> for RequestSizeLayer {
+    type Service = RequestSize<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RequestSize {
+            inner,
+            limit: self.limit,
+            prefix: self.prefix,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RequestSize<S> {
+    inner: S,
+    limit: usize,
+    prefix: &'static str,
+}
+
+/// The five bytes of a gRPC frame of length zero: the empty message.
+const EMPTY_MESSAGE: [u8; 5] = [0; 5];
+
+impl<S> Service<http::Request<Body>> for RequestSize<S>
+where
+    S: Service<http::Request<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        // The clone is not ready; the polled-ready one serves this call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        if !request.uri().path().starts_with(self.prefix) {
+            return Box::pin(inner.call(request));
+        }
+        let limit = self.limit;
+        Box::pin(async move {
+            let (mut parts, body) = request.into_parts();
+            let (head, rest) = read_prefix(body).await;
+            let body = match declared_length(&head) {
+                Some(declared) if declared > limit => {
+                    parts.extensions.insert(RequestTooLarge { declared, limit });
+                    // The rest of the oversized message is never read; h2
+                    // resets the stream's request side when the call ends.
+                    Body::new(Replayed::new(Bytes::from_static(&EMPTY_MESSAGE), None))
+                }
+                _ => Body::new(Replayed::new(head, rest)),
+            };
+            inner.call(http::Request::from_parts(parts, body)).await
+        })
+    }
+}
+
+/// The length a gRPC frame header declares (byte 0 is the compression flag).
+fn declared_length(head: &[u8]) -> Option<usize> {
+    let length: [u8; 4] = head.get(1..5)?.try_into().ok()?;
+    Some(u32::from_be_bytes(length) as usize)
+}
+
+/// What was read of the body before the decision, and what remains.
+enum Rest {
+    Body(Body),
+    Failed(tonic::Status),
+}
+
+/// Reads data frames until the five header bytes are in (or the body ends).
+async fn read_prefix(mut body: Body) -> (Bytes, Option<Rest>) {
+    let mut head = BytesMut::new();
+    while head.len() < EMPTY_MESSAGE.len() {
+        match body.frame().await {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(mut data) => head.extend_from_slice(&data.copy_to_bytes(data.remaining())),
+                // Trailers before a whole header: let tonic report it.
+                Err(_) => break,
+            },
+            Some(Err(status)) => return (head.freeze(), Some(Rest::Failed(status))),
+            None => return (head.freeze(), None),
+        }
+    }
+    (head.freeze(), Some(Rest::Body(body)))
+}
+
+/// A body that yields the bytes read ahead, then the rest of the original.
+struct Replayed {
+    head: Option<Bytes>,
+    rest: Option<Rest>,
+}
+
+impl Replayed {
+    fn new(head: Bytes, rest: Option<Rest>) -> Self {
+        Self {
+            head: (!head.is_empty()).then_some(head),
+            rest,
+        }
+    }
+}
+
+impl http_body::Body for Replayed {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        if let Some(head) = self.head.take() {
+            return Poll::Ready(Some(Ok(Frame::data(head))));
+        }
+        match self.rest.as_mut() {
+            None => Poll::Ready(None),
+            Some(Rest::Body(body)) => Pin::new(body).poll_frame(cx),
+            Some(Rest::Failed(_)) => match self.rest.take() {
+                Some(Rest::Failed(status)) => Poll::Ready(Some(Err(status))),
+                _ => Poll::Ready(None),
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.head.is_none()
+            && match &self.rest {
+                None => true,
+                Some(Rest::Body(body)) => body.is_end_stream(),
+                Some(Rest::Failed(_)) => false,
+            }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let head = self.head.as_ref().map_or(0, |h| h.len() as u64);
+        match &self.rest {
+            Some(Rest::Body(body)) => {
+                let rest = body.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(rest.lower() + head);
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper + head);
+                }
+                hint
+            }
+            _ => SizeHint::with_exact(head),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cap_admits_up_to_max_and_frees_on_drop() {
+        let limit = InFlightLimit::new(2);
+        let first = limit.try_admit().expect("first");
+        let second = limit.try_admit().expect("second");
+        assert!(limit.try_admit().is_none(), "third is shed");
+        assert_eq!(limit.shed_total(), 1);
+        assert_eq!(limit.in_flight(), 2);
+        drop(first);
+        let third = limit.try_admit().expect("room again");
+        assert_eq!(limit.in_flight(), 2);
+        drop((second, third));
+        assert_eq!(limit.in_flight(), 0);
+    }
+
+    #[test]
+    fn the_frame_header_declares_the_length() {
+        assert_eq!(declared_length(&[0, 0, 0, 1, 0]), Some(256));
+        assert_eq!(declared_length(&[1, 0, 1, 0, 0, 9, 9]), Some(65_536));
+        assert_eq!(declared_length(&[0, 0, 0]), None);
+    }
+
+    #[tokio::test]
+    async fn a_body_read_ahead_is_replayed_whole() {
+        let original = Body::new(http_body_util::Full::new(Bytes::from_static(
+            b"\0\0\0\0\x03abc",
+        )));
+        let (head, rest) = read_prefix(original).await;
+        assert_eq!(&head[..], b"\0\0\0\0\x03abc");
+        let replayed = Replayed::new(head, rest)
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        assert_eq!(&replayed[..], b"\0\0\0\0\x03abc");
+    }
+}

@@ -1,0 +1,355 @@
+//! The gateway's own retries of upstream requests: when a failed attempt is
+//! tried again, after how long, and how many retries the upstream is spared.
+//!
+//! - A request that provably never reached the upstream (connection refused,
+//!   name not resolved, TLS handshake failed, every pooled connection found
+//!   closed before it was written) is retried for every operation: nothing
+//!   happened upstream.
+//! - A request that went out is retried only for operations whose
+//!   repetition is harmless (`Operation::REPEATABLE`: update, delete), and
+//!   only when the answer was 502, 503 or 504 or the connection broke.
+//!   Create, close and send are never sent twice by the gateway: a second
+//!   CreateInvoice would be a second invoice. Callers retry those safely
+//!   with an `idempotency-key`.
+//! - Timeouts are not retried: the attempt used the time the call had.
+//!
+//! Waits are exponential with full jitter (25 ms doubling to 1 s), at least
+//! the upstream's `Retry-After`, and never past the caller's deadline. A
+//! retry budget (like Linkerd's and Finagle's) caps retries at
+//! `--retry-budget-ratio` of the calls over the last 10 s, plus a floor of
+//! `--retry-budget-min-per-second`, so that a failing upstream is not
+//! hammered by the gateway multiplying its load.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+
+use crate::upstream::{RetryAfter, UpstreamError};
+
+/// First backoff step; each retry doubles it, up to [`MAX_BACKOFF`].
+const BASE_BACKOFF: Duration = Duration::from_millis(25);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// The retry budget's sliding window, in one-second buckets.
+const WINDOW_SECONDS: usize = 10;
+
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Retries")]
+pub struct RetryArgs {
+    /// Attempts per call, the first included (1 turns gateway retries off).
+    /// 3 rides out a stale connection or a one-off 503 without multiplying
+    /// load by much when the upstream is down.
+    #[arg(long, env = "GORMIC_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=10))]
+    pub max_attempts: u32,
+
+    /// Retries allowed, as a fraction of the calls of the last 10 s
+    /// (0.2 = at most 20 % extra upstream requests), on top of the floor.
+    #[arg(long, env = "GORMIC_RETRY_BUDGET_RATIO", default_value_t = 0.2, value_parser = parse_ratio)]
+    pub retry_budget_ratio: f64,
+
+    /// Retries always allowed per second whatever the ratio, so that a
+    /// quiet gateway can still retry a stale connection.
+    #[arg(long, env = "GORMIC_RETRY_BUDGET_MIN_PER_SECOND", default_value_t = 10)]
+    pub retry_budget_min_per_second: u32,
+}
+
+impl Default for RetryArgs {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            retry_budget_ratio: 0.2,
+            retry_budget_min_per_second: 10,
+        }
+    }
+}
+
+fn parse_ratio(value: &str) -> Result<f64, String> {
+    let ratio: f64 = value
+        .parse()
+        .map_err(|_| format!("`{value}` is not a number (e.g. 0.2)"))?;
+    if !(0.0..=10.0).contains(&ratio) {
+        return Err("must be between 0 and 10".into());
+    }
+    Ok(ratio)
+}
+
+/// What to do after a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Wait `delay`, then try again; `reason` labels the retry metric.
+    Retry {
+        delay: Duration,
+        reason: &'static str,
+    },
+    /// Answer the caller with this failure.
+    Stop,
+}
+
+/// The retry rules of one gateway, shared by all calls.
+#[derive(Debug)]
+pub struct RetryPolicy {
+    max_attempts: u32,
+    budget: Mutex<Budget>,
+    ratio: f64,
+    floor: u64,
+}
+
+impl RetryPolicy {
+    pub fn new(args: &RetryArgs) -> Self {
+        Self {
+            max_attempts: args.max_attempts.max(1),
+            budget: Mutex::new(Budget::default()),
+            ratio: args.retry_budget_ratio,
+            floor: u64::from(args.retry_budget_min_per_second) * WINDOW_SECONDS as u64,
+        }
+    }
+
+    /// Counts a call's first attempt in the budget.
+    pub fn record_call(&self) {
+        if let Ok(mut budget) = self.budget.lock() {
+            budget.add(Instant::now(), 1, 0);
+        }
+    }
+
+    /// Whether attempt number `attempt` (1-based), which failed with
+    /// `failure`, is tried again; `remaining` is what is left of the call's
+    /// time (`None`: no caller deadline).
+    pub fn decide(
+        &self,
+        repeatable: bool,
+        failure: &UpstreamError,
+        attempt: u32,
+        remaining: Option<Duration>,
+    ) -> Decision {
+        let Some((reason, retry_after)) = retryable(repeatable, failure) else {
+            return Decision::Stop;
+        };
+        if attempt >= self.max_attempts {
+            return Decision::Stop;
+        }
+        let delay = backoff(attempt).max(retry_after.unwrap_or_default());
+        if remaining.is_some_and(|left| delay >= left) {
+            return Decision::Stop;
+        }
+        if !self.withdraw() {
+            tracing::debug!(reason, "retry budget exhausted: not retrying");
+            return Decision::Stop;
+        }
+        Decision::Retry { delay, reason }
+    }
+
+    fn withdraw(&self) -> bool {
+        let Ok(mut budget) = self.budget.lock() else {
+            return false;
+        };
+        let now = Instant::now();
+        let (calls, retries) = budget.totals(now);
+        let allowed = self.floor + (self.ratio * calls as f64) as u64;
+        if retries >= allowed {
+            return false;
+        }
+        budget.add(now, 0, 1);
+        true
+    }
+}
+
+/// Whether a failure may be retried, with the retry reason and the delay
+/// the upstream asked for.
+fn retryable(
+    repeatable: bool,
+    failure: &UpstreamError,
+) -> Option<(&'static str, Option<Duration>)> {
+    match failure {
+        // Nothing reached the upstream: any operation.
+        UpstreamError::Unreachable {
+            request_sent: false,
+            ..
+        } => Some(("connect", None)),
+        // The request may have been processed: repeatable operations only.
+        UpstreamError::Unreachable {
+            request_sent: true, ..
+        } if repeatable => Some(("connection", None)),
+        UpstreamError::Rejected(rejection)
+            if repeatable && matches!(rejection.http_status, 502..=504) =>
+        {
+            let reason = match rejection.http_status {
+                502 => "http_502",
+                503 => "http_503",
+                _ => "http_504",
+            };
+            let delay = match rejection.retry_after {
+                Some(RetryAfter::Delay(delay)) => Some(delay),
+                _ => None,
+            };
+            Some((reason, delay))
+        }
+        _ => None,
+    }
+}
+
+/// Full jitter: uniform in `[0, min(MAX, BASE × 2^(attempt-1))]`.
+fn backoff(attempt: u32) -> Duration {
+    let ceiling = BASE_BACKOFF
+        .saturating_mul(1 << attempt.saturating_sub(1).min(16))
+        .min(MAX_BACKOFF);
+    ceiling.mul_f64(fastrand::f64())
+}
+
+/// Calls and retries per second over the last [`WINDOW_SECONDS`].
+#[derive(Debug, Default)]
+struct Budget {
+    /// `(second, calls, retries)`, indexed by second modulo the window.
+    buckets: [(u64, u64, u64); WINDOW_SECONDS],
+    epoch: Option<Instant>,
+}
+
+impl Budget {
+    fn second(&mut self, now: Instant) -> u64 {
+        let epoch = *self.epoch.get_or_insert(now);
+        now.saturating_duration_since(epoch).as_secs()
+    }
+
+    fn add(&mut self, now: Instant, calls: u64, retries: u64) {
+        let second = self.second(now);
+        let bucket = &mut self.buckets[second as usize % WINDOW_SECONDS];
+        if bucket.0 != second {
+            *bucket = (second, 0, 0);
+        }
+        bucket.1 += calls;
+        bucket.2 += retries;
+    }
+
+    fn totals(&mut self, now: Instant) -> (u64, u64) {
+        let second = self.second(now);
+        self.buckets
+            .iter()
+            .filter(|(at, _, _)| second.saturating_sub(*at) < WINDOW_SECONDS as u64)
+            .fold((0, 0), |(c, r), (_, calls, retries)| {
+                (c + calls, r + retries)
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::Rejection;
+
+    fn policy(max_attempts: u32, ratio: f64, floor: u32) -> RetryPolicy {
+        RetryPolicy::new(&RetryArgs {
+            max_attempts,
+            retry_budget_ratio: ratio,
+            retry_budget_min_per_second: floor,
+        })
+    }
+
+    fn refused() -> UpstreamError {
+        UpstreamError::Unreachable {
+            detail: "refused".into(),
+            request_sent: false,
+        }
+    }
+
+    fn answered(status: u16) -> UpstreamError {
+        UpstreamError::Rejected(Box::new(Rejection {
+            http_status: status,
+            ..Default::default()
+        }))
+    }
+
+    #[test]
+    fn unsent_requests_are_retried_for_every_operation() {
+        let policy = policy(3, 0.2, 10);
+        assert!(matches!(
+            policy.decide(false, &refused(), 1, None),
+            Decision::Retry {
+                reason: "connect",
+                ..
+            }
+        ));
+        assert_eq!(policy.decide(false, &refused(), 3, None), Decision::Stop);
+    }
+
+    #[test]
+    fn sent_requests_are_retried_only_when_repeatable_and_only_for_gateway_errors() {
+        let policy = policy(3, 0.2, 10);
+        for status in [502, 503, 504] {
+            assert_eq!(
+                policy.decide(false, &answered(status), 1, None),
+                Decision::Stop
+            );
+            assert!(matches!(
+                policy.decide(true, &answered(status), 1, None),
+                Decision::Retry { .. }
+            ));
+        }
+        for status in [400, 429, 500] {
+            assert_eq!(
+                policy.decide(true, &answered(status), 1, None),
+                Decision::Stop
+            );
+        }
+        let broken = UpstreamError::Unreachable {
+            detail: "reset".into(),
+            request_sent: true,
+        };
+        assert_eq!(policy.decide(false, &broken, 1, None), Decision::Stop);
+        assert!(matches!(
+            policy.decide(true, &broken, 1, None),
+            Decision::Retry {
+                reason: "connection",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn retry_after_is_honoured_and_the_deadline_wins() {
+        let policy = policy(3, 0.2, 10);
+        let mut rejection = Rejection {
+            http_status: 503,
+            ..Default::default()
+        };
+        rejection.retry_after = Some(RetryAfter::Delay(Duration::from_secs(2)));
+        let busy = UpstreamError::Rejected(Box::new(rejection));
+        assert_eq!(
+            policy.decide(true, &busy, 1, None),
+            Decision::Retry {
+                delay: Duration::from_secs(2),
+                reason: "http_503"
+            }
+        );
+        assert_eq!(
+            policy.decide(true, &busy, 1, Some(Duration::from_secs(1))),
+            Decision::Stop,
+            "a wait past the deadline is no retry"
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_within_full_jitter_and_is_capped() {
+        for _ in 0..200 {
+            assert!(backoff(1) <= BASE_BACKOFF);
+            assert!(backoff(3) <= BASE_BACKOFF * 4);
+            assert!(backoff(30) <= MAX_BACKOFF);
+        }
+    }
+
+    #[test]
+    fn the_budget_allows_the_floor_plus_the_ratio_of_calls() {
+        // Floor 1/s over 10 s = 10 retries, plus 20 % of 100 calls = 20.
+        let policy = policy(10, 0.2, 1);
+        for _ in 0..100 {
+            policy.record_call();
+        }
+        let granted = (0..100)
+            .filter(|_| {
+                matches!(
+                    policy.decide(false, &refused(), 1, None),
+                    Decision::Retry { .. }
+                )
+            })
+            .count();
+        assert_eq!(granted, 30);
+    }
+}
