@@ -165,6 +165,8 @@ mod tests {
 
     #[test]
     fn listen_address_or_off() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
         let parse = |args: &[&str]| Cli::try_parse_from(args).map(|c| c.admin.addr());
         assert_eq!(
             parse(&["gw"]).ok(),

@@ -10,8 +10,8 @@
 //! value chosen by the caller, except the organization id behind
 //! `--metrics-organization-label`.
 
+mod external;
 mod histogram;
-mod pool;
 mod process;
 
 use std::collections::HashMap;
@@ -27,8 +27,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
+pub use external::PoolGauges;
 pub use histogram::{LATENCY_BUCKETS, LatencyHistogram};
-pub use pool::PoolGauges;
 
 use crate::routes;
 
@@ -258,9 +258,9 @@ struct Inner {
     idempotency: Family<ResultLabels, Counter>,
     idempotency_cache: [OnceLock<Counter>; 6],
     reloads: Family<ReloadLabels, Counter>,
-    log_lines_dropped: Counter,
-    tls_expiry: pool::ExpiryCollector,
-    pools: pool::PoolCollector,
+    log_lines_dropped: external::DroppedLinesCollector,
+    tls_expiry: external::ExpiryCollector,
+    pools: external::PoolCollector,
 }
 
 /// `gormic_gateway_calls_total`, with or without the organization label.
@@ -439,16 +439,12 @@ impl Metrics {
             reloads.clone(),
         );
 
-        let log_lines_dropped = Counter::default();
-        registry.register(
-            "gormic_gateway_log_lines_dropped",
-            "Log lines dropped because the log writer could not keep up",
-            log_lines_dropped.clone(),
-        );
+        let log_lines_dropped = external::DroppedLinesCollector::default();
+        registry.register_collector(Box::new(log_lines_dropped.clone()));
 
-        let tls_expiry = pool::ExpiryCollector::default();
+        let tls_expiry = external::ExpiryCollector::default();
         registry.register_collector(Box::new(tls_expiry.clone()));
-        let pools = pool::PoolCollector::default();
+        let pools = external::PoolCollector::default();
         registry.register_collector(Box::new(pools.clone()));
         registry.register_collector(Box::new(process::ProcessCollector));
 
@@ -632,8 +628,17 @@ impl Metrics {
             .inc();
     }
 
+    /// `n` more log lines were dropped.
     pub fn log_lines_dropped(&self, n: u64) {
-        self.inner.log_lines_dropped.inc_by(n);
+        self.inner.log_lines_dropped.add(n);
+    }
+
+    /// Reads the log writer's running total of dropped lines on each scrape
+    /// (e.g. `crate::logging::dropped_lines`), added to what
+    /// [`Metrics::log_lines_dropped`] reported. Only the first source set
+    /// is used; returns `false` for a later one.
+    pub fn count_log_lines_dropped_from(&self, source: fn() -> u64) -> bool {
+        self.inner.log_lines_dropped.set_source(source)
     }
 
     /// The serving certificate's `notAfter`. Until the first call the series
@@ -905,6 +910,31 @@ mod tests {
     }
 
     #[test]
+    fn the_organization_flag() {
+        use clap::{CommandFactory, Parser};
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            metrics: MetricsArgs,
+        }
+        Cli::command().debug_assert();
+        let parse = |args: &[&str]| Cli::try_parse_from(args).map(|c| c.metrics);
+        assert!(!parse(&["gw"]).expect("valid").metrics_organization_label);
+        assert!(
+            parse(&["gw", "--metrics-organization-label"])
+                .expect("valid")
+                .metrics_organization_label
+        );
+    }
+
+    #[test]
+    fn handles_travel_between_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Metrics>();
+        send_sync::<InFlight<'static>>();
+    }
+
+    #[test]
     fn in_flight_follows_the_guards() {
         let metrics = Metrics::default();
         let gauge = "gormic_gateway_calls_in_flight";
@@ -927,6 +957,17 @@ mod tests {
             sample(&metrics.encode(), name).as_deref(),
             Some("1900000000")
         );
+    }
+
+    #[test]
+    fn dropped_log_lines_from_reports_and_a_source() {
+        let metrics = Metrics::default();
+        let name = "gormic_gateway_log_lines_dropped_total";
+        assert_eq!(sample(&metrics.encode(), name).as_deref(), Some("0"));
+        metrics.log_lines_dropped(2);
+        assert!(metrics.count_log_lines_dropped_from(|| 40));
+        assert!(!metrics.count_log_lines_dropped_from(|| 1));
+        assert_eq!(sample(&metrics.encode(), name).as_deref(), Some("42"));
     }
 
     #[test]

@@ -201,6 +201,36 @@ mod tests {
     }
 
     #[test]
+    fn flags_parse() {
+        use clap::{CommandFactory, Parser};
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            trace: TraceArgs,
+        }
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "gw",
+            "--otlp-endpoint",
+            "http://collector:4317",
+            "--otel-service-name",
+            "gw-eu",
+            "--otlp-timeout",
+            "2s",
+        ])
+        .expect("valid flags");
+        assert_eq!(cli.trace.otlp_timeout, Some(Duration::from_secs(2)));
+        let config = cli.trace.resolve_with(|_| None).expect("valid");
+        assert_eq!(config.service_name, "gw-eu");
+        assert_eq!(config.timeout, Some(Duration::from_secs(2)));
+        let error = Cli::try_parse_from(["gw", "--otlp-timeout", "soon"])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(error.contains("--otlp-timeout"), "{error}");
+    }
+
+    #[test]
     fn off_without_any_endpoint() {
         let config = args(None).resolve_with(env(&[])).expect("valid");
         assert_eq!(config.endpoint, None);

@@ -449,6 +449,16 @@ mod tests {
         assert!(upstream.tracestate().is_none());
     }
 
+    /// The call path's future holds these across `.await`s on any worker.
+    #[test]
+    fn spans_travel_between_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Tracer>();
+        send_sync::<CallSpan>();
+        send_sync::<UpstreamSpan>();
+        send_sync::<TraceContext>();
+    }
+
     #[test]
     fn error_codes_are_bounded() {
         assert_eq!(bounded("ORDER_CLOSED"), "ORDER_CLOSED");

@@ -1,9 +1,10 @@
-//! Scrape-time series whose values live elsewhere: the upstream connection
-//! pools (one per worker thread, owned by the upstream client) and the TLS
-//! certificate expiry (set by whoever loads the certificate).
+//! Series whose values live elsewhere, read at scrape time: the upstream
+//! connection pools (owned by the upstream client), the TLS certificate
+//! expiry (set by whoever loads the certificate) and the log lines dropped
+//! (counted by the log writer).
 
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -150,6 +151,41 @@ impl Collector for ExpiryCollector {
             "Expiry (notAfter) of the serving TLS certificate, in seconds since the Unix epoch.",
             None,
             gauge.metric_type(),
+        )?)
+    }
+}
+
+/// `gormic_gateway_log_lines_dropped_total`: lines reported one batch at a
+/// time, plus the running total of a registered source.
+#[derive(Debug, Clone, Default)]
+pub(super) struct DroppedLinesCollector {
+    reported: Arc<AtomicU64>,
+    source: Arc<OnceLock<fn() -> u64>>,
+}
+
+impl DroppedLinesCollector {
+    pub fn add(&self, n: u64) {
+        self.reported.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// `false` when a source was already set (the first one stays).
+    pub fn set_source(&self, source: fn() -> u64) -> bool {
+        self.source.set(source).is_ok()
+    }
+}
+
+impl Collector for DroppedLinesCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let total = self
+            .reported
+            .load(Ordering::Relaxed)
+            .saturating_add(self.source.get().map_or(0, |source| source()));
+        let counter = ConstCounter::new(total);
+        counter.encode(encoder.encode_descriptor(
+            "gormic_gateway_log_lines_dropped",
+            "Log lines dropped because the log writer could not keep up.",
+            None,
+            counter.metric_type(),
         )?)
     }
 }
