@@ -25,6 +25,29 @@ const MAX_TRACESTATE_MEMBERS: usize = 32;
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TraceId([u8; 16]);
 
+/// A trace id's 32 lowercase hex digits.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct TraceIdHex([u8; 32]);
+
+impl TraceIdHex {
+    pub fn as_str(&self) -> &str {
+        // Only ASCII hex digits are ever written.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl fmt::Display for TraceIdHex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for TraceIdHex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
 /// A span id: 8 bytes, never all zero.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SpanId([u8; 8]);
@@ -37,6 +60,14 @@ impl TraceId {
 
     pub fn to_bytes(self) -> [u8; 16] {
         self.0
+    }
+
+    /// Lowercase hex on the stack, for a `&str` field (the call's log line)
+    /// without allocating.
+    pub fn hex(self) -> TraceIdHex {
+        let mut out = [0; 32];
+        put_hex(&mut out, &self.0);
+        TraceIdHex(out)
     }
 
     /// A random id, from a fast non-cryptographic generator (trace ids need
@@ -474,5 +505,6 @@ mod tests {
         assert_ne!(a.to_bytes(), [0; 16]);
         assert_ne!(SpanId::random(), SpanId::random());
         assert_eq!(a.to_string().len(), 32);
+        assert_eq!(a.hex().as_str(), a.to_string());
     }
 }

@@ -15,6 +15,7 @@ mod span;
 
 pub use config::{DEFAULT_SERVICE_NAME, Endpoint, TraceArgs, TraceConfig, TraceError};
 pub use context::{
-    FLAG_RANDOM, FLAG_SAMPLED, MAX_TRACESTATE_BYTES, SpanId, TraceContext, TraceId, TraceParent,
+    FLAG_RANDOM, FLAG_SAMPLED, MAX_TRACESTATE_BYTES, SpanId, TraceContext, TraceId, TraceIdHex,
+    TraceParent,
 };
 pub use span::{CallSpan, RPC_SERVICE, Tracer, UpstreamSpan};
