@@ -9,6 +9,7 @@
 //! [`errors`]; every call writes one line ([`logging`]). [`sandbox`] is a
 //! stand-in for the REST API (`--sandbox`), reached through the same client.
 
+pub mod admin;
 mod call_log;
 pub mod config;
 pub mod cors;
@@ -17,6 +18,7 @@ pub mod errors;
 pub mod idempotency;
 pub mod limits;
 pub mod logging;
+pub mod metrics;
 pub mod proto;
 pub mod reload;
 pub mod retry;
@@ -26,4 +28,5 @@ pub mod sandbox;
 pub mod server;
 pub mod service;
 pub mod tls;
+pub mod trace;
 pub mod upstream;

@@ -3,12 +3,14 @@
 
 mod support;
 
+mod admin;
 mod credentials;
 mod forwarding;
 mod grpc_web;
 mod idempotency_store;
 mod limits;
 mod operations;
+mod otlp;
 mod requests;
 mod retries;
 mod sandbox;

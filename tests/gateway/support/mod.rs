@@ -7,6 +7,7 @@
 pub mod certs;
 pub mod fake_upstream;
 pub mod logs;
+pub mod otlp;
 pub mod redis;
 pub mod sandbox;
 
