@@ -12,12 +12,15 @@ use clap::builder::{BoolishValueParser, TypedValueParser};
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use url::Url;
 
+use crate::admin::AdminArgs;
 use crate::cors::CorsOrigins;
 use crate::credentials::CredentialsArgs;
 use crate::idempotency::IdempotencyArgs;
+use crate::metrics::MetricsArgs;
 use crate::retry::RetryArgs;
 use crate::server::{ConnectionLimits, ServerOptions};
 use crate::tls::TlsArgs;
+use crate::trace::{TraceArgs, TraceConfig};
 use crate::upstream::UpstreamOptions;
 
 /// gRPC gateway for the Gormic Order Management invoices REST API.
@@ -93,6 +96,15 @@ pub struct Cli {
 
     #[command(flatten)]
     pub idempotency: IdempotencyArgs,
+
+    #[command(flatten)]
+    pub admin: AdminArgs,
+
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
+
+    #[command(flatten)]
+    pub trace: TraceArgs,
 
     /// Browser origins allowed to call the gateway with gRPC-Web: a
     /// comma-separated list such as `https://app.example.com,http://localhost:3000`,
@@ -242,6 +254,10 @@ pub enum LogFormat {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// `--admin-listen`; `None` when off.
+    pub admin: Option<SocketAddr>,
+    /// OTLP export (the flags and the standard `OTEL_*` variables).
+    pub trace: TraceConfig,
     pub upstream: Target,
     pub upstream_options: UpstreamOptions,
     pub server: ServerOptions,
@@ -256,6 +272,8 @@ pub enum ConfigError {
          or --sandbox (GORMIC_SANDBOX=1) to run against the built-in sandbox (not for production)"
     )]
     NoUpstream,
+    #[error(transparent)]
+    Trace(#[from] crate::trace::TraceError),
 }
 
 impl Cli {
@@ -273,6 +291,8 @@ impl Cli {
         let limits = &self.limits;
         Ok(Config {
             listen: self.listen,
+            admin: self.admin.addr(),
+            trace: self.trace.resolve()?,
             upstream,
             upstream_options: UpstreamOptions {
                 timeout: self.upstream_timeout,

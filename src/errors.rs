@@ -222,6 +222,17 @@ pub struct StatusContext<'a> {
 }
 
 impl CallError {
+    /// Why the call counts as shed (refused for lack of capacity), if it does.
+    pub fn shed_reason(&self) -> Option<crate::metrics::ShedReason> {
+        match self {
+            Self::Overloaded { .. } => Some(crate::metrics::ShedReason::InFlightLimit),
+            Self::Upstream(UpstreamError::QueueFull) => {
+                Some(crate::metrics::ShedReason::UpstreamQueueFull)
+            }
+            _ => None,
+        }
+    }
+
     /// The upstream HTTP status, when an answer arrived.
     pub fn http_status(&self) -> Option<u16> {
         match self {
@@ -232,6 +243,11 @@ impl CallError {
 
     /// The gRPC status for this error.
     pub fn to_status(&self, call: &StatusContext<'_>) -> Status {
+        self.to_status_and_reason(call).0
+    }
+
+    /// The gRPC status for this error and its `ErrorInfo.reason`.
+    pub fn to_status_and_reason(&self, call: &StatusContext<'_>) -> (Status, String) {
         let rpc = call.rpc;
         let mut details = ErrorDetails::new();
         let mut request_id = call.request_id.map(str::to_owned);
@@ -482,7 +498,11 @@ impl CallError {
             metadata.insert("attempts".to_owned(), attempts.to_string());
             details.set_error_info(info.reason, info.domain, metadata);
         }
-        Status::with_error_details(code, message, details)
+        let reason = details
+            .error_info()
+            .map(|info| info.reason.clone())
+            .unwrap_or_default();
+        (Status::with_error_details(code, message, details), reason)
     }
 }
 

@@ -17,14 +17,17 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use url::Url;
 
+use gormic_gateway::admin::{self, Readiness};
 use gormic_gateway::config::{Cli, Command, Config, SandboxArgs, Target};
 use gormic_gateway::credentials::CredentialMap;
 use gormic_gateway::idempotency::Idempotency;
 use gormic_gateway::limits::InFlightLimit;
+use gormic_gateway::metrics::Metrics;
 use gormic_gateway::reload;
 use gormic_gateway::sandbox::{self, Fixture};
 use gormic_gateway::service::InvoiceGateway;
 use gormic_gateway::tls::{self, ServerTls, UpstreamTls};
+use gormic_gateway::trace::Tracer;
 use gormic_gateway::upstream::Upstream;
 use gormic_gateway::{logging, server};
 
@@ -79,7 +82,15 @@ fn gateway(cli: &Cli) -> Result<(), Exit> {
         .enable_all()
         .build()
         .map_err(|e| Exit::Failed(format!("cannot start the async runtime: {e}")))?;
-    block_on(runtime, serve(cli, config, sandbox, files))
+    let tracer = std::cell::OnceCell::new();
+    let served = block_on(runtime, serve(cli, config, sandbox, files, &tracer));
+    // After every runtime has stopped: the exporter flushes on its own thread.
+    if let Some(tracer) = tracer.get()
+        && let Err(error) = tracer.shutdown()
+    {
+        tracing::warn!(%error, "spans not exported at exit");
+    }
+    served
 }
 
 /// What the flags' files hold, checked at start-up and re-read on change.
@@ -109,22 +120,35 @@ impl Files {
         })
     }
 
-    /// One reload task per reloadable file set, until `stop` says so.
-    fn watch(&self, interval: Duration, stop: &watch::Receiver<bool>) {
+    /// One reload task per reloadable file set, until `stop` says so; each
+    /// outcome is counted, and the certificate expiry gauge follows.
+    fn watch(&self, interval: Duration, stop: &watch::Receiver<bool>, metrics: &Metrics) {
         let until = |stop: &watch::Receiver<bool>| {
             let mut stop = stop.clone();
             async move {
                 let _ = stop.wait_for(|stopped| *stopped).await;
             }
         };
-        let count = |_: &'static str, _: reload::Outcome| {};
+        let count = |metrics: &Metrics| {
+            let metrics = metrics.clone();
+            move |file: &'static str, outcome: reload::Outcome| {
+                metrics.reload(file, outcome == reload::Outcome::Success);
+            }
+        };
         if let Some(server_tls) = self.server_tls.clone() {
+            metrics.set_tls_certificate_expiry(server_tls.not_after());
+            let expiry = metrics.clone();
+            let counted = count(metrics);
+            let tls = server_tls.clone();
             tokio::spawn(reload::watch(
                 interval,
                 until(stop),
                 "tls",
                 move || server_tls.reload(),
-                count,
+                move |file, outcome| {
+                    counted(file, outcome);
+                    expiry.set_tls_certificate_expiry(tls.not_after());
+                },
             ));
         }
         if self.upstream_tls.has_files() {
@@ -134,7 +158,7 @@ impl Files {
                 until(stop),
                 "upstream_tls",
                 move || upstream_tls.reload(),
-                count,
+                count(metrics),
             ));
         }
         if let Some(credentials) = self.credentials.clone() {
@@ -143,7 +167,7 @@ impl Files {
                 until(stop),
                 "credentials",
                 move || credentials.reload(),
-                count,
+                count(metrics),
             ));
         }
     }
@@ -163,6 +187,7 @@ async fn serve(
     config: Config,
     sandbox: Option<Fixture>,
     files: Files,
+    tracer_slot: &std::cell::OnceCell<Tracer>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let signal = shutdown_signal();
     let (stop, stopped) = watch::channel(false);
@@ -179,10 +204,37 @@ async fn serve(
             start_sandbox(fixture.unwrap_or_else(Fixture::builtin)).await?
         }
     };
+    let metrics = Metrics::new(&cli.metrics);
     let upstream = Upstream::new(&upstream_url, config.upstream_options.clone())
         .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+    metrics.register_pool(upstream.pool_gauges());
+    metrics.count_log_lines_dropped_from(logging::dropped_lines);
+    let tracer = Tracer::start(
+        &config.trace,
+        upstream_url.host_str().unwrap_or_default(),
+        upstream_url.port_or_known_default().unwrap_or_default(),
+    )
+    .map_err(|e| e.to_string())?;
+    let _ = tracer_slot.set(tracer.clone());
+
     let listener = server::bind(config.listen)
         .map_err(|e| format!("cannot listen on {} (--listen): {e}", config.listen))?;
+    let readiness = Readiness::new();
+    if let Some(addr) = config.admin {
+        let admin = TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr} (--admin-listen): {e}"))?;
+        tracing::info!(admin = %admin.local_addr()?, "serving /metrics, /livez, /readyz");
+        let mut stopped = stopped.clone();
+        tokio::spawn(admin::serve(
+            admin,
+            metrics.clone(),
+            readiness.clone(),
+            async move {
+                let _ = stopped.wait_for(|stopped| *stopped).await;
+            },
+        ));
+    }
     tracing::info!(
         grpc = %listener.local_addr()?,
         tls = files.server_tls.as_ref().map(|t| if t.mutual() { "mutual" } else { "server" }),
@@ -194,17 +246,24 @@ async fn serve(
         idempotency_store = %cli.idempotency.idempotency_store,
         credentials = files.credentials.as_ref().map(CredentialMap::len),
         cors_allowed_origins = %config.server.cors,
+        otlp_endpoint = config.trace.endpoint.as_ref().map(|e| e.to_string()),
         "serving gormic.om.v1.InvoiceService"
     );
-    files.watch(cli.tls.reload_interval, &stopped);
+    files.watch(cli.tls.reload_interval, &stopped, &metrics);
     let mut gateway = InvoiceGateway::new(upstream)
         .map_err(|e| e.to_string())?
         .with_in_flight_limit(InFlightLimit::new(config.max_in_flight))
-        .with_idempotency(idempotency);
+        .with_idempotency(idempotency)
+        .with_metrics(metrics)
+        .with_tracer(tracer);
     if let Some(credentials) = files.credentials.clone() {
         gateway = gateway.with_credentials(credentials);
     }
-    server::run(listener, gateway, shutdown, config.server).await?;
+    readiness.set_ready(true);
+    let hooks = server::Hooks {
+        on_drain: Some(Box::new(move || readiness.set_ready(false))),
+    };
+    server::run_with(listener, gateway, shutdown, config.server, hooks).await?;
     Ok(())
 }
 

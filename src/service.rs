@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use http::HeaderValue;
+use tokio::time::Instant;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status};
 
@@ -18,9 +19,11 @@ use crate::errors::{CallError, FieldViolation, StatusContext};
 use crate::idempotency::step::{Start, Verdict};
 use crate::idempotency::{self, Idempotency, Lease};
 use crate::limits::{InFlightLimit, RequestTooLarge};
+use crate::metrics::{InFlight, Metrics};
 use crate::proto::v1 as pb;
 use crate::proto::v1::invoice_service_server::InvoiceService;
 use crate::tls::CallerIdentity;
+use crate::trace::{CallSpan, TraceContext, Tracer};
 use crate::upstream::{
     CallContext, CloseInvoice, CreateInvoice, Credentials, DeleteInvoice, Operation, SendInvoice,
     UpdateInvoice, Upstream,
@@ -34,6 +37,8 @@ pub struct InvoiceGateway {
     idempotency: Idempotency,
     /// `--credentials`: mTLS identities mapped to the keys sent upstream.
     credentials: Option<CredentialMap>,
+    metrics: Metrics,
+    tracer: Tracer,
 }
 
 impl std::fmt::Debug for InvoiceGateway {
@@ -56,6 +61,47 @@ struct CallState {
     lease: Option<(Lease, Verdict)>,
 }
 
+/// Counts the call in the metrics once: when it is answered, or as
+/// CANCELLED when the caller goes away first (the future is dropped).
+struct Finished<'a> {
+    metrics: &'a Metrics,
+    rpc: &'static str,
+    started: Instant,
+    _in_flight: InFlight<'a>,
+    done: bool,
+}
+
+impl<'a> Finished<'a> {
+    fn new(metrics: &'a Metrics, rpc: &'static str) -> Self {
+        Self {
+            metrics,
+            rpc,
+            started: Instant::now(),
+            _in_flight: metrics.call_started(),
+            done: false,
+        }
+    }
+
+    fn record(&mut self, code: tonic::Code, organization: Option<&str>) {
+        self.done = true;
+        self.metrics
+            .call_finished(self.rpc, code, self.started.elapsed(), organization);
+    }
+}
+
+impl Drop for Finished<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.metrics.call_finished(
+                self.rpc,
+                tonic::Code::Cancelled,
+                self.started.elapsed(),
+                None,
+            );
+        }
+    }
+}
+
 /// A call's answer before it becomes a gRPC response.
 enum Answer<R> {
     /// From the upstream, now.
@@ -73,7 +119,23 @@ impl InvoiceGateway {
             in_flight: InFlightLimit::new(crate::limits::DEFAULT_MAX_IN_FLIGHT),
             idempotency: Idempotency::in_memory()?,
             credentials: None,
+            metrics: Metrics::default(),
+            tracer: Tracer::disabled(),
         })
+    }
+
+    /// Records every call, attempt, retry and shed call in `metrics`.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.upstream = self.upstream.with_metrics(metrics.clone());
+        self.metrics = metrics;
+        self
+    }
+
+    /// Continues the caller's trace (W3C `traceparent`) and, when exporting,
+    /// records a span per call and per upstream request.
+    pub fn with_tracer(mut self, tracer: Tracer) -> Self {
+        self.tracer = tracer;
+        self
     }
 
     /// Replaces the cap on calls in flight.
@@ -102,12 +164,17 @@ impl InvoiceGateway {
     ) -> Result<Response<Op::Response>, Status> {
         let rpc = Op::ROUTE.rpc;
         let (metadata, extensions, message) = request.into_parts();
+        let mut finished = Finished::new(&self.metrics, rpc);
         let request_id = RequestId::read(&metadata);
         let identity = extensions.get::<CallerIdentity>();
+        let span = self
+            .tracer
+            .start_call(&TraceContext::from_metadata(&metadata), rpc);
+        let trace_id = span.trace_id().hex();
         let mut log = CallLog::start(
             rpc,
             request_id.as_str(),
-            "",
+            trace_id.as_str(),
             identity.map(CallerIdentity::as_str),
         );
         let mut state = CallState::default();
@@ -118,31 +185,37 @@ impl InvoiceGateway {
                 &extensions,
                 &message,
                 validate,
-                &request_id,
+                (&request_id, &span),
                 &mut state,
             )
             .await;
-        let (answer, replayed) = match answer {
-            Ok(Answer::Fresh(message)) => (Ok(message), false),
-            Ok(Answer::Replayed(answer)) => (answer, true),
-            Err(error) => (
-                Err(error.to_status(&StatusContext {
+        let (answer, replayed, reason) = match answer {
+            Ok(Answer::Fresh(message)) => (Ok(message), false, None),
+            Ok(Answer::Replayed(answer)) => (answer, true, None),
+            Err(error) => {
+                if let Some(shed) = error.shed_reason() {
+                    self.metrics.call_shed(shed);
+                }
+                let (status, reason) = error.to_status_and_reason(&StatusContext {
                     rpc,
                     request_id: Some(request_id.as_str()),
                     attempts: state.attempts,
-                })),
-                false,
-            ),
+                });
+                (Err(status), false, Some(reason))
+            }
         };
         // Recorded before answering, so that a quick retry finds it.
         if let Some((lease, verdict)) = state.lease.take() {
             Box::pin(idempotency::step::record(lease, verdict, &answer)).await;
         }
 
+        let code = answer
+            .as_ref()
+            .map_or_else(Status::code, |_| tonic::Code::Ok);
+        finished.record(code, text(&metadata, "organization-id"));
+        span.end(code, reason.as_deref());
         log.finish(Ending {
-            code: answer
-                .as_ref()
-                .map_or_else(Status::code, |_| tonic::Code::Ok),
+            code,
             upstream_status: state.upstream_status,
             attempts: state.attempts,
             error: answer.as_ref().err().map(Status::message),
@@ -170,7 +243,7 @@ impl InvoiceGateway {
         extensions: &tonic::Extensions,
         message: &Op::Request,
         validate: fn(&Op::Request) -> Vec<FieldViolation>,
-        request_id: &RequestId,
+        (request_id, span): (&RequestId, &CallSpan),
         state: &mut CallState,
     ) -> Result<Answer<Op::Response>, CallError> {
         // Refused before anything else: the cheapest answer, and the one
@@ -188,17 +261,26 @@ impl InvoiceGateway {
         }
         let caller_timeout = grpc_timeout(metadata);
 
-        let budget =
-            self.upstream.exchange_budget(caller_timeout) + self.idempotency.store_timeout();
-        let start = idempotency::step::start(
-            &self.idempotency,
-            metadata,
-            Op::ROUTE.rpc,
-            &credentials,
-            message,
-            budget,
-        )
-        .await;
+        // Boxed, and only for calls with a key: the store's futures are
+        // large and most calls never need them.
+        let start = if metadata.contains_key(idempotency::METADATA_KEY) {
+            let lease =
+                self.upstream.exchange_budget(caller_timeout) + self.idempotency.store_timeout();
+            Box::pin(idempotency::step::start(
+                &self.idempotency,
+                metadata,
+                Op::ROUTE.rpc,
+                &credentials,
+                message,
+                lease,
+            ))
+            .await
+        } else {
+            Ok(Start::NoKey)
+        };
+        if let Some(result) = idempotency::step::metric(&start) {
+            self.metrics.idempotency(result);
+        }
         let lease = match start? {
             Start::NoKey => None,
             Start::Fresh(lease) => Some(lease),
@@ -211,8 +293,7 @@ impl InvoiceGateway {
             credentials,
             request_id: request_id.header(),
             caller_timeout,
-            traceparent: None,
-            tracestate: None,
+            span,
         };
         let exchange = self.upstream.send::<Op>(&call, message).await;
         state.attempts = Some(exchange.attempts).filter(|&n| n > 0);

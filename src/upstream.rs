@@ -25,10 +25,30 @@ pub use operation::{
     CloseInvoice, CreateInvoice, DeleteInvoice, Operation, SendInvoice, Undecodable, UpdateInvoice,
 };
 pub use pool::PoolGauges;
+
+impl crate::metrics::PoolGauges for PoolGauges {
+    fn idle(&self) -> u64 {
+        self.idle.load(Ordering::Relaxed)
+    }
+    fn busy(&self) -> u64 {
+        self.busy.load(Ordering::Relaxed)
+    }
+    fn pending(&self) -> u64 {
+        self.pending.load(Ordering::Relaxed)
+    }
+    fn limit(&self) -> u64 {
+        self.limit.load(Ordering::Relaxed)
+    }
+    fn opened_total(&self) -> u64 {
+        self.opened_total.load(Ordering::Relaxed)
+    }
+}
 use pool::{Pool, PoolLimits, SendError};
 
+use crate::metrics::{Metrics, UpstreamResult};
 use crate::retry::{Decision, RetryArgs, RetryPolicy};
 use crate::routes::Route;
+use crate::trace::{CallSpan, UpstreamSpan};
 
 /// Largest upstream body the gateway reads; a larger one is a malformed answer
 /// (the known answers are a few hundred bytes, this bounds memory per call).
@@ -98,6 +118,8 @@ impl Default for UpstreamOptions {
 #[derive(Clone)]
 pub struct Upstream {
     inner: Arc<Inner>,
+    /// Each attempt and retry is counted here.
+    metrics: Metrics,
 }
 
 struct Inner {
@@ -129,16 +151,16 @@ pub struct Credentials {
 }
 
 /// What a call carries besides its request message.
-#[derive(Debug, Clone)]
-pub struct CallContext {
+#[derive(Debug)]
+pub struct CallContext<'a> {
     pub credentials: Credentials,
     /// The call's `x-request-id` (the caller's, or generated), sent upstream.
     pub request_id: HeaderValue,
     /// The caller's gRPC deadline (`grpc-timeout`), when it set one.
     pub caller_timeout: Option<Duration>,
-    /// W3C trace context for the upstream request.
-    pub traceparent: Option<HeaderValue>,
-    pub tracestate: Option<HeaderValue>,
+    /// The call's span: each attempt is a child span, whose id goes upstream
+    /// in `traceparent`.
+    pub span: &'a CallSpan,
 }
 
 /// A successful upstream answer, with the HTTP status for the call log.
@@ -320,7 +342,14 @@ impl Upstream {
                 deadline_margin: options.deadline_margin,
                 retry: RetryPolicy::new(&options.retry),
             }),
+            metrics: Metrics::default(),
         })
+    }
+
+    /// Counts attempts and retries in `metrics`.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// The pool's gauges, for the metrics.
@@ -332,7 +361,7 @@ impl Upstream {
     /// within the caller's deadline.
     pub async fn send<Op: Operation>(
         &self,
-        call: &CallContext,
+        call: &CallContext<'_>,
         request: &Op::Request,
     ) -> Exchange<Op::Response> {
         let prepared = match self.prepare::<Op>(request) {
@@ -355,7 +384,9 @@ impl Upstream {
         loop {
             attempt += 1;
             let attempt_sent = AtomicBool::new(false);
-            let exchange = self.exchange::<Op>(&prepared, call, &attempt_sent);
+            let span = call.span.upstream(&Op::ROUTE.method, Op::ROUTE.template);
+            let attempt_started = Instant::now();
+            let exchange = self.exchange::<Op>(&prepared, call, &span, &attempt_sent);
             let result = match tokio::time::timeout_at(deadline, exchange).await {
                 Ok(result) => result,
                 Err(_) => Err(UpstreamError::Timeout {
@@ -365,6 +396,7 @@ impl Upstream {
                 }),
             };
             sent |= attempt_sent.load(Ordering::Relaxed);
+            self.observe(Op::ROUTE.rpc, &result, attempt_started.elapsed(), span);
             let error = match result {
                 Ok(reply) => {
                     return Exchange {
@@ -378,6 +410,7 @@ impl Upstream {
             let remaining = Some(deadline.saturating_duration_since(Instant::now()));
             match retry.decide(Op::REPEATABLE, &error, attempt, remaining) {
                 Decision::Retry { delay, reason } => {
+                    self.metrics.retry(Op::ROUTE.rpc, reason);
                     tracing::debug!(
                         rpc = Op::ROUTE.rpc,
                         attempt,
@@ -407,6 +440,39 @@ impl Upstream {
         }
     }
 
+    /// One attempt's metric and span. Nothing is recorded for an attempt
+    /// that never reached a connection (queue full, request not built).
+    fn observe<T>(
+        &self,
+        rpc: &'static str,
+        result: &Result<Reply<T>, UpstreamError>,
+        elapsed: Duration,
+        span: UpstreamSpan,
+    ) {
+        let (outcome, code) = match result {
+            Ok(reply) => (UpstreamResult::Status(reply.http_status), None),
+            Err(UpstreamError::Rejected(rejection)) => (
+                UpstreamResult::Status(rejection.http_status),
+                rejection.code.as_deref(),
+            ),
+            Err(UpstreamError::Malformed { http_status, .. }) => {
+                (UpstreamResult::Malformed(Some(*http_status)), None)
+            }
+            Err(UpstreamError::Timeout { .. }) => (UpstreamResult::Timeout, None),
+            Err(UpstreamError::Unreachable {
+                request_sent: false,
+                ..
+            }) => (UpstreamResult::Connect, None),
+            Err(UpstreamError::Unreachable { .. }) => (UpstreamResult::Connection, None),
+            Err(UpstreamError::QueueFull | UpstreamError::Internal { .. }) => {
+                drop(span);
+                return;
+            }
+        };
+        self.metrics.upstream_request(rpc, outcome, elapsed);
+        span.end(outcome.status(), outcome.error_type(), code);
+    }
+
     fn prepare<Op: Operation>(&self, request: &Op::Request) -> Result<Prepared, UpstreamError> {
         let route = Op::ROUTE;
         let body = Op::body(request).map_err(|e| UpstreamError::Internal {
@@ -429,10 +495,11 @@ impl Upstream {
     async fn exchange<Op: Operation>(
         &self,
         prepared: &Prepared,
-        call: &CallContext,
+        call: &CallContext<'_>,
+        span: &UpstreamSpan,
         sent: &AtomicBool,
     ) -> Result<Reply<Op::Response>, UpstreamError> {
-        let request = self.request(prepared, call);
+        let request = self.request(prepared, call, span);
         let (response, mut lease) = self
             .inner
             .pool
@@ -502,7 +569,12 @@ impl Upstream {
         })))
     }
 
-    fn request(&self, prepared: &Prepared, call: &CallContext) -> http::Request<Full<Bytes>> {
+    fn request(
+        &self,
+        prepared: &Prepared,
+        call: &CallContext<'_>,
+        span: &UpstreamSpan,
+    ) -> http::Request<Full<Bytes>> {
         let body = prepared.body.clone().unwrap_or_default();
         let mut request = http::Request::new(Full::new(body));
         *request.method_mut() = prepared.route.method.clone();
@@ -518,11 +590,9 @@ impl Upstream {
         headers.insert("api-key", call.credentials.api_key.clone());
         headers.insert("organization-id", call.credentials.organization_id.clone());
         headers.insert("x-request-id", call.request_id.clone());
-        if let Some(traceparent) = &call.traceparent {
-            headers.insert("traceparent", traceparent.clone());
-        }
-        if let Some(tracestate) = &call.tracestate {
-            headers.insert("tracestate", tracestate.clone());
+        headers.insert("traceparent", span.traceparent());
+        if let Some(tracestate) = span.tracestate() {
+            headers.insert("tracestate", tracestate);
         }
         request
     }

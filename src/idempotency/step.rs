@@ -26,6 +26,7 @@ use super::{
     request_digest,
 };
 use crate::errors::{CallError, FieldViolation};
+use crate::metrics::IdempotencyResult;
 use crate::upstream::{Credentials, UpstreamError};
 
 /// Where a call stands with its key, before the upstream.
@@ -38,17 +39,18 @@ pub(crate) enum Start {
     Replay(Outcome),
 }
 
-/// The metric label of a start (`gormic_gateway_idempotency_requests_total`).
-pub(crate) fn label(start: &Result<Start, CallError>) -> Option<&'static str> {
+/// What a start counts as (`gormic_gateway_idempotency_requests_total`);
+/// `None` for calls without a key or with an invalid one.
+pub(crate) fn metric(start: &Result<Start, CallError>) -> Option<IdempotencyResult> {
     Some(match start {
         Ok(Start::NoKey) => return None,
-        Ok(Start::Fresh(_)) => "new",
-        Ok(Start::Replay(_)) => "replayed",
-        Err(CallError::IdempotencyKeyInProgress { .. }) => "in_progress",
-        Err(CallError::IdempotencyKeyReused) => "reused",
-        Err(CallError::IdempotencyOutcomeUnknown) => "outcome_unknown",
+        Ok(Start::Fresh(_)) => IdempotencyResult::New,
+        Ok(Start::Replay(_)) => IdempotencyResult::Replayed,
+        Err(CallError::IdempotencyKeyInProgress { .. }) => IdempotencyResult::InProgress,
+        Err(CallError::IdempotencyKeyReused) => IdempotencyResult::Reused,
+        Err(CallError::IdempotencyOutcomeUnknown) => IdempotencyResult::OutcomeUnknown,
         Err(CallError::IdempotencyStoreUnavailable(_) | CallError::IdempotencyStoreFull) => {
-            "store_error"
+            IdempotencyResult::StoreError
         }
         Err(_) => return None,
     })
