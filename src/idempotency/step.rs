@@ -10,7 +10,9 @@
 //! - the upstream refused it without acting (429, 503): **release**;
 //! - a definitive answer (a success; a functional error code; any other
 //!   4xx but 408; a 2xx the gateway could not read, which means the upstream
-//!   acted): **complete**, repeats replay exactly what this call answered;
+//!   acted): **complete**, repeats replay exactly what this call answered.
+//!   The HTTP status ranks above a code in the body: a 408, 429 or 5xx
+//!   naming a code is still judged by its status;
 //! - it may have acted and no definitive answer came (timeout after
 //!   sending, broken connection, 408, 5xx): **unknown**, repeats get
 //!   `IDEMPOTENCY_OUTCOME_UNKNOWN` until the record expires.
@@ -119,11 +121,14 @@ impl Verdict {
             return Self::Release;
         }
         match error {
-            UpstreamError::Rejected(rejection) if rejection.code.is_some() => Self::Complete,
+            // The status decides before any code in the body: Gormic's
+            // functional errors are 400s, while a proxy or an overloaded
+            // server may put a code in a 408, 429 or 5xx too.
             UpstreamError::Rejected(rejection) => match rejection.http_status {
                 429 | 503 => Self::Release,
-                408 => Self::Unknown,
+                408 | 500..=599 => Self::Unknown,
                 400..=499 => Self::Complete,
+                _ if rejection.code.is_some() => Self::Complete,
                 _ => Self::Unknown,
             },
             UpstreamError::Malformed { .. } => Self::Complete,
@@ -182,6 +187,13 @@ mod tests {
         };
         let cases = [
             (answered(400, Some("ORDER_CLOSED")), true, Complete),
+            (answered(200, Some("ORDER_CLOSED")), true, Complete),
+            (answered(429, Some("RATE_LIMITED")), true, Release),
+            (answered(503, Some("SERVICE_UNAVAILABLE")), true, Release),
+            (answered(408, Some("REQUEST_TIMEOUT")), true, Unknown),
+            (answered(500, Some("INTERNAL_ERROR")), true, Unknown),
+            (answered(504, Some("GATEWAY_TIMEOUT")), true, Unknown),
+            (answered(307, None), true, Unknown),
             (answered(404, None), true, Complete),
             (answered(429, None), true, Release),
             (answered(503, None), true, Release),
