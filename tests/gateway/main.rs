@@ -6,6 +6,7 @@ mod support;
 mod credentials;
 mod forwarding;
 mod grpc_web;
+mod idempotency;
 mod idempotency_store;
 mod limits;
 mod operations;
