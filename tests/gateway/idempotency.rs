@@ -14,13 +14,15 @@ use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Request, Response, Status};
 
 use gormic_gateway::idempotency::{
-    Idempotency, IdempotencyArgs, METADATA_KEY, REPLAYED_METADATA_KEY, StoreLocation, parse_store,
+    Idempotency, IdempotencyArgs, MAX_OUTCOME_BYTES, METADATA_KEY, REPLAYED_METADATA_KEY,
+    StoreLocation, parse_store,
 };
 use gormic_gateway::proto::v1 as pb;
 use gormic_gateway::server::ServerOptions;
 use gormic_gateway::service::InvoiceGateway;
 use gormic_gateway::upstream::{Upstream, UpstreamOptions};
 
+use crate::support::fake_upstream::envelope;
 use crate::support::hanging_up::HangingUpUpstream;
 use crate::support::redis::RedisServer;
 use crate::support::{
@@ -249,6 +251,7 @@ for_both_stores!(
     malformed_keys_are_refused_with_a_bad_request_violation_and_nothing_is_sent,
     a_keyed_create_answered_502_is_sent_once_and_its_key_left_unknown,
     a_keyed_update_retried_by_the_gateway_records_its_final_answer,
+    a_success_too_large_to_record_leaves_its_key_unknown,
 );
 
 async fn a_retried_create_gets_the_same_invoice_and_the_upstream_sees_one_request(
@@ -867,6 +870,42 @@ async fn a_keyed_update_retried_by_the_gateway_records_its_final_answer(backend:
     assert!(replayed(&again));
     assert_eq!(again.into_inner(), first);
     assert_eq!(upstream.requests().len(), 2);
+}
+
+async fn a_success_too_large_to_record_leaves_its_key_unknown(backend: &impl Backend) {
+    let upstream = FakeUpstream::start().await;
+    // 80 warnings of 1 KiB: an answer over MAX_OUTCOME_BYTES (64 KiB).
+    let warnings: Vec<_> = (0..80)
+        .map(|i| json!({"code": format!("W{i}"), "text": "w".repeat(1024)}))
+        .collect();
+    let mut body = envelope(json!({"id": "inv-1"}));
+    body["warnings"] = json!(warnings);
+    upstream.respond(Scripted::json(200, body));
+    let mut gw = gateway(&upstream.url(), backend.store(Settings::default()).await).await;
+
+    let first = gw
+        .client
+        .create_invoice(keyed(create("ord-1"), "key-large"))
+        .await
+        .expect("the caller gets its answer");
+    let first = first.into_inner();
+    assert_eq!(first.id, "inv-1");
+    let meta = first.meta.expect("meta");
+    assert_eq!(meta.warnings.len(), 80);
+    assert!(prost::Message::encoded_len(&meta) > MAX_OUTCOME_BYTES);
+
+    // Not truncated, not dropped: a repeat is told to reconcile.
+    let status = gw
+        .client
+        .create_invoice(keyed(create("ord-1"), "key-large"))
+        .await
+        .expect_err("not recorded");
+    assert_refused(
+        &status,
+        Code::FailedPrecondition,
+        "IDEMPOTENCY_OUTCOME_UNKNOWN",
+    );
+    assert_eq!(upstream.requests().len(), 1);
 }
 
 // ---- Redis only ----------------------------------------------------------
