@@ -264,8 +264,9 @@ impl InvoiceGateway {
         // Boxed, and only for calls with a key: the store's futures are
         // large and most calls never need them.
         let start = if metadata.contains_key(idempotency::METADATA_KEY) {
-            let lease =
-                self.upstream.exchange_budget(caller_timeout) + self.idempotency.store_timeout();
+            let lease = self.upstream.exchange_budget(caller_timeout)
+                + self.idempotency.store_timeout()
+                + idempotency::step::LEASE_SLACK;
             Box::pin(idempotency::step::start(
                 &self.idempotency,
                 metadata,

@@ -10,7 +10,9 @@
 //! - the upstream refused it without acting (429, 503): **release**;
 //! - a definitive answer (a success; a functional error code; any other
 //!   4xx but 408; a 2xx the gateway could not read, which means the upstream
-//!   acted): **complete**, repeats replay exactly what this call answered;
+//!   acted): **complete**, repeats replay exactly what this call answered.
+//!   The HTTP status ranks above a code in the body: a 408, 429 or 5xx
+//!   naming a code is still judged by its status;
 //! - it may have acted and no definitive answer came (timeout after
 //!   sending, broken connection, 408, 5xx): **unknown**, repeats get
 //!   `IDEMPOTENCY_OUTCOME_UNKNOWN` until the record expires.
@@ -28,6 +30,14 @@ use super::{
 use crate::errors::{CallError, FieldViolation};
 use crate::metrics::IdempotencyResult;
 use crate::upstream::{Credentials, UpstreamError};
+
+/// Added to a call's lease beyond its budget: the owner records its verdict
+/// just after the deadline, and a repeat arriving in between must find the
+/// call still in progress, not an unknown outcome.
+pub(crate) const LEASE_SLACK: Duration = Duration::from_secs(1);
+
+/// Longest `RetryInfo` delay suggested to a duplicate of a call in progress.
+pub(crate) const MAX_IN_PROGRESS_RETRY_DELAY: Duration = Duration::from_secs(1);
 
 /// Where a call stands with its key, before the upstream.
 pub(crate) enum Start {
@@ -85,9 +95,11 @@ pub(crate) async fn start(
     match store.begin(&scope, digest, lease).await {
         Ok(Begin::Proceed(lease)) => Ok(Start::Fresh(lease)),
         Ok(Begin::Replay(outcome)) => Ok(Start::Replay(outcome)),
-        Ok(Begin::InProgress { retry_after }) => {
-            Err(CallError::IdempotencyKeyInProgress { retry_after })
-        }
+        // The first call usually ends within milliseconds; the rest of its
+        // lease (up to the whole upstream timeout) would be a poor hint.
+        Ok(Begin::InProgress { retry_after }) => Err(CallError::IdempotencyKeyInProgress {
+            retry_after: retry_after.min(MAX_IN_PROGRESS_RETRY_DELAY),
+        }),
         Ok(Begin::Mismatch) => Err(CallError::IdempotencyKeyReused),
         Ok(Begin::OutcomeUnknown) => Err(CallError::IdempotencyOutcomeUnknown),
         Err(StoreError::Unavailable(detail)) => Err(CallError::IdempotencyStoreUnavailable(detail)),
@@ -121,11 +133,14 @@ impl Verdict {
             return Self::Release;
         }
         match error {
-            UpstreamError::Rejected(rejection) if rejection.code.is_some() => Self::Complete,
+            // The status decides before any code in the body: Gormic's
+            // functional errors are 400s, while a proxy or an overloaded
+            // server may put a code in a 408, 429 or 5xx too.
             UpstreamError::Rejected(rejection) => match rejection.http_status {
                 429 | 503 => Self::Release,
-                408 => Self::Unknown,
+                408 | 500..=599 => Self::Unknown,
                 400..=499 => Self::Complete,
+                _ if rejection.code.is_some() => Self::Complete,
                 _ => Self::Unknown,
             },
             UpstreamError::Malformed { .. } => Self::Complete,
@@ -184,6 +199,13 @@ mod tests {
         };
         let cases = [
             (answered(400, Some("ORDER_CLOSED")), true, Complete),
+            (answered(200, Some("ORDER_CLOSED")), true, Complete),
+            (answered(429, Some("RATE_LIMITED")), true, Release),
+            (answered(503, Some("SERVICE_UNAVAILABLE")), true, Release),
+            (answered(408, Some("REQUEST_TIMEOUT")), true, Unknown),
+            (answered(500, Some("INTERNAL_ERROR")), true, Unknown),
+            (answered(504, Some("GATEWAY_TIMEOUT")), true, Unknown),
+            (answered(307, None), true, Unknown),
             (answered(404, None), true, Complete),
             (answered(429, None), true, Release),
             (answered(503, None), true, Release),

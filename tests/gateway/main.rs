@@ -7,6 +7,7 @@ mod admin;
 mod credentials;
 mod forwarding;
 mod grpc_web;
+mod idempotency;
 mod idempotency_store;
 mod limits;
 mod operations;

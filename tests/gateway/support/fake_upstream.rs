@@ -109,6 +109,9 @@ struct Shared {
     /// Dropped-request count: a handler future dropped before it answered.
     abandoned: Mutex<usize>,
     abandoned_notify: Notify,
+    /// While true, answers wait (requests are still recorded on arrival).
+    held: Mutex<bool>,
+    released: Notify,
 }
 
 /// Connection counts as the upstream saw them.
@@ -217,11 +220,53 @@ impl Drop for AbandonGuard {
     }
 }
 
+/// A loopback port bound for a fake upstream that does not listen yet:
+/// connections to it are refused (nothing can take the port meanwhile)
+/// until [`ReservedPort::start`] serves on it.
+pub struct ReservedPort {
+    socket: tokio::net::TcpSocket,
+    addr: SocketAddr,
+}
+
+impl ReservedPort {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Starts listening: from now on the fake upstream answers on this port.
+    pub async fn start(self) -> FakeUpstream {
+        let listener = self
+            .socket
+            .listen(1024)
+            .expect("listen on the reserved port");
+        FakeUpstream::start_on(listener).await
+    }
+}
+
 impl FakeUpstream {
     pub async fn start() -> Self {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind fake upstream");
+        Self::start_on(listener).await
+    }
+
+    /// Binds a loopback port without listening on it (see [`ReservedPort`]).
+    pub fn reserve() -> ReservedPort {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind("127.0.0.1:0".parse().expect("address"))
+            .expect("bind a loopback port");
+        let addr = socket.local_addr().expect("addr");
+        ReservedPort { socket, addr }
+    }
+
+    /// Serves on `listener`.
+    pub async fn start_on(listener: TcpListener) -> Self {
         let addr = listener.local_addr().expect("addr");
         let shared = Arc::new(Shared::default());
         let app = axum::Router::new()
@@ -279,6 +324,18 @@ impl FakeUpstream {
         requests.into_iter().next().unwrap()
     }
 
+    /// From now on, answers wait until [`Self::release_answers`]: a request
+    /// is recorded when it arrives and then held, however long the test needs.
+    pub fn hold_answers(&self) {
+        *self.shared.held.lock().unwrap() = true;
+    }
+
+    /// Lets held and future answers go out.
+    pub fn release_answers(&self) {
+        *self.shared.held.lock().unwrap() = false;
+        self.shared.released.notify_waiters();
+    }
+
     /// Resolves once at least `n` requests have arrived.
     pub async fn wait_for_requests(&self, n: usize) {
         loop {
@@ -330,6 +387,13 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
         shared: shared.clone(),
         answered: false,
     };
+    loop {
+        let released = shared.released.notified();
+        if !*shared.held.lock().unwrap() {
+            break;
+        }
+        released.await;
+    }
     if let Some(delay) = answer.delay {
         tokio::time::sleep(delay).await;
     }

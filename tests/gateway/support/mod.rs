@@ -6,6 +6,7 @@
 
 pub mod certs;
 pub mod fake_upstream;
+pub mod hanging_up;
 pub mod logs;
 pub mod otlp;
 pub mod redis;
@@ -25,7 +26,7 @@ use gormic_gateway::server::ServerOptions;
 use gormic_gateway::service::InvoiceGateway;
 use gormic_gateway::upstream::{Upstream, UpstreamOptions};
 
-pub use fake_upstream::{Connections, FakeUpstream, Recorded, Scripted};
+pub use fake_upstream::{Connections, FakeUpstream, Recorded, ReservedPort, Scripted};
 pub use logs::logs;
 
 pub const API_KEY: &str = "test-api-key-5f2c9a";
