@@ -12,6 +12,7 @@ mod operations;
 mod requests;
 mod retries;
 mod sandbox;
+mod secure;
 mod tls;
 mod transport;
 mod upstream_errors;

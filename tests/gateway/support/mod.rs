@@ -4,11 +4,13 @@
 
 #![allow(dead_code, unused_imports)]
 
+pub mod binary;
 pub mod certs;
 pub mod fake_upstream;
 pub mod logs;
 pub mod redis;
 pub mod sandbox;
+pub mod secure;
 
 use std::net::SocketAddr;
 use std::time::Duration;
