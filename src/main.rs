@@ -110,13 +110,14 @@ impl Files {
         Ok(Self {
             server_tls: ServerTls::load(&cli.tls).map_err(|e| usage(&e))?,
             upstream_tls: UpstreamTls::load(&cli.tls).map_err(|e| usage(&e))?,
+            // CredentialsError names the file and line, not the flag.
             credentials: cli
                 .credentials
                 .credentials
                 .as_deref()
                 .map(CredentialMap::load)
                 .transpose()
-                .map_err(|e| usage(&e))?,
+                .map_err(|e| Exit::Usage(format!("--credentials {e}")))?,
         })
     }
 

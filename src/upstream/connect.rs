@@ -73,6 +73,12 @@ impl Connector {
         Ok(Self { host, port, tls })
     }
 
+    /// Whether a connection may speak HTTP/2: only over TLS, if ALPN picks
+    /// `h2`.
+    pub(crate) fn may_negotiate_h2(&self) -> bool {
+        self.tls.is_some()
+    }
+
     /// Resolves the host, connects to the first address that answers, runs
     /// the TLS handshake if any, and performs the HTTP handshake.
     pub(crate) async fn connect(&self) -> Result<Connection, ConnectError> {

@@ -15,6 +15,15 @@
 //! the upstream) and dropped after `--upstream-idle-timeout`. A request
 //! that a pooled connection refuses before sending (it had just closed) is
 //! tried on another connection: it provably never left.
+//!
+//! An `https://` upstream may pick HTTP/2 (ALPN), and then one connection
+//! per shard carries every request. Whether it will is only known once a
+//! connection is open, so while a connection that may turn out HTTP/2 is
+//! being opened, other calls wait for it instead of opening their own (a
+//! burst after a start or a GOAWAY would otherwise open one connection per
+//! call), and calls queued for a connection are handed the HTTP/2 one as
+//! soon as it is up. Once the upstream has answered HTTP/1.1, connections
+//! are opened side by side again.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 use tokio::task::AbortHandle;
 
 use super::connect::{ConnectError, Connection, Connector, RequestBody, Sender};
@@ -75,6 +84,9 @@ struct Shard {
     state: Mutex<State>,
     limit: usize,
     pending_limit: usize,
+    /// Signalled when the connection being opened by a [`Probe`] is up (or
+    /// failed): the calls waiting to share it look again.
+    probed: Notify,
 }
 
 #[derive(Default)]
@@ -88,6 +100,12 @@ struct State {
     waiters: VecDeque<oneshot::Sender<Handoff>>,
     /// The shared connection when the upstream speaks HTTP/2.
     http2: Option<http2::SendRequest<RequestBody>>,
+    /// A connection that may turn out HTTP/2 is being opened: other calls
+    /// wait for it rather than open their own.
+    probing: bool,
+    /// The last connection opened spoke HTTP/1.1 (always so for
+    /// `http://`): connections are opened side by side, one per request.
+    http1: bool,
 }
 
 /// An HTTP/1.1 connection without a request.
@@ -103,6 +121,19 @@ enum Handoff {
     Idle(Idle),
     /// The right to open a connection (one closed).
     Slot(Slot),
+    /// The HTTP/2 connection that was just opened, to share.
+    Http2(http2::SendRequest<RequestBody>),
+}
+
+/// What a call looking for a connection does next.
+enum Step<'a> {
+    Ready(Leased),
+    /// Wait for the connection another call is opening (it may be HTTP/2).
+    AwaitProbe(tokio::sync::futures::Notified<'a>),
+    /// Open a connection, probing its protocol when given a [`Probe`].
+    Open(Option<Probe>),
+    /// Wait in the queue for a connection.
+    Queued(oneshot::Receiver<Handoff>),
 }
 
 /// The right to open one connection, counted in `open`; given back when
@@ -133,6 +164,7 @@ impl Pool {
         // Every shard gets its share, and at least one connection.
         let per_shard = |total: usize| total.div_ceil(shards).max(1);
         let gauges = Arc::new(PoolGauges::default());
+        let http1 = !connector.may_negotiate_h2();
         gauges.limit.store(
             (per_shard(limits.max_connections) * shards) as u64,
             Ordering::Relaxed,
@@ -141,9 +173,13 @@ impl Pool {
             inner: Arc::new(Inner {
                 shards: (0..shards)
                     .map(|_| Shard {
-                        state: Mutex::new(State::default()),
+                        state: Mutex::new(State {
+                            http1,
+                            ..State::default()
+                        }),
                         limit: per_shard(limits.max_connections),
                         pending_limit: limits.max_pending.div_ceil(shards),
+                        probed: Notify::new(),
                     })
                     .collect(),
                 connector,
@@ -214,31 +250,48 @@ impl Pool {
 
     async fn checkout(&self, shard: usize) -> Result<Lease, SendError> {
         let inner = &self.inner;
-        let waiting = {
-            let mut state = inner.lock(shard);
-            if let Some(sender) = state.http2.as_ref().filter(|s| !s.is_closed()) {
-                let sender = sender.clone();
-                drop(state);
-                return Ok(self.lease(shard, Leased::Http2(sender)));
-            }
-            if let Some(idle) = inner.take_idle(&mut state) {
-                drop(state);
-                return Ok(self.lease(shard, Leased::Http1(idle)));
-            }
-            let limits = &inner.shards[shard];
-            if state.open < limits.limit {
-                state.open += 1;
-                None
-            } else {
-                if state.waiters.len() >= limits.pending_limit {
-                    state.waiters.retain(|w| !w.is_closed());
+        let limits = &inner.shards[shard];
+        let (waiting, probe) = loop {
+            // The lock is held in this block only, never across an await.
+            let step = {
+                let mut state = inner.lock(shard);
+                if let Some(sender) = state.http2.as_ref().filter(|s| !s.is_closed()) {
+                    Step::Ready(Leased::Http2(sender.clone()))
+                } else if let Some(idle) = inner.take_idle(&mut state) {
+                    Step::Ready(Leased::Http1(idle))
+                } else if state.probing {
+                    // Registered under the lock: the signal cannot be missed.
+                    Step::AwaitProbe(limits.probed.notified())
+                } else if state.open < limits.limit {
+                    state.open += 1;
+                    let probe = (!state.http1).then(|| {
+                        state.probing = true;
+                        Probe {
+                            inner: inner.clone(),
+                            shard,
+                        }
+                    });
+                    Step::Open(probe)
+                } else {
                     if state.waiters.len() >= limits.pending_limit {
-                        return Err(SendError::QueueFull);
+                        state.waiters.retain(|w| !w.is_closed());
+                        if state.waiters.len() >= limits.pending_limit {
+                            return Err(SendError::QueueFull);
+                        }
                     }
+                    let (tx, rx) = oneshot::channel();
+                    state.waiters.push_back(tx);
+                    Step::Queued(rx)
                 }
-                let (tx, rx) = oneshot::channel();
-                state.waiters.push_back(tx);
-                Some(rx)
+            };
+            match step {
+                Step::Ready(leased) => return Ok(self.lease(shard, leased)),
+                Step::AwaitProbe(probed) => {
+                    let _pending = Pending::new(&inner.gauges);
+                    probed.await;
+                }
+                Step::Open(probe) => break (None, probe),
+                Step::Queued(turn) => break (Some(turn), None),
             }
         };
         let slot = match waiting {
@@ -254,12 +307,18 @@ impl Pool {
                         return Ok(self.lease(shard, Leased::Http1(idle)));
                     }
                     Ok(Handoff::Slot(slot)) => slot,
+                    Ok(Handoff::Http2(sender)) => {
+                        return Ok(self.lease(shard, Leased::Http2(sender)));
+                    }
                     // The pool is gone (shutdown).
                     Err(_) => return Err(SendError::QueueFull),
                 }
             }
         };
-        self.open(slot).await
+        let lease = self.open(slot).await;
+        // Dropped only now: the connection, if HTTP/2, is in the state.
+        drop(probe);
+        lease
     }
 
     /// Opens a connection with `slot` and leases it.
@@ -284,13 +343,22 @@ impl Pool {
             driver.await;
         });
         let leased = match sender {
-            Sender::Http1(sender) => Leased::Http1(Idle {
-                sender,
-                driver: task.abort_handle(),
-                since: Instant::now(),
-            }),
+            Sender::Http1(sender) => {
+                self.inner.lock(shard).http1 = true;
+                Leased::Http1(Idle {
+                    sender,
+                    driver: task.abort_handle(),
+                    since: Instant::now(),
+                })
+            }
             Sender::Http2(sender) => {
-                self.inner.lock(shard).http2 = Some(sender.clone());
+                let mut state = self.inner.lock(shard);
+                state.http1 = false;
+                state.http2 = Some(sender.clone());
+                // Calls queued for a connection share this one.
+                while let Some(waiter) = state.waiters.pop_front() {
+                    let _ = waiter.send(Handoff::Http2(sender.clone()));
+                }
                 Leased::Http2(sender)
             }
         };
@@ -355,7 +423,7 @@ impl Inner {
             match waiter.send(Handoff::Idle(idle)) {
                 Ok(()) => return,
                 Err(Handoff::Idle(back)) => idle = back,
-                Err(Handoff::Slot(_)) => return,
+                Err(Handoff::Slot(_) | Handoff::Http2(_)) => return,
             }
         }
         // Expired connections at the bottom go now, not at the next call.
@@ -386,7 +454,7 @@ impl Inner {
                 // The slot stays counted in `open`, now the waiter's.
                 Ok(()) => return,
                 Err(Handoff::Slot(mut unused)) => unused.used = true, // not a release: retry
-                Err(Handoff::Idle(_)) => return,
+                Err(Handoff::Idle(_) | Handoff::Http2(_)) => return,
             }
         }
         state.open = state.open.saturating_sub(1);
@@ -403,6 +471,22 @@ impl Drop for Slot {
         if !self.used {
             self.inner.slot_freed(self.shard);
         }
+    }
+}
+
+/// The call opening a connection that may turn out HTTP/2; when dropped
+/// (the connection is up, failed, or the call gave up), the calls waiting to
+/// share it look again, and one of them probes next if there is no HTTP/2
+/// connection to share.
+struct Probe {
+    inner: Arc<Inner>,
+    shard: usize,
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.inner.lock(self.shard).probing = false;
+        self.inner.shards[self.shard].probed.notify_waiters();
     }
 }
 

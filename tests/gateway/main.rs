@@ -15,6 +15,7 @@ mod otlp;
 mod requests;
 mod retries;
 mod sandbox;
+mod secure;
 mod tls;
 mod transport;
 mod upstream_errors;

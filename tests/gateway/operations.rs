@@ -274,8 +274,12 @@ async fn shutdown_gives_up_on_calls_that_outlast_the_grace_period() {
 
 // ---- the binary ------------------------------------------------------------
 
+/// The binary, its admin listener on an ephemeral port (tests run in
+/// parallel).
 fn binary() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_gormic-gateway"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_gormic-gateway"));
+    command.env("GORMIC_ADMIN_LISTEN", "127.0.0.1:0");
+    command
 }
 
 #[test]

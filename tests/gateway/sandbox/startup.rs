@@ -4,10 +4,10 @@
 //! to start, naming both.
 
 use std::path::PathBuf;
-use std::process::Output;
-use std::time::Duration;
 
 use gormic_gateway::sandbox::{Fixture, FixtureError};
+
+use crate::support::binary::run_to_exit;
 
 /// Writes `content` to a file of this test's own in the target tmp dir.
 fn fixture_file(name: &str, content: &str) -> PathBuf {
@@ -58,26 +58,10 @@ fn semantic_errors_name_the_order_and_field() {
     );
 }
 
-/// Runs the built binary with `args` and a clean GORMIC_* environment;
-/// it must exit on its own well within the deadline.
-async fn run_binary(args: &[&str]) -> Output {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_gormic-gateway"));
-    command.args(args).kill_on_drop(true);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("GORMIC_") {
-            command.env_remove(name);
-        }
-    }
-    tokio::time::timeout(Duration::from_secs(30), command.output())
-        .await
-        .expect("the binary exits instead of serving")
-        .expect("the binary runs")
-}
-
 #[tokio::test]
 async fn the_binary_refuses_a_bad_fixture_before_binding() {
     let path = fixture_file("binary-semantic", DANGLING_CUSTOMER);
-    let output = run_binary(&[
+    let output = run_to_exit(&[
         "--listen",
         "127.0.0.1:0",
         "--sandbox",
@@ -95,7 +79,7 @@ async fn the_binary_refuses_a_bad_fixture_before_binding() {
     assert!(!stderr.contains("serving"), "nothing was started: {stderr}");
 
     let path = fixture_file("binary-syntax", SYNTAX_ERROR);
-    let output = run_binary(&[
+    let output = run_to_exit(&[
         "--sandbox",
         "--sandbox-fixture",
         path.to_str().expect("utf-8 path"),
@@ -108,7 +92,7 @@ async fn the_binary_refuses_a_bad_fixture_before_binding() {
 
 #[tokio::test]
 async fn the_binary_without_upstream_or_sandbox_refuses_to_start() {
-    let output = run_binary(&["--listen", "127.0.0.1:0"]).await;
+    let output = run_to_exit(&["--listen", "127.0.0.1:0"]).await;
     assert!(!output.status.success(), "{output:?}");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(

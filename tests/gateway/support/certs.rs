@@ -166,6 +166,27 @@ pub async fn tls_connect(
 /// a client certificate from `client_ca` when given. Each accepted
 /// connection answers `ok\n` and closes.
 pub async fn tls_server(leaf: &Leaf, client_ca: Option<&Ca>) -> std::net::SocketAddr {
+    let acceptor = tokio_rustls::TlsAcceptor::from(server_config(leaf, client_ca, &[b"h2"]));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(mut tls) = acceptor.accept(tcp).await {
+                    use tokio::io::AsyncWriteExt;
+                    let _ = tls.write_all(b"ok\n").await;
+                    let _ = tls.shutdown().await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A TLS server configuration presenting `leaf`, requiring a client
+/// certificate from `client_ca` when given, and offering `alpn`.
+pub fn server_config(leaf: &Leaf, client_ca: Option<&Ca>, alpn: &[&[u8]]) -> Arc<ServerConfig> {
     let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .expect("protocol versions");
@@ -183,23 +204,8 @@ pub async fn tls_server(leaf: &Leaf, client_ca: Option<&Ca>) -> std::net::Socket
     let mut config = builder
         .with_single_cert(vec![leaf.der.clone()], leaf.key())
         .expect("server certificate");
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("local addr");
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                if let Ok(mut tls) = acceptor.accept(tcp).await {
-                    use tokio::io::AsyncWriteExt;
-                    let _ = tls.write_all(b"ok\n").await;
-                    let _ = tls.shutdown().await;
-                }
-            });
-        }
-    });
-    addr
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
 }
 
 /// A fresh directory of this test's own under the target tmp dir.

@@ -1,5 +1,7 @@
 //! A scripted stand-in for the Gormic REST API: records every request it
-//! receives and answers with whatever the test scripted.
+//! receives and answers with whatever the test scripted; over plain HTTP/1.1
+//! ([`FakeUpstream::start`]) or over TLS with the ALPN protocols the test
+//! chose, HTTP/2 included ([`FakeUpstream::start_tls`]).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -8,7 +10,7 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, Method, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode, Version};
 use axum::response::Response;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -17,6 +19,8 @@ use tokio::sync::Notify;
 #[derive(Debug, Clone)]
 pub struct Recorded {
     pub method: Method,
+    /// HTTP/1.1, or HTTP/2 when the TLS upstream negotiated `h2`.
+    pub version: Version,
     pub path: String,
     pub query: Option<String>,
     pub headers: HeaderMap,
@@ -112,6 +116,8 @@ struct Shared {
     /// While true, answers wait (requests are still recorded on arrival).
     held: Mutex<bool>,
     released: Notify,
+    /// Hold every answer until this many requests have arrived.
+    hold_until: Mutex<Option<usize>>,
 }
 
 /// Connection counts as the upstream saw them.
@@ -204,6 +210,8 @@ impl tokio::io::AsyncWrite for CountedStream {
 pub struct FakeUpstream {
     addr: SocketAddr,
     shared: Arc<Shared>,
+    /// `http`, or `https` for [`FakeUpstream::start_tls`].
+    scheme: &'static str,
 }
 
 struct AbandonGuard {
@@ -269,9 +277,7 @@ impl FakeUpstream {
     pub async fn start_on(listener: TcpListener) -> Self {
         let addr = listener.local_addr().expect("addr");
         let shared = Arc::new(Shared::default());
-        let app = axum::Router::new()
-            .fallback(handle)
-            .with_state(shared.clone());
+        let app = app(&shared);
         let listener = CountingListener {
             inner: listener,
             shared: shared.clone(),
@@ -279,11 +285,57 @@ impl FakeUpstream {
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Self { addr, shared }
+        Self {
+            addr,
+            shared,
+            scheme: "http",
+        }
+    }
+
+    /// The same upstream over TLS with `config` (its certificate, client
+    /// CA and ALPN protocols): each connection speaks HTTP/2 when it
+    /// negotiated `h2`, else HTTP/1.1. Its URL is `https://127.0.0.1:<port>`
+    /// (the test leaves name `127.0.0.1` too).
+    pub async fn start_tls(config: Arc<rustls::ServerConfig>) -> Self {
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        use hyper_util::server::conn::auto;
+
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind fake upstream");
+        let addr = listener.local_addr().expect("addr");
+        let shared = Arc::new(Shared::default());
+        let app = app(&shared);
+        let mut listener = CountingListener {
+            inner: listener,
+            shared: shared.clone(),
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        tokio::spawn(async move {
+            loop {
+                let (io, _) = axum::serve::Listener::accept(&mut listener).await;
+                let (acceptor, app) = (acceptor.clone(), app.clone());
+                tokio::spawn(async move {
+                    // A refused handshake (untrusted gateway) just closes.
+                    let Ok(tls) = acceptor.accept(io).await else {
+                        return;
+                    };
+                    let service = hyper_util::service::TowerToHyperService::new(app);
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            shared,
+            scheme: "https",
+        }
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -336,6 +388,12 @@ impl FakeUpstream {
         self.shared.released.notify_waiters();
     }
 
+    /// Holds every answer until `n` requests (counted since the start) have
+    /// arrived: they are then all in flight at once.
+    pub fn hold_answers_until(&self, n: usize) {
+        *self.shared.hold_until.lock().unwrap() = Some(n);
+    }
+
     /// Resolves once at least `n` requests have arrived.
     pub async fn wait_for_requests(&self, n: usize) {
         loop {
@@ -360,6 +418,12 @@ impl FakeUpstream {
     }
 }
 
+fn app(shared: &Arc<Shared>) -> axum::Router {
+    axum::Router::new()
+        .fallback(handle)
+        .with_state(shared.clone())
+}
+
 async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let body = axum::body::to_bytes(body, usize::MAX)
@@ -376,6 +440,7 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
     };
     shared.recorded.lock().unwrap().push(Recorded {
         method: parts.method,
+        version: parts.version,
         path: parts.uri.path().to_owned(),
         query: parts.uri.query().map(str::to_owned),
         headers: parts.headers,
@@ -387,6 +452,16 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
         shared: shared.clone(),
         answered: false,
     };
+    let hold = *shared.hold_until.lock().unwrap();
+    if let Some(n) = hold {
+        loop {
+            let notified = shared.received.notified();
+            if shared.recorded.lock().unwrap().len() >= n {
+                break;
+            }
+            notified.await;
+        }
+    }
     loop {
         let released = shared.released.notified();
         if !*shared.held.lock().unwrap() {

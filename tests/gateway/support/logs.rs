@@ -1,23 +1,46 @@
 //! Captures every log line of this test binary, at the most verbose level
-//! the gateway can be configured with, using the gateway's own filter.
+//! the gateway can be configured with, using the gateway's own filter; a
+//! test can wait for a line ([`Logs::wait_for_line`]).
 
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use tokio::sync::Notify;
 
 use gormic_gateway::config::LogLevel;
 
 #[derive(Clone, Default)]
-pub struct Logs(Arc<Mutex<Vec<u8>>>);
+pub struct Logs(Arc<Mutex<Vec<u8>>>, Arc<Notify>);
 
 impl Logs {
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    /// The first line matching `matches`, once it has been written (lines
+    /// come from other threads: the gateway's workers). Fails the test
+    /// after a generous deadline.
+    pub async fn wait_for_line(&self, matches: impl Fn(&str) -> bool) -> String {
+        let found = async {
+            loop {
+                let written = self.1.notified();
+                if let Some(line) = self.text().lines().find(|line| matches(line)) {
+                    return line.to_owned();
+                }
+                written.await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), found)
+            .await
+            .expect("the expected log line is written")
     }
 }
 
 impl Write for Logs {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.0.lock().unwrap().extend_from_slice(buf);
+        self.1.notify_waiters();
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {

@@ -4,6 +4,7 @@
 
 #![allow(dead_code, unused_imports)]
 
+pub mod binary;
 pub mod certs;
 pub mod fake_upstream;
 pub mod hanging_up;
@@ -11,6 +12,7 @@ pub mod logs;
 pub mod otlp;
 pub mod redis;
 pub mod sandbox;
+pub mod secure;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -1,0 +1,148 @@
+//! The built binary run as an operator runs it, with a clean `GORMIC_*`
+//! environment: to a refusal at start-up ([`run_to_exit`], with a deadline),
+//! or to its "serving" log line and then SIGTERM ([`Serving`]).
+
+use std::process::{ExitStatus, Output, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+/// Longest the binary may take to refuse, to start or to stop; only reached
+/// when a test fails.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// What the gateway logs once its listener is bound.
+pub const SERVING: &str = "serving gormic.om.v1.InvoiceService";
+
+/// The binary with `args`, a clean `GORMIC_*` environment, and its admin
+/// listener on an ephemeral port (tests run binaries in parallel; a test
+/// that passes `--admin-listen` wins over the variable).
+fn command(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_gormic-gateway"));
+    command.args(args).kill_on_drop(true);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("GORMIC_") {
+            command.env_remove(name);
+        }
+    }
+    command.env("GORMIC_ADMIN_LISTEN", "127.0.0.1:0");
+    command
+}
+
+/// Runs the binary with `args`; it must exit on its own within the deadline.
+pub async fn run_to_exit(args: &[&str]) -> Output {
+    tokio::time::timeout(DEADLINE, command(args).output())
+        .await
+        .unwrap_or_else(|_| panic!("the binary exits instead of serving: {args:?}"))
+        .expect("the binary runs")
+}
+
+/// A running binary that has logged [`SERVING`].
+pub struct Serving {
+    child: Child,
+    lines: mpsc::UnboundedReceiver<String>,
+    /// Its stderr up to now.
+    pub stderr: Vec<String>,
+}
+
+impl Serving {
+    /// Starts the binary and waits for its [`SERVING`] line; fails the test
+    /// with everything it printed if it exits first.
+    pub async fn start(args: &[&str]) -> Serving {
+        let mut child = command(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the binary");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut serving = Serving {
+            child,
+            lines,
+            stderr: Vec::new(),
+        };
+        let started = tokio::time::timeout(DEADLINE, async {
+            while let Some(line) = serving.lines.recv().await {
+                let found = line.contains(SERVING);
+                serving.stderr.push(line);
+                if found {
+                    return true;
+                }
+            }
+            false
+        })
+        .await
+        .expect("the binary starts or exits within the deadline");
+        if !started {
+            let status = serving.child.wait().await.expect("exit status");
+            panic!(
+                "the binary exited ({status}) before serving:\n{}",
+                serving.stderr.join("\n")
+            );
+        }
+        serving
+    }
+
+    /// The address of the gRPC listener, from the [`SERVING`] line (needs
+    /// `--log-format json`).
+    pub fn grpc_addr(&self) -> std::net::SocketAddr {
+        let line = self
+            .stderr
+            .iter()
+            .find(|line| line.contains(SERVING))
+            .expect("the serving line");
+        let json: serde_json::Value = serde_json::from_str(line).expect("a JSON log line");
+        json["grpc"]
+            .as_str()
+            .and_then(|addr| addr.parse().ok())
+            .unwrap_or_else(|| panic!("no grpc address in {line}"))
+    }
+
+    /// Waits for the next stderr line matching `matches` and returns it.
+    pub async fn wait_for_line(&mut self, matches: impl Fn(&str) -> bool) -> String {
+        let found = async {
+            while let Some(line) = self.lines.recv().await {
+                self.stderr.push(line.clone());
+                if matches(&line) {
+                    return line;
+                }
+            }
+            panic!("stderr closed:\n{}", self.stderr.join("\n"));
+        };
+        tokio::time::timeout(DEADLINE, found)
+            .await
+            .expect("the expected line is printed")
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns its status and the
+    /// whole stderr.
+    pub async fn terminate(mut self) -> (ExitStatus, Vec<String>) {
+        let pid = self.child.id().expect("still running");
+        let killed = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("run kill (procps)");
+        assert!(killed.success(), "kill -TERM {pid}");
+        let status = tokio::time::timeout(DEADLINE, self.child.wait())
+            .await
+            .expect("the binary exits after SIGTERM")
+            .expect("exit status");
+        while let Some(line) = tokio::time::timeout(DEADLINE, self.lines.recv())
+            .await
+            .expect("stderr closes")
+        {
+            self.stderr.push(line);
+        }
+        (status, self.stderr)
+    }
+}
