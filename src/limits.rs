@@ -3,18 +3,16 @@
 //! cap and its queue live in `upstream::pool`; the HTTP/2 and HTTP/1.1
 //! protections in `server`.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use tonic::body::Body;
-use tower::{Layer, Service};
 
 /// Default of `--max-in-flight`: with ~3 KiB per call waiting on a slow
 /// upstream, 10 000 calls stay within the 64 MiB the gateway promises
@@ -130,84 +128,28 @@ pub struct RequestTooLarge {
     pub limit: usize,
 }
 
-/// Checks the length prefix of the first gRPC message of each invoice call.
-/// An oversized one is never read: the request is marked
-/// [`RequestTooLarge`] and its body replaced by an empty message, so the
-/// refusal takes the one call path (status, details, metrics, log line)
-/// instead of tonic's `OUT_OF_RANGE`, which the gRPC specification reserves
-/// for other cases.
-#[derive(Debug, Clone, Copy)]
-pub struct RequestSizeLayer {
-    limit: usize,
-    /// Only paths under this prefix are checked (health and reflection are
-    /// bounded by tonic's own limit).
-    prefix: &'static str,
-}
-
-impl RequestSizeLayer {
-    pub fn new(limit: usize, prefix: &'static str) -> Self {
-        Self { limit, prefix }
-    }
-}
-
-impl<S> Layer<S> for RequestSizeLayer {
-    type Service = RequestSize<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        RequestSize {
-            inner,
-            limit: self.limit,
-            prefix: self.prefix,
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct RequestSize<S> {
-    inner: S,
-    limit: usize,
-    prefix: &'static str,
-}
-
 /// The five bytes of a gRPC frame of length zero: the empty message.
 const EMPTY_MESSAGE: [u8; 5] = [0; 5];
 
-impl<S> Service<http::Request<Body>> for RequestSize<S>
-where
-    S: Service<http::Request<Body>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        // The clone is not ready; the polled-ready one serves this call.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        if !request.uri().path().starts_with(self.prefix) {
-            return Box::pin(inner.call(request));
+/// Checks the length prefix of a call's first gRPC message. An oversized
+/// one is never read: the request is marked [`RequestTooLarge`] and its body
+/// replaced by an empty message, so the refusal takes the one call path
+/// (status, details, metrics, log line) instead of tonic's `OUT_OF_RANGE`,
+/// which the gRPC specification reserves for other cases. Otherwise the
+/// request goes on with the bytes read ahead put back in front.
+pub async fn check_request_size(request: http::Request<Body>, limit: usize) -> http::Request<Body> {
+    let (mut parts, body) = request.into_parts();
+    let (head, rest) = read_prefix(body).await;
+    let body = match declared_length(&head) {
+        Some(declared) if declared > limit => {
+            parts.extensions.insert(RequestTooLarge { declared, limit });
+            // The rest of the oversized message is never read; h2 resets
+            // the stream's request side when the call ends.
+            Body::new(Replayed::new(Bytes::from_static(&EMPTY_MESSAGE), None))
         }
-        let limit = self.limit;
-        Box::pin(async move {
-            let (mut parts, body) = request.into_parts();
-            let (head, rest) = read_prefix(body).await;
-            let body = match declared_length(&head) {
-                Some(declared) if declared > limit => {
-                    parts.extensions.insert(RequestTooLarge { declared, limit });
-                    // The rest of the oversized message is never read; h2
-                    // resets the stream's request side when the call ends.
-                    Body::new(Replayed::new(Bytes::from_static(&EMPTY_MESSAGE), None))
-                }
-                _ => Body::new(Replayed::new(head, rest)),
-            };
-            inner.call(http::Request::from_parts(parts, body)).await
-        })
-    }
+        _ => Body::new(Replayed::new(head, rest)),
+    };
+    http::Request::from_parts(parts, body)
 }
 
 /// The length a gRPC frame header declares (byte 0 is the compression flag).
@@ -223,20 +165,28 @@ enum Rest {
 }
 
 /// Reads data frames until the five header bytes are in (or the body ends).
+/// A unary request's message usually comes whole in its first frame, which
+/// is then kept as it is, without a copy.
 async fn read_prefix(mut body: Body) -> (Bytes, Option<Rest>) {
-    let mut head = BytesMut::new();
+    let mut head = Bytes::new();
     while head.len() < EMPTY_MESSAGE.len() {
         match body.frame().await {
             Some(Ok(frame)) => match frame.into_data() {
-                Ok(mut data) => head.extend_from_slice(&data.copy_to_bytes(data.remaining())),
+                Ok(data) if head.is_empty() => head = data,
+                Ok(data) => {
+                    let mut joined = BytesMut::with_capacity(head.len() + data.len());
+                    joined.extend_from_slice(&head);
+                    joined.extend_from_slice(&data);
+                    head = joined.freeze();
+                }
                 // Trailers before a whole header: let tonic report it.
                 Err(_) => break,
             },
-            Some(Err(status)) => return (head.freeze(), Some(Rest::Failed(status))),
-            None => return (head.freeze(), None),
+            Some(Err(status)) => return (head, Some(Rest::Failed(status))),
+            None => return (head, None),
         }
     }
-    (head.freeze(), Some(Rest::Body(body)))
+    (head, Some(Rest::Body(body)))
 }
 
 /// A body that yields the bytes read ahead, then the rest of the original.

@@ -23,8 +23,12 @@ use std::sync::{Mutex, OnceLock};
 use std::thread;
 use std::time::Duration;
 
+mod format;
+
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
+
+pub use format::LineFormat;
 
 use crate::config::{LogFormat, LogLevel};
 
@@ -85,8 +89,8 @@ pub fn init(level: LogLevel, format: LogFormat) -> LogGuard {
         .with_ansi(std::io::IsTerminal::is_terminal(&io::stderr()))
         .with_writer(BatchingWriter);
     let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.event_format(LineFormat::text()).try_init(),
+        LogFormat::Json => builder.event_format(LineFormat::json()).try_init(),
     };
     LogGuard { started: writer }
 }

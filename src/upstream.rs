@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{ACCEPT, CONTENT_TYPE, HOST, HeaderValue, RETRY_AFTER, USER_AGENT};
+use http::header::{ACCEPT, CONTENT_TYPE, HOST, HeaderName, HeaderValue, RETRY_AFTER, USER_AGENT};
 use http_body_util::{BodyExt, Full};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use tokio::time::Instant;
@@ -77,6 +77,11 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const EXCERPT_CHARS: usize = 256;
 
 const JSON: HeaderValue = HeaderValue::from_static("application/json");
+const API_KEY: HeaderName = HeaderName::from_static("api-key");
+const ORGANIZATION_ID: HeaderName = HeaderName::from_static("organization-id");
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 const AGENT: HeaderValue =
     HeaderValue::from_static(concat!("gormic-gateway/", env!("CARGO_PKG_VERSION")));
 
@@ -587,12 +592,12 @@ impl Upstream {
         if prepared.body.is_some() {
             headers.insert(CONTENT_TYPE, JSON);
         }
-        headers.insert("api-key", call.credentials.api_key.clone());
-        headers.insert("organization-id", call.credentials.organization_id.clone());
-        headers.insert("x-request-id", call.request_id.clone());
-        headers.insert("traceparent", span.traceparent());
+        headers.insert(API_KEY, call.credentials.api_key.clone());
+        headers.insert(ORGANIZATION_ID, call.credentials.organization_id.clone());
+        headers.insert(REQUEST_ID, call.request_id.clone());
+        headers.insert(TRACEPARENT, span.traceparent());
         if let Some(tracestate) = span.tracestate() {
-            headers.insert("tracestate", tracestate);
+            headers.insert(TRACESTATE, tracestate);
         }
         request
     }
