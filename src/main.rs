@@ -221,18 +221,21 @@ async fn serve(
     let listener = server::bind(config.listen)
         .map_err(|e| format!("cannot listen on {} (--listen): {e}", config.listen))?;
     let readiness = Readiness::new();
+    // The admin listener outlives the drain: /readyz must answer 503 (not
+    // refuse connections) and /livez 200 for all of --shutdown-delay and
+    // --shutdown-grace, and a last scrape must still work.
+    let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(addr) = config.admin {
         let admin = TcpListener::bind(addr)
             .await
             .map_err(|e| format!("cannot listen on {addr} (--admin-listen): {e}"))?;
         tracing::info!(admin = %admin.local_addr()?, "serving /metrics, /livez, /readyz");
-        let mut stopped = stopped.clone();
         tokio::spawn(admin::serve(
             admin,
             metrics.clone(),
             readiness.clone(),
             async move {
-                let _ = stopped.wait_for(|stopped| *stopped).await;
+                let _ = admin_stopped.await;
             },
         ));
     }
@@ -265,6 +268,7 @@ async fn serve(
         on_drain: Some(Box::new(move || readiness.set_ready(false))),
     };
     server::run_with(listener, gateway, shutdown, config.server, hooks).await?;
+    let _ = admin_stop.send(());
     Ok(())
 }
 

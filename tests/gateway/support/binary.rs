@@ -16,6 +16,9 @@ const DEADLINE: Duration = Duration::from_secs(30);
 /// What the gateway logs once its listener is bound.
 pub const SERVING: &str = "serving gormic.om.v1.InvoiceService";
 
+/// What the gateway logs once its admin listener is bound.
+pub const ADMIN_SERVING: &str = "serving /metrics, /livez, /readyz";
+
 /// The binary with `args`, a clean `GORMIC_*` environment, and its admin
 /// listener on an ephemeral port (tests run binaries in parallel; a test
 /// that passes `--admin-listen` wins over the variable).
@@ -124,15 +127,41 @@ impl Serving {
             .expect("the expected line is printed")
     }
 
-    /// Sends SIGTERM and waits for the exit; returns its status and the
-    /// whole stderr.
-    pub async fn terminate(mut self) -> (ExitStatus, Vec<String>) {
+    /// The address of the admin listener, from its start-up line (needs
+    /// `--log-format json`).
+    pub fn admin_addr(&self) -> std::net::SocketAddr {
+        let line = self
+            .stderr
+            .iter()
+            .find(|line| line.contains(ADMIN_SERVING))
+            .unwrap_or_else(|| panic!("no admin listener line in {:#?}", self.stderr));
+        let json: serde_json::Value = serde_json::from_str(line).expect("a JSON log line");
+        json["admin"]
+            .as_str()
+            .and_then(|addr| addr.parse().ok())
+            .unwrap_or_else(|| panic!("no admin address in {line}"))
+    }
+
+    /// Sends SIGTERM and returns at once: the binary drains meanwhile.
+    pub fn sigterm(&self) {
         let pid = self.child.id().expect("still running");
         let killed = std::process::Command::new("kill")
             .args(["-TERM", &pid.to_string()])
             .status()
             .expect("run kill (procps)");
         assert!(killed.success(), "kill -TERM {pid}");
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns its status and the
+    /// whole stderr.
+    pub async fn terminate(self) -> (ExitStatus, Vec<String>) {
+        self.sigterm();
+        self.wait_for_exit().await
+    }
+
+    /// Waits for the exit (after [`Serving::sigterm`]); returns its status
+    /// and the whole stderr.
+    pub async fn wait_for_exit(mut self) -> (ExitStatus, Vec<String>) {
         let status = tokio::time::timeout(DEADLINE, self.child.wait())
             .await
             .expect("the binary exits after SIGTERM")

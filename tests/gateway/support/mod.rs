@@ -4,6 +4,7 @@
 
 #![allow(dead_code, unused_imports)]
 
+pub mod admin;
 pub mod binary;
 pub mod certs;
 pub mod fake_upstream;
