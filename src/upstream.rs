@@ -391,6 +391,12 @@ impl Upstream {
             let attempt_sent = AtomicBool::new(false);
             let span = call.span.upstream(&Op::ROUTE.method, Op::ROUTE.template);
             let attempt_started = Instant::now();
+            let abandoned = Abandoned {
+                metrics: &self.metrics,
+                rpc: Op::ROUTE.rpc,
+                started: attempt_started,
+                sent: &attempt_sent,
+            };
             let exchange = self.exchange::<Op>(&prepared, call, &span, &attempt_sent);
             let result = match tokio::time::timeout_at(deadline, exchange).await {
                 Ok(result) => result,
@@ -401,6 +407,7 @@ impl Upstream {
                 }),
             };
             sent |= attempt_sent.load(Ordering::Relaxed);
+            std::mem::forget(abandoned);
             self.observe(Op::ROUTE.rpc, &result, attempt_started.elapsed(), span);
             let error = match result {
                 Ok(reply) => {
@@ -631,6 +638,25 @@ impl Upstream {
             path.push_str(after);
         }
         path
+    }
+}
+
+/// Counts an attempt whose call was dropped (the caller went away) while its
+/// request may have been with the upstream; the span ends by itself.
+struct Abandoned<'a> {
+    metrics: &'a Metrics,
+    rpc: &'static str,
+    started: Instant,
+    sent: &'a AtomicBool,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if self.sent.load(Ordering::Relaxed) {
+            let elapsed = self.started.elapsed();
+            self.metrics
+                .upstream_request(self.rpc, UpstreamResult::Cancelled, elapsed);
+        }
     }
 }
 

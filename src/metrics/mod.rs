@@ -103,6 +103,9 @@ pub enum UpstreamResult {
     Connect,
     /// The connection failed while the request or its answer was in flight.
     Connection,
+    /// The caller went away while the request was in flight: the upstream
+    /// may have received it, the gateway dropped the answer.
+    Cancelled,
     /// An answer the gateway cannot read: a broken HTTP message (no status)
     /// or a body that is not what the API documents (with its status).
     Malformed(Option<u16>),
@@ -114,7 +117,7 @@ impl UpstreamResult {
         match self {
             Self::Status(status) => Some(status),
             Self::Malformed(status) => status,
-            Self::Timeout | Self::Connect | Self::Connection => None,
+            Self::Timeout | Self::Connect | Self::Connection | Self::Cancelled => None,
         }
     }
 
@@ -126,6 +129,7 @@ impl UpstreamResult {
             Self::Timeout => Some("timeout"),
             Self::Connect => Some("connect"),
             Self::Connection => Some("connection"),
+            Self::Cancelled => Some("cancelled"),
             Self::Malformed(_) => Some("malformed"),
         }
     }
@@ -571,8 +575,11 @@ impl Metrics {
             UpstreamResult::Connect => Some(STATUS_SLOTS + 1),
             UpstreamResult::Connection => Some(STATUS_SLOTS + 2),
             UpstreamResult::Malformed(None) => Some(STATUS_SLOTS + 3),
-            // Rare: an out-of-range status, or a malformed answer with one.
-            UpstreamResult::Status(_) | UpstreamResult::Malformed(Some(_)) => None,
+            // Rare: an out-of-range status, a malformed answer with one, an
+            // abandoned attempt.
+            UpstreamResult::Status(_)
+            | UpstreamResult::Malformed(Some(_))
+            | UpstreamResult::Cancelled => None,
         };
         match rpc_index.zip(slot) {
             Some((i, slot)) => inner.upstream_cache[i * UPSTREAM_SLOTS + slot]

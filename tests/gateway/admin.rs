@@ -471,9 +471,15 @@ async fn labels_carry_only_bounded_values() {
                 "http_response_status_code" => {
                     v.is_empty() || v.parse::<u16>().is_ok_and(|s| (100..=599).contains(&s))
                 }
-                "error_type" => {
-                    ["", "timeout", "connect", "connection", "malformed"].contains(&v.as_str())
-                }
+                "error_type" => [
+                    "",
+                    "timeout",
+                    "connect",
+                    "connection",
+                    "cancelled",
+                    "malformed",
+                ]
+                .contains(&v.as_str()),
                 "reason" if series.starts_with("gormic_gateway_calls_shed") => {
                     ["in_flight_limit", "upstream_queue_full"].contains(&v.as_str())
                 }

@@ -125,7 +125,15 @@ fn bounded(series: &str, label: &str, value: &str) -> bool {
         "http_response_status_code" => {
             value.is_empty() || value.parse::<u16>().is_ok_and(|s| (100..=599).contains(&s))
         }
-        "error_type" => ["", "timeout", "connect", "connection", "malformed"].contains(&value),
+        "error_type" => [
+            "",
+            "timeout",
+            "connect",
+            "connection",
+            "cancelled",
+            "malformed",
+        ]
+        .contains(&value),
         "reason" | "result" | "file" => snake_case(value),
         "state" => ["idle", "busy"].contains(&value),
         "le" => value == "+Inf" || value.parse::<f64>().is_ok(),

@@ -235,6 +235,11 @@ async fn a_call_cancelled_by_its_caller_is_counted_once_as_cancelled() {
         1.0
     );
     assert_eq!(after.delta(&before, &call_latency_count(CLOSE)), 1.0);
+    // The abandoned attempt reached the upstream: it is counted too.
+    let abandoned = format!(
+        r#"gormic_gateway_upstream_requests_total{{rpc_method="{CLOSE}",http_response_status_code="",error_type="cancelled"}}"#
+    );
+    assert_eq!(after.delta(&before, &abandoned), 1.0);
     upstream.release_answers();
 }
 
