@@ -155,13 +155,13 @@ pub struct LimitArgs {
     /// Largest request message accepted; a larger one is refused with
     /// RESOURCE_EXHAUSTED (reason REQUEST_TOO_LARGE) before it is read. The
     /// largest real request is well under 4 KiB.
-    #[arg(long, env = "GORMIC_MAX_REQUEST_BYTES", value_name = "BYTES", default_value = "64KiB", value_parser = parse_bytes)]
+    #[arg(long, env = "GORMIC_MAX_REQUEST_BYTES", value_name = "BYTES", default_value = "64KiB", value_parser = parse_size)]
     pub max_request_bytes: usize,
 
     /// Largest request header list (all metadata); a call over it is refused
     /// by HTTP/2 (status 431) without affecting other calls on the
     /// connection. 16 KiB is nginx's and Envoy's order of magnitude.
-    #[arg(long, env = "GORMIC_MAX_HEADER_BYTES", value_name = "BYTES", default_value = "16KiB", value_parser = parse_bytes)]
+    #[arg(long, env = "GORMIC_MAX_HEADER_BYTES", value_name = "BYTES", default_value = "16KiB", value_parser = parse_size)]
     pub max_header_bytes: usize,
 
     /// HTTP/2 calls one client connection may have open at once.
@@ -353,33 +353,37 @@ fn parse_upstream(value: &str) -> Result<Url, String> {
     Ok(url)
 }
 
-/// A size: `65536`, `64KiB`, `1MiB` (also `k`/`K`/`KB` and `M`/`MB`, all
-/// powers of 1024).
-fn parse_bytes(value: &str) -> Result<usize, String> {
-    let value = value.trim();
-    let split = value
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(value.len());
-    let (digits, unit) = value.split_at(split);
-    let n: usize = digits
-        .parse()
-        .map_err(|_| format!("`{value}` is not a size (examples: 65536, 64KiB, 1MiB)"))?;
-    let scale = match unit.trim() {
+/// A size in bytes: `65536`, `512KiB`, `64MiB`, `1GiB` (binary units; `B`
+/// allowed). Shared by every size flag.
+pub(crate) fn parse_bytes(value: &str) -> Result<u64, String> {
+    let digits = value.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit = &value[digits.len()..];
+    let scale: u64 = match unit {
         "" | "B" => 1,
-        "k" | "K" | "KB" | "KiB" => 1024,
-        "M" | "MB" | "MiB" => 1024 * 1024,
-        other => return Err(format!("unknown unit `{other}` (use KiB or MiB)")),
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return Err(format!("unknown unit {unit:?} (use B, KiB, MiB or GiB)")),
     };
-    let bytes = n
-        .checked_mul(scale)
-        .ok_or_else(|| format!("`{value}` is too large"))?;
+    let n: u64 = digits
+        .trim()
+        .parse()
+        .map_err(|_| "expected a number of bytes such as 64KiB".to_owned())?;
+    let bytes = n.checked_mul(scale).ok_or_else(|| "too large".to_owned())?;
     if bytes == 0 {
         return Err("must be greater than zero".into());
     }
     Ok(bytes)
 }
 
-fn parse_duration(value: &str) -> Result<Duration, String> {
+/// [`parse_bytes`] for a size held in memory.
+fn parse_size(value: &str) -> Result<usize, String> {
+    usize::try_from(parse_bytes(value)?).map_err(|_| "too large".to_owned())
+}
+
+/// A positive humantime duration (`500ms`, `10s`, `24h`). Shared by every
+/// duration flag that must not be zero.
+pub(crate) fn parse_duration(value: &str) -> Result<Duration, String> {
     let duration =
         humantime::parse_duration(value).map_err(|e| format!("{e} (examples: 500ms, 10s, 1m)"))?;
     if duration.is_zero() {
@@ -501,6 +505,7 @@ mod tests {
         assert_eq!(parse_bytes("1MiB"), Ok(1_048_576));
         assert!(parse_bytes("0").is_err());
         assert!(parse_bytes("12 parsecs").is_err());
+        assert!(parse_bytes("64KB").is_err(), "ambiguous units are refused");
         let error = parse(&["--max-request-bytes", "lots"])
             .unwrap_err()
             .to_string();

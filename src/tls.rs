@@ -31,6 +31,7 @@ use tokio::sync::watch;
 pub use identity::{CallerIdentity, identity_of};
 pub use upstream::{UpstreamTls, check_upstream_url, upstream_client_config};
 
+use crate::config::parse_duration;
 use crate::reload::{ChangeGate, Reloaded, Snapshot};
 use files::FileArg;
 
@@ -136,15 +137,6 @@ impl Default for TlsArgs {
             allow_insecure_upstream: false,
         }
     }
-}
-
-fn parse_duration(value: &str) -> Result<Duration, String> {
-    let duration =
-        humantime::parse_duration(value).map_err(|e| format!("{e} (examples: 500ms, 10s, 1m)"))?;
-    if duration.is_zero() {
-        return Err("must be greater than zero".into());
-    }
-    Ok(duration)
 }
 
 /// A TLS file that cannot be used: `FLAG PATH: problem`, for example

@@ -7,6 +7,8 @@ use std::fmt;
 use std::time::Duration;
 
 use clap::builder::TypedValueParser;
+
+use crate::config::{parse_bytes, parse_duration};
 use clap::error::ErrorKind;
 
 /// Longest accepted `--idempotency-ttl`: keeps every deadline computed from
@@ -209,15 +211,6 @@ pub fn parse_store(value: &str) -> Result<StoreLocation, String> {
     }))
 }
 
-fn parse_duration(value: &str) -> Result<Duration, String> {
-    let duration =
-        humantime::parse_duration(value).map_err(|e| format!("{e} (examples: 500ms, 1s, 24h)"))?;
-    if duration.is_zero() {
-        return Err("must be greater than zero".into());
-    }
-    Ok(duration)
-}
-
 fn parse_ttl(value: &str) -> Result<Duration, String> {
     let ttl = parse_duration(value)?;
     if ttl < Duration::from_millis(1) {
@@ -227,28 +220,6 @@ fn parse_ttl(value: &str) -> Result<Duration, String> {
         return Err("must be at most 366 days".into());
     }
     Ok(ttl)
-}
-
-/// `1048576`, `512KiB`, `64MiB`, `1GiB` (binary units; `B` allowed).
-fn parse_bytes(value: &str) -> Result<u64, String> {
-    let digits = value.trim_end_matches(|c: char| c.is_ascii_alphabetic());
-    let unit = &value[digits.len()..];
-    let scale: u64 = match unit {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        _ => return Err(format!("unknown unit {unit:?} (use B, KiB, MiB or GiB)")),
-    };
-    let n: u64 = digits
-        .trim()
-        .parse()
-        .map_err(|_| "expected a number of bytes such as 64MiB".to_owned())?;
-    let bytes = n.checked_mul(scale).ok_or_else(|| "too large".to_owned())?;
-    if bytes == 0 {
-        return Err("must be greater than zero".into());
-    }
-    Ok(bytes)
 }
 
 #[cfg(test)]

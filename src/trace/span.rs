@@ -250,13 +250,13 @@ fn finish_call(call: &mut OtelCall, code: tonic::Code, error_code: Option<&str>)
     let span = &mut call.span;
     span.set_attribute(KeyValue::new("rpc.grpc.status_code", code as i64));
     if code != tonic::Code::Ok {
-        span.set_attribute(KeyValue::new("error.type", grpc_code_name(code)));
+        span.set_attribute(KeyValue::new("error.type", crate::errors::code_name(code)));
     }
     if let Some(error_code) = error_code {
         span.set_attribute(KeyValue::new("error.code", bounded(error_code)));
     }
     if is_server_fault(code) {
-        span.set_status(Status::error(grpc_code_name(code)));
+        span.set_status(Status::error(crate::errors::code_name(code)));
     }
     span.end();
 }
@@ -371,30 +371,6 @@ fn is_server_fault(code: tonic::Code) -> bool {
         code,
         Unknown | DeadlineExceeded | Unimplemented | Internal | Unavailable | DataLoss
     )
-}
-
-/// The canonical gRPC code name, as in the gRPC specification.
-fn grpc_code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "CANCELLED",
-        Unknown => "UNKNOWN",
-        InvalidArgument => "INVALID_ARGUMENT",
-        DeadlineExceeded => "DEADLINE_EXCEEDED",
-        NotFound => "NOT_FOUND",
-        AlreadyExists => "ALREADY_EXISTS",
-        PermissionDenied => "PERMISSION_DENIED",
-        ResourceExhausted => "RESOURCE_EXHAUSTED",
-        FailedPrecondition => "FAILED_PRECONDITION",
-        Aborted => "ABORTED",
-        OutOfRange => "OUT_OF_RANGE",
-        Unimplemented => "UNIMPLEMENTED",
-        Internal => "INTERNAL",
-        Unavailable => "UNAVAILABLE",
-        DataLoss => "DATA_LOSS",
-        Unauthenticated => "UNAUTHENTICATED",
-    }
 }
 
 #[cfg(test)]
