@@ -22,6 +22,7 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 
 /// Admin listener flags, flattened into the command line.
 #[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Admin, metrics and traces")]
 pub struct AdminArgs {
     /// Address of the admin HTTP listener (`/metrics`, `/livez`, `/readyz`),
     /// or `off` for none. Loopback by default so that metrics are not

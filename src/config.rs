@@ -52,8 +52,9 @@ pub struct Cli {
     )]
     pub sandbox_fixture: Option<PathBuf>,
 
-    /// Upper bound on each upstream request (the caller's deadline applies
-    /// when it is shorter), e.g. `500ms`, `10s`.
+    /// Upper bound on a call's whole upstream exchange: every attempt, the
+    /// waits between them and for a connection (the caller's deadline
+    /// applies when it is shorter), e.g. `500ms`, `10s`.
     #[arg(long, env = "GORMIC_UPSTREAM_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub upstream_timeout: Duration,
 
@@ -109,15 +110,17 @@ pub struct Cli {
     /// Browser origins allowed to call the gateway with gRPC-Web: a
     /// comma-separated list such as `https://app.example.com,http://localhost:3000`,
     /// or `*` for any origin. Default: none (no CORS headers; browsers are refused).
-    #[arg(long, env = "GORMIC_CORS_ALLOWED_ORIGINS", value_name = "ORIGINS", value_parser = CorsOrigins::parse)]
+    // No heading: listed with the server options, not under the heading of
+    // the flattened group declared before it.
+    #[arg(long, env = "GORMIC_CORS_ALLOWED_ORIGINS", value_name = "ORIGINS", value_parser = CorsOrigins::parse, help_heading = None::<&str>)]
     pub cors_allowed_origins: Option<CorsOrigins>,
 
     /// Log level of the gateway's own log lines.
-    #[arg(long, env = "GORMIC_LOG_LEVEL", value_enum, default_value_t = LogLevel::Info)]
+    #[arg(long, env = "GORMIC_LOG_LEVEL", value_enum, default_value_t = LogLevel::Info, help_heading = "Logs")]
     pub log_level: LogLevel,
 
     /// Log line format.
-    #[arg(long, env = "GORMIC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, env = "GORMIC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, help_heading = "Logs")]
     pub log_format: LogFormat,
 
     #[command(subcommand)]

@@ -41,6 +41,7 @@ const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 
 /// Transport-security flags.
 #[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "TLS and credentials")]
 pub struct TlsArgs {
     /// Serve gRPC and gRPC-Web over TLS with this certificate chain (PEM,
     /// leaf first). Default: plaintext. Re-read when it changes.

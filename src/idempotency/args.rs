@@ -17,6 +17,7 @@ const MAX_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
 
 /// The idempotency-key store and its limits; flatten into the CLI.
 #[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Idempotency")]
 pub struct IdempotencyArgs {
     /// Where the records of idempotency keys live: `memory` (this process
     /// only: zero set-up, right for one replica) or

@@ -623,8 +623,8 @@ impl Metrics {
             .inc();
     }
 
-    /// A reload of `file` (a short constant: `tls_certificate`,
-    /// `client_ca`, `credentials`, ...) succeeded or failed.
+    /// A reload of `file` (a short constant naming the file set: `tls`,
+    /// `upstream_tls`, `credentials`) succeeded or failed.
     pub fn reload(&self, file: &'static str, ok: bool) {
         self.inner
             .reloads
