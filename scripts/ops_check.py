@@ -54,7 +54,8 @@ FLAGS = [
     "idempotency-store", "idempotency-ttl", "idempotency-max-entries",
     "idempotency-max-bytes", "idempotency-store-timeout",
     # observability
-    "admin-listen", "otlp-endpoint", "metrics-organization-label",
+    "admin-listen", "otlp-endpoint", "otel-service-name", "otlp-timeout",
+    "metrics-organization-label",
 ]
 
 

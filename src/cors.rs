@@ -13,7 +13,7 @@ use url::Url;
 
 /// Request headers a gRPC-Web client may send: the gRPC-Web protocol's own
 /// and the call metadata the gateway reads.
-pub const ALLOWED_HEADERS: [&str; 7] = [
+pub const ALLOWED_HEADERS: [&str; 10] = [
     "content-type",
     "x-grpc-web",
     "x-user-agent",
@@ -21,11 +21,21 @@ pub const ALLOWED_HEADERS: [&str; 7] = [
     "api-key",
     "organization-id",
     "x-request-id",
+    "idempotency-key",
+    "traceparent",
+    "tracestate",
 ];
 
 /// Response headers a browser script may read: the status and its details
-/// (sent as headers when a call fails before any message).
-pub const EXPOSED_HEADERS: [&str; 3] = ["grpc-status", "grpc-message", "grpc-status-details-bin"];
+/// (sent as headers when a call fails before any message), the call's
+/// request id and the replay mark.
+pub const EXPOSED_HEADERS: [&str; 5] = [
+    "grpc-status",
+    "grpc-message",
+    "grpc-status-details-bin",
+    "x-request-id",
+    "idempotent-replayed",
+];
 
 /// How long a browser may cache a preflight answer.
 const MAX_AGE: Duration = Duration::from_secs(24 * 60 * 60);

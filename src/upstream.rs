@@ -186,6 +186,38 @@ pub struct Exchange<T> {
     pub sent: bool,
 }
 
+impl<T> Exchange<T> {
+    /// A failed exchange. When an earlier attempt's request may have reached
+    /// the upstream, the last error says so too (`request_sent`): the
+    /// caller must know the whole exchange, not only its last attempt.
+    fn failed(error: UpstreamError, attempts: u32, sent: bool) -> Self {
+        let error = match error {
+            UpstreamError::Unreachable {
+                detail,
+                request_sent,
+            } => UpstreamError::Unreachable {
+                detail,
+                request_sent: request_sent || sent,
+            },
+            UpstreamError::Timeout {
+                after,
+                bound,
+                request_sent,
+            } => UpstreamError::Timeout {
+                after,
+                bound,
+                request_sent: request_sent || sent,
+            },
+            other => other,
+        };
+        Self {
+            result: Err(error),
+            attempts,
+            sent,
+        }
+    }
+}
+
 /// Which limit ended a call that took too long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TimeoutBound {
@@ -434,20 +466,10 @@ impl Upstream {
                         .await
                         .is_err()
                     {
-                        return Exchange {
-                            result: Err(error),
-                            attempts: attempt,
-                            sent,
-                        };
+                        return Exchange::failed(error, attempt, sent);
                     }
                 }
-                Decision::Stop => {
-                    return Exchange {
-                        result: Err(error),
-                        attempts: attempt,
-                        sent,
-                    };
-                }
+                Decision::Stop => return Exchange::failed(error, attempt, sent),
             }
         }
     }
