@@ -46,7 +46,17 @@ impl<'a> CallLog<'a> {
         }
     }
 
+    /// Ends the call without a line of its own: calls shed past
+    /// `--max-in-flight` are told by one line per second (`limits`), so
+    /// that a burst does not write one line per refused call.
+    pub(crate) fn skip(&mut self) {
+        self.done = true;
+    }
+
     pub(crate) fn finish(&mut self, ending: Ending<'_>) {
+        if self.done {
+            return; // skipped
+        }
         self.done = true;
         let latency_ms = self.started.elapsed().as_micros() as f64 / 1000.0;
         let grpc_code = code_name(ending.code);

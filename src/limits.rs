@@ -94,6 +94,9 @@ impl InFlightLimit {
         self.inner.shed_total.load(Ordering::Relaxed)
     }
 
+    /// Logs the calls shed since the last line, at most once per
+    /// [`SHED_LOG_EVERY`]. Called on each shed call, and every second by
+    /// [`Self::report_periodically`] so that the tail of a burst is told too.
     fn report_shedding(&self) {
         let inner = &self.inner;
         let now = Instant::now();
@@ -103,13 +106,27 @@ impl InFlightLimit {
         if last.is_some_and(|at| now.duration_since(at) < SHED_LOG_EVERY) {
             return;
         }
-        *last = Some(now);
         let count = inner.shed_unreported.swap(0, Ordering::Relaxed);
+        if count == 0 {
+            return;
+        }
+        *last = Some(now);
         tracing::warn!(
             shed = count,
             max_in_flight = inner.max,
             "overloaded: refused calls past --max-in-flight with RESOURCE_EXHAUSTED"
         );
+    }
+
+    /// Reports shed calls left unreported, every [`SHED_LOG_EVERY`], for as
+    /// long as it runs (the server runs it beside the accept loop).
+    pub async fn report_periodically(self) {
+        let mut tick = tokio::time::interval(SHED_LOG_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.report_shedding();
+        }
     }
 }
 

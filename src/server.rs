@@ -186,6 +186,8 @@ pub async fn run_with(
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let limits = &options.limits;
+    // Shed calls are told in one line per second, not one line each.
+    let shed_reports = tokio::spawn(gateway.in_flight_limit().clone().report_periodically());
     let invoices = InvoiceServiceServer::new(gateway)
         // A backstop: check_request_size refuses larger messages first.
         .max_decoding_message_size(limits.max_request_bytes.saturating_add(5));
@@ -259,6 +261,7 @@ pub async fn run_with(
         Err(_) => tracing::warn!("grace period over: closing the remaining connections"),
     }
     let _ = tokio::task::spawn_blocking(move || workers.stop()).await;
+    shed_reports.abort();
     Ok(())
 }
 

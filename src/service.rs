@@ -138,6 +138,11 @@ impl InvoiceGateway {
         self
     }
 
+    /// The cap on calls in flight (the server reports its shedding).
+    pub fn in_flight_limit(&self) -> &InFlightLimit {
+        &self.in_flight
+    }
+
     /// Replaces the cap on calls in flight.
     pub fn with_in_flight_limit(mut self, limit: InFlightLimit) -> Self {
         self.in_flight = limit;
@@ -195,6 +200,9 @@ impl InvoiceGateway {
             Err(error) => {
                 if let Some(shed) = error.shed_reason() {
                     self.metrics.call_shed(shed);
+                }
+                if matches!(error, CallError::Overloaded { .. }) {
+                    log.skip();
                 }
                 let (status, reason) = error.to_status_and_reason(&StatusContext {
                     rpc,

@@ -533,11 +533,11 @@ impl Upstream {
         span: &UpstreamSpan,
         sent: &AtomicBool,
     ) -> Result<Reply<Op::Response>, UpstreamError> {
-        let request = self.request(prepared, call, span);
+        let request = || self.request(prepared, call, span);
         let (response, mut lease) = self
             .inner
             .pool
-            .send(request, sent)
+            .send(&request, sent)
             .await
             .map_err(send_fault)?;
         let (parts, body) = response.into_parts();

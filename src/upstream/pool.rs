@@ -55,6 +55,14 @@ pub(crate) enum SendError {
     Sent(hyper::Error),
 }
 
+/// Why a leased connection did not carry a request.
+enum Refused {
+    /// It had closed: the request (when recovered) never left.
+    Stale(hyper::Error, Option<http::Request<RequestBody>>),
+    /// It failed after the request was handed over.
+    Sent(hyper::Error),
+}
+
 /// The pool's state for the metrics (read at scrape time).
 #[derive(Debug, Default)]
 pub struct PoolGauges {
@@ -77,13 +85,14 @@ struct Inner {
     /// `scheme://authority` of HTTP/2 requests, whose URI must be absolute.
     origin: (http::uri::Scheme, http::uri::Authority),
     idle_timeout: Duration,
+    /// Calls that may wait for a connection, process-wide.
+    max_pending: u64,
     gauges: Arc<PoolGauges>,
 }
 
 struct Shard {
     state: Mutex<State>,
     limit: usize,
-    pending_limit: usize,
     /// Signalled when the connection being opened by a [`Probe`] is up (or
     /// failed): the calls waiting to share it look again.
     probed: Notify,
@@ -178,13 +187,13 @@ impl Pool {
                             ..State::default()
                         }),
                         limit: per_shard(limits.max_connections),
-                        pending_limit: limits.max_pending.div_ceil(shards),
                         probed: Notify::new(),
                     })
                     .collect(),
                 connector,
                 origin,
                 idle_timeout: limits.idle_timeout,
+                max_pending: limits.max_pending as u64,
                 gauges,
             }),
         }
@@ -199,52 +208,72 @@ impl Pool {
     /// the [`Lease`] is dropped after [`Lease::reusable`]. `sent` tells a
     /// caller that gives up (deadline) whether the request may have reached
     /// the upstream (`false` while waiting for or opening a connection).
+    ///
+    /// The request is built by `request` only once a connection is granted,
+    /// and all that follows the wait is boxed: a call queued for a
+    /// connection holds neither its request's headers nor the sending
+    /// machinery, which is what bounds the memory of 10 000 queued calls.
     pub(crate) async fn send(
         &self,
-        mut request: http::Request<RequestBody>,
+        request: &(dyn Fn() -> http::Request<RequestBody> + Sync),
         sent: &AtomicBool,
     ) -> Result<(http::Response<Incoming>, Lease), SendError> {
         let shard = runtime::current_worker().unwrap_or(0) % self.inner.shards.len();
         let mut stale = None;
+        let mut unsent = None;
         for _ in 0..MAX_STALE_CONNECTIONS {
             sent.store(false, Ordering::Relaxed);
-            let mut lease = self.checkout(shard).await?;
-            // A connection handed back an instant ago may not want its
-            // next request yet; one that closed meanwhile fails here.
-            let ready = match &mut lease.connection {
-                Some(Leased::Http1(idle)) => idle.sender.ready().await,
-                Some(Leased::Http2(sender)) => sender.ready().await,
-                None => unreachable_lease(),
-            };
-            if let Err(error) = ready {
-                stale = Some(error);
-                continue;
-            }
-            sent.store(true, Ordering::Relaxed);
-            let outcome = match &mut lease.connection {
-                Some(Leased::Http1(idle)) => idle.sender.try_send_request(request).await,
-                Some(Leased::Http2(sender)) => {
-                    self.inner.absolute(&mut request);
-                    sender.try_send_request(request).await
+            let lease = self.checkout(shard).await?;
+            let request = unsent.take().unwrap_or_else(request);
+            match Box::pin(self.send_on(lease, request, sent)).await {
+                Ok(answered) => return Ok(answered),
+                // The connection closed before taking it: try another.
+                Err(Refused::Stale(error, request)) => {
+                    sent.store(false, Ordering::Relaxed);
+                    stale = Some(error);
+                    unsent = request;
                 }
-                None => unreachable_lease(),
-            };
-            match outcome {
-                Ok(response) => return Ok((response, lease)),
-                Err(mut error) => match error.take_message() {
-                    // The connection closed before taking it: try another.
-                    Some(unsent) => {
-                        sent.store(false, Ordering::Relaxed);
-                        request = unsent;
-                        stale = Some(error.into_error());
-                    }
-                    None => return Err(SendError::Sent(error.into_error())),
-                },
+                Err(Refused::Sent(error)) => return Err(SendError::Sent(error)),
             }
         }
         match stale {
             Some(error) => Err(SendError::Stale(error)),
             None => Err(SendError::QueueFull),
+        }
+    }
+
+    /// Sends `request` on the leased connection.
+    async fn send_on(
+        &self,
+        mut lease: Lease,
+        mut request: http::Request<RequestBody>,
+        sent: &AtomicBool,
+    ) -> Result<(http::Response<Incoming>, Lease), Refused> {
+        // A connection handed back an instant ago may not want its next
+        // request yet; one that closed meanwhile fails here.
+        let ready = match &mut lease.connection {
+            Some(Leased::Http1(idle)) => idle.sender.ready().await,
+            Some(Leased::Http2(sender)) => sender.ready().await,
+            None => unreachable_lease(),
+        };
+        if let Err(error) = ready {
+            return Err(Refused::Stale(error, Some(request)));
+        }
+        sent.store(true, Ordering::Relaxed);
+        let outcome = match &mut lease.connection {
+            Some(Leased::Http1(idle)) => idle.sender.try_send_request(request).await,
+            Some(Leased::Http2(sender)) => {
+                self.inner.absolute(&mut request);
+                sender.try_send_request(request).await
+            }
+            None => unreachable_lease(),
+        };
+        match outcome {
+            Ok(response) => Ok((response, lease)),
+            Err(mut error) => match error.take_message() {
+                Some(unsent) => Err(Refused::Stale(error.into_error(), Some(unsent))),
+                None => Err(Refused::Sent(error.into_error())),
+            },
         }
     }
 
@@ -273,11 +302,18 @@ impl Pool {
                     });
                     Step::Open(probe)
                 } else {
-                    if state.waiters.len() >= limits.pending_limit {
+                    // The queue's bound is process-wide, like the in-flight
+                    // cap: a worker with more than its share of calls must
+                    // not refuse them while others have room.
+                    if inner.gauges.pending.load(Ordering::Relaxed) >= inner.max_pending {
+                        return Err(SendError::QueueFull);
+                    }
+                    // Waiters whose call ended are skipped when their turn
+                    // comes; sweep them now and then so a stuck upstream
+                    // (no turns) does not let them pile up.
+                    let waiting = state.waiters.len();
+                    if waiting >= 64 && waiting.is_power_of_two() {
                         state.waiters.retain(|w| !w.is_closed());
-                        if state.waiters.len() >= limits.pending_limit {
-                            return Err(SendError::QueueFull);
-                        }
                     }
                     let (tx, rx) = oneshot::channel();
                     state.waiters.push_back(tx);

@@ -13,8 +13,8 @@ use gormic_gateway::server::{ConnectionLimits, ServerOptions};
 use gormic_gateway::upstream::UpstreamOptions;
 
 use crate::support::{
-    FakeUpstream, GatewayConfig, Scripted, TestGateway, authed, details, error_info, spawn_app,
-    with_metadata,
+    FakeUpstream, GatewayConfig, Scripted, TestGateway, authed, details, error_info, logs,
+    spawn_app, with_metadata,
 };
 
 fn close() -> pb::CloseInvoiceRequest {
@@ -38,6 +38,7 @@ async fn gateway(upstream: &FakeUpstream, config: GatewayConfig) -> TestGateway 
 
 #[tokio::test]
 async fn calls_past_the_in_flight_cap_are_shed_at_once_and_never_forwarded() {
+    let logs = logs();
     let upstream = FakeUpstream::start().await;
     let mut script = vec![held(); 3];
     script.push(Scripted::ok(closed()));
@@ -59,10 +60,19 @@ async fn calls_past_the_in_flight_cap_are_shed_at_once_and_never_forwarded() {
         .collect();
     upstream.wait_for_requests(3).await;
 
-    for _ in 0..5 {
+    for n in 0..5 {
+        let request_id = format!("shed-probe-{n}");
+        let request = with_metadata(
+            close(),
+            &[
+                ("api-key", "k"),
+                ("organization-id", "org-1"),
+                ("x-request-id", &request_id),
+            ],
+        );
         let status = gateway
             .client
-            .close_invoice(authed(close()))
+            .close_invoice(request)
             .await
             .expect_err("shed");
         assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
@@ -77,6 +87,33 @@ async fn calls_past_the_in_flight_cap_are_shed_at_once_and_never_forwarded() {
         upstream.requests().len(),
         3,
         "shed calls never reach the upstream"
+    );
+
+    // Logged once a second in all, never one line each: the lines of this
+    // gateway (max_in_flight 3) add up to the five shed calls.
+    let shed_logged = || -> u64 {
+        logs.text()
+            .lines()
+            .filter(|l| {
+                l.contains("overloaded: refused calls") && l.contains("\"max_in_flight\":3")
+            })
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|line| line["shed"].as_u64())
+            .sum()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while shed_logged() < 5 && tokio::time::Instant::now() < deadline {
+        // The second line comes from the once-a-second flush.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        shed_logged(),
+        5,
+        "the summary lines count every shed call once"
+    );
+    assert!(
+        !logs.text().contains("shed-probe-"),
+        "a shed call writes no line of its own"
     );
 
     // The held calls go away; their places are free again.
