@@ -58,7 +58,7 @@ pub(crate) enum SendError {
 /// Why a leased connection did not carry a request.
 enum Refused {
     /// It had closed: the request (when recovered) never left.
-    Stale(hyper::Error, Option<http::Request<RequestBody>>),
+    Stale(hyper::Error, Option<Box<http::Request<RequestBody>>>),
     /// It failed after the request was handed over.
     Sent(hyper::Error),
 }
@@ -231,7 +231,7 @@ impl Pool {
                 Err(Refused::Stale(error, request)) => {
                     sent.store(false, Ordering::Relaxed);
                     stale = Some(error);
-                    unsent = request;
+                    unsent = request.map(|request| *request);
                 }
                 Err(Refused::Sent(error)) => return Err(SendError::Sent(error)),
             }
@@ -257,7 +257,7 @@ impl Pool {
             None => unreachable_lease(),
         };
         if let Err(error) = ready {
-            return Err(Refused::Stale(error, Some(request)));
+            return Err(Refused::Stale(error, Some(Box::new(request))));
         }
         sent.store(true, Ordering::Relaxed);
         let outcome = match &mut lease.connection {
@@ -271,7 +271,7 @@ impl Pool {
         match outcome {
             Ok(response) => Ok((response, lease)),
             Err(mut error) => match error.take_message() {
-                Some(unsent) => Err(Refused::Stale(error.into_error(), Some(unsent))),
+                Some(unsent) => Err(Refused::Stale(error.into_error(), Some(Box::new(unsent)))),
                 None => Err(Refused::Sent(error.into_error())),
             },
         }
