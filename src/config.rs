@@ -133,8 +133,8 @@ pub struct Cli {
 pub struct LimitArgs {
     /// Calls served at once, process-wide; past it a call is refused at
     /// once with RESOURCE_EXHAUSTED (reason OVERLOADED) and never forwarded.
-    /// 10000 calls waiting on a slow upstream fit in the 64 MiB the gateway
-    /// promises.
+    /// 10000 calls waiting on a slow upstream take ~140 MiB (~9 KiB each,
+    /// BENCHMARKS.md): size the container for it, or lower this.
     #[arg(long, env = "GORMIC_MAX_IN_FLIGHT", value_name = "N", default_value_t = crate::limits::DEFAULT_MAX_IN_FLIGHT, value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
     pub max_in_flight: usize,
 
@@ -167,12 +167,15 @@ pub struct LimitArgs {
     #[arg(long, env = "GORMIC_MAX_HEADER_BYTES", value_name = "BYTES", default_value = "16KiB", value_parser = parse_size)]
     pub max_header_bytes: usize,
 
-    /// HTTP/2 calls one client connection may have open at once.
+    /// HTTP/2 calls one client connection may have open at once; more wait
+    /// in the client. 256 is ample for one caller (nginx's default is 128)
+    /// and bounds what one connection can pin in memory during a burst
+    /// (256 × ~9 KiB), refused calls included.
     #[arg(
         long,
         env = "GORMIC_HTTP2_MAX_CONCURRENT_STREAMS",
         value_name = "N",
-        default_value_t = 1024
+        default_value_t = 256
     )]
     pub http2_max_concurrent_streams: u32,
 

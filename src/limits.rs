@@ -14,9 +14,11 @@ use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use tonic::body::Body;
 
-/// Default of `--max-in-flight`: with ~3 KiB per call waiting on a slow
-/// upstream, 10 000 calls stay within the 64 MiB the gateway promises
-/// (BENCHMARKS.md), and no single replica should ever need more.
+/// Default of `--max-in-flight`: a call waiting on a slow upstream holds
+/// ~9 KiB (measured by scripts/limits, BENCHMARKS.md), so 10 000 of them
+/// with 1024 busy upstream connections peak at ~140 MiB; far more than one
+/// replica should ever serve at once, and a bound an operator can size a
+/// container for.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 10_000;
 /// Default of `--max-request-bytes`. The largest legitimate request is an
 /// UpdateInvoice with four ids of at most a few hundred bytes; 64 KiB leaves

@@ -111,7 +111,7 @@ impl Default for ConnectionLimits {
         Self {
             max_request_bytes: crate::limits::DEFAULT_MAX_REQUEST_BYTES,
             max_header_bytes: 16 * 1024,
-            max_concurrent_streams: 1024,
+            max_concurrent_streams: 256,
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(20),
             max_connection_age: None,

@@ -53,7 +53,7 @@ RESOURCE_EXHAUSTED = "8"
 # What the gateway's defaults are (checked against its --help at start).
 DEFAULT_MAX_IN_FLIGHT = 10_000
 DEFAULT_UPSTREAM_MAX_CONNECTIONS = 1024
-DEFAULT_MAX_CONCURRENT_STREAMS = 1024
+DEFAULT_MAX_CONCURRENT_STREAMS = 256
 
 
 class Abort(Exception):
@@ -92,7 +92,7 @@ def settings():
         "a_delay_s": number("LIMITS_A_DELAY", 3.0, float, 0.1),
         "a_upstream_timeout": os.environ.get("LIMITS_A_UPSTREAM_TIMEOUT", "120s"),
         "b_calls": number("LIMITS_B_CALLS", 5000 if quick else 50_000),
-        "b_connections": number("LIMITS_B_CONNECTIONS", 10 if quick else 50),
+        "b_connections": number("LIMITS_B_CONNECTIONS", 20 if quick else 200),
         "b_delay_s": number("LIMITS_B_DELAY", 1.0, float, 0.1),
         "b_upstream_timeout": os.environ.get("LIMITS_B_UPSTREAM_TIMEOUT", "60s"),
         # Quick mode lowers the cap so that its 5,000 calls still overflow it.
@@ -100,7 +100,7 @@ def settings():
         "after_calls": number("LIMITS_AFTER_CALLS", 100),
         "idle_rss_bound_mib": number("LIMITS_IDLE_RSS_MIB", 16.0, float),
         "a_rss_bound_mib": number("LIMITS_A_RSS_MIB", 64.0, float),
-        "b_rss_bound_mib": number("LIMITS_B_RSS_MIB", 64.0, float),
+        "b_rss_bound_mib": number("LIMITS_B_RSS_MIB", 256.0, float),
         "settle_s": number("LIMITS_SETTLE", 3.0, float, 0),
     }
     for prefix in ("a", "b"):
@@ -595,20 +595,28 @@ class Limits:
                    forwarded == ok and up_burst["requests_answered"] == ok)
         self.check(name, "upstream max concurrent connections", f"{up_after['max_connections']:,}",
                    f"≤ {DEFAULT_UPSTREAM_MAX_CONNECTIONS:,}", up_after["max_connections"] <= DEFAULT_UPSTREAM_MAX_CONNECTIONS)
-        self.check(name, "gateway log lines agree with metrics", json.dumps(log_counts), "= metrics",
-                   _same_codes(log_counts, _merge(burst, after)), kind="count")
+        # Shed calls (in-flight cap) write no call line of their own: they
+        # are counted by the rate-limited `overloaded` lines checked below.
+        expected_lines = dict(_merge(burst, after))
+        shed_calls = shed.get("in_flight_limit", 0)
+        key = f"{RPC}/8"
+        if key in expected_lines:
+            expected_lines[key] -= shed_calls
+            if expected_lines[key] == 0:
+                del expected_lines[key]
+        self.check(name, "gateway call lines agree with metrics (shed calls excepted)", json.dumps(log_counts),
+                   "= metrics", _same_codes(log_counts, expected_lines), kind="count")
         self.check(name, "h2load: requests done (HTTP 2xx)", f"{summary.get('done')} ({summary.get('s2xx')})", f"{calls}",
                    summary.get("done") == calls, kind="count")
         after_ok = after.get(f"{RPC}/0", 0)
         self.check(name, f"after the burst: {c['after_calls']} calls OK", f"{after_ok} ({json.dumps(after)})",
                    f"{c['after_calls']}, nothing else", after == {f"{RPC}/0": c["after_calls"]}
                    and up_after["requests_received"] - forwarded == c["after_calls"])
-        # Not a target: whether the rate-limited WARN lines account for
-        # every shed call (the per-call lines do).
+        # Shed calls are logged rate-limited: the `overloaded` WARN lines
+        # must account for every one of them.
         self.check(name, "rate-limited `overloaded` WARN lines: lines, shed calls they report",
                    f"{overloaded['lines']}, {overloaded['shed_reported']:,}", f"shed = {shed.get('in_flight_limit', 0):,}",
-                   overloaded["shed_reported"] == shed.get("in_flight_limit", 0), kind="info",
-                   note="under-reported (not a target; see BENCHMARKS.md)")
+                   overloaded["shed_reported"] == shed.get("in_flight_limit", 0), kind="count")
         bound = c["b_rss_bound_mib"]
         self.check(name, "peak RSS (VmHWM)", mib(peak_kb), f"≤ {bound:g} MiB", peak_kb <= bound * 1024,
                    kind="info" if c["quick"] else "target")
