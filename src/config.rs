@@ -175,7 +175,7 @@ pub struct LimitArgs {
         long,
         env = "GORMIC_HTTP2_MAX_CONCURRENT_STREAMS",
         value_name = "N",
-        default_value_t = 256
+        default_value_t = crate::server::DEFAULT_MAX_CONCURRENT_STREAMS
     )]
     pub http2_max_concurrent_streams: u32,
 

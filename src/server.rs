@@ -48,6 +48,9 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
+/// Default of `--http2-max-concurrent-streams` (justified there).
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
+
 /// The path prefix of the invoice service's calls.
 pub const SERVICE_PREFIX: &str = "/gormic.om.v1.InvoiceService/";
 
@@ -111,7 +114,7 @@ impl Default for ConnectionLimits {
         Self {
             max_request_bytes: crate::limits::DEFAULT_MAX_REQUEST_BYTES,
             max_header_bytes: 16 * 1024,
-            max_concurrent_streams: 256,
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(20),
             max_connection_age: None,
@@ -122,8 +125,8 @@ impl Default for ConnectionLimits {
 }
 
 impl Default for ServerOptions {
-    /// The command line's defaults, with one worker thread and no shutdown
-    /// delay (tests).
+    /// The command line's defaults, except: one worker thread, and no
+    /// maximum connection age (tests).
     fn default() -> Self {
         Self {
             grace: Duration::from_secs(10),

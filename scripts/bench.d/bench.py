@@ -9,7 +9,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import shlex
 import shutil
@@ -109,43 +108,7 @@ def settings():
 
 
 def machine_info(root, gateway_bin):
-    cpuinfo = Path("/proc/cpuinfo").read_text()
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "?")
-    flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
-    kinds = []
-    if shutil.which("systemd-detect-virt"):
-        for option, what in (("--vm", "VM"), ("--container", "container")):
-            found = subprocess.run(["systemd-detect-virt", option], capture_output=True, text=True, check=False)
-            if found.stdout.strip() not in ("", "none"):
-                kinds.append(f"{found.stdout.strip()} {what}")
-    if not any(k.endswith("VM") for k in kinds) and " hypervisor" in flags:
-        kinds.insert(0, "VM (hypervisor flag in /proc/cpuinfo)")
-    virt = ", ".join(kinds) or "none detected"
-    mem = next((line.split(":", 1)[1].strip() for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")), "?")
-
-    def output(cmd):
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=root)
-            return (done.stdout + done.stderr).strip()
-        except OSError as error:
-            return f"? ({error})"
-
-    status = output(["git", "status", "--porcelain", "--untracked-files=no"])
-    return {
-        "cpus": len(os.sched_getaffinity(0)),
-        "cpu_model": model,
-        "kernel": platform.release(),
-        "virtualization": virt,
-        "memory": mem,
-        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
-        "nginx": output(["nginx", "-v"]),
-        "h2load": output(["h2load", "--version"]),
-        "python": platform.python_version(),
-        "gateway_version": output([str(gateway_bin), "--version"]),
-        "git_commit": output(["git", "rev-parse", "HEAD"]),
-        "git_branch": output(["git", "rev-parse", "--abbrev-ref", "HEAD"]),
-        "git_dirty": bool(status) and not status.startswith("fatal"),
-    }
+    return {**procs.machine_info(root, gateway_bin), "nginx": procs.command_output(["nginx", "-v"], root)}
 
 
 # -------------------------------------------------------------------- bench

@@ -3,6 +3,7 @@ ports, starting nginx and the gateway in their own temporary directories,
 CPU time, peak RSS, and stopping everything that was started."""
 
 import os
+import platform
 import re
 import shutil
 import signal
@@ -327,3 +328,49 @@ def stub_requests(port):
     if not match:
         raise ValueError(f"unexpected stub_status answer: {text!r}")
     return int(match.group(3))
+
+
+def command_output(cmd, cwd):
+    """A command's stdout and stderr, or why it could not run."""
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=cwd)
+        return (done.stdout + done.stderr).strip()
+    except OSError as error:
+        return f"? ({error})"
+
+
+def machine_info(root, gateway_bin):
+    """The machine, tools and build a result was measured with (bench and
+    limits reports)."""
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "?")
+    flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
+    kinds = []
+    if shutil.which("systemd-detect-virt"):
+        for option, what in (("--vm", "VM"), ("--container", "container")):
+            found = subprocess.run(["systemd-detect-virt", option], capture_output=True, text=True, check=False)
+            if found.stdout.strip() not in ("", "none"):
+                kinds.append(f"{found.stdout.strip()} {what}")
+    if not any(k.endswith("VM") for k in kinds) and " hypervisor" in flags:
+        kinds.insert(0, "VM (hypervisor flag in /proc/cpuinfo)")
+    virt = ", ".join(kinds) or "none detected"
+    mem = next((line.split(":", 1)[1].strip() for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")), "?")
+
+    def output(cmd):
+        return command_output(cmd, root)
+
+    status = output(["git", "status", "--porcelain", "--untracked-files=no"])
+    return {
+        "cpus": len(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "virtualization": virt,
+        "memory": mem,
+        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
+        "h2load": output(["h2load", "--version"]),
+        "python": platform.python_version(),
+        "gateway_version": output([str(gateway_bin), "--version"]),
+        "git_commit": output(["git", "rev-parse", "HEAD"]),
+        "git_branch": output(["git", "rev-parse", "--abbrev-ref", "HEAD"]),
+        "git_dirty": bool(status) and not status.startswith("fatal"),
+    }

@@ -22,7 +22,6 @@ import gzip
 import http.client
 import json
 import os
-import platform
 import re
 import resource
 import select
@@ -124,42 +123,7 @@ def settings():
 
 
 def machine_info(root, gateway_bin):
-    cpuinfo = Path("/proc/cpuinfo").read_text()
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "?")
-    virt = "?"
-    if shutil.which("systemd-detect-virt"):
-        found = subprocess.run(["systemd-detect-virt"], capture_output=True, text=True, check=False)
-        virt = found.stdout.strip() or "none"
-    elif " hypervisor" in cpuinfo:
-        virt = "VM (hypervisor flag in /proc/cpuinfo)"
-    mem = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")),
-        "?",
-    )
-
-    def output(cmd):
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=root)
-            return (done.stdout + done.stderr).strip()
-        except OSError as error:
-            return f"? ({error})"
-
-    status = output(["git", "status", "--porcelain", "--untracked-files=no"])
-    return {
-        "cpus": len(os.sched_getaffinity(0)),
-        "cpu_model": model,
-        "kernel": platform.release(),
-        "virtualization": virt,
-        "memory": mem,
-        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
-        "h2load": output(["h2load", "--version"]),
-        "python": platform.python_version(),
-        "gateway_version": output([str(gateway_bin), "--version"]),
-        "git_commit": output(["git", "rev-parse", "HEAD"]),
-        "git_branch": output(["git", "rev-parse", "--abbrev-ref", "HEAD"]),
-        "git_dirty": bool(status) and not status.startswith("fatal"),
-        "nofile_limit": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
-    }
+    return {**procs.machine_info(root, gateway_bin), "nofile_limit": list(resource.getrlimit(resource.RLIMIT_NOFILE))}
 
 
 # ------------------------------------------------------------ the processes

@@ -112,11 +112,7 @@ impl Idempotency {
     /// Call inside the Tokio runtime.
     pub async fn from_args(args: &IdempotencyArgs) -> Result<Self, ConfigError> {
         let store = match &args.idempotency_store {
-            StoreLocation::Memory => Store::Memory(memory::MemoryStore::start(memory::Limits {
-                ttl: args.idempotency_ttl,
-                max_entries: args.idempotency_max_entries,
-                max_bytes: args.idempotency_max_bytes,
-            })?),
+            StoreLocation::Memory => Self::memory(args)?,
             StoreLocation::Redis(url) => Store::Redis(Arc::new(redis::RedisStore::new(
                 url,
                 args.idempotency_ttl,
@@ -153,14 +149,17 @@ impl Idempotency {
 
     /// The default store: in memory, with the command line's limits.
     pub fn in_memory() -> Result<Self, ConfigError> {
-        let args = IdempotencyArgs::default();
         Ok(Self {
-            store: Store::Memory(memory::MemoryStore::start(memory::Limits {
-                ttl: args.idempotency_ttl,
-                max_entries: args.idempotency_max_entries,
-                max_bytes: args.idempotency_max_bytes,
-            })?),
+            store: Self::memory(&IdempotencyArgs::default())?,
         })
+    }
+
+    fn memory(args: &IdempotencyArgs) -> Result<Store, ConfigError> {
+        Ok(Store::Memory(memory::MemoryStore::start(memory::Limits {
+            ttl: args.idempotency_ttl,
+            max_entries: args.idempotency_max_entries,
+            max_bytes: args.idempotency_max_bytes,
+        })?))
     }
 
     /// Records and bytes held, for the memory store.

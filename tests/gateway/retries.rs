@@ -12,7 +12,7 @@ use tonic::Code;
 
 use gormic_gateway::proto::v1 as pb;
 
-use crate::support::{Scripted, TestGateway, authed, details, error_info, spawn_app};
+use crate::support::{FakeUpstream, Scripted, TestGateway, authed, details, error_info, spawn_app};
 
 fn update() -> pb::UpdateInvoiceRequest {
     pb::UpdateInvoiceRequest {
@@ -68,13 +68,9 @@ async fn a_create_answered_503_is_never_sent_twice() {
 
 #[tokio::test]
 async fn a_request_that_never_left_is_retried_for_any_operation() {
-    // Bind then drop: nothing listens on the port.
-    let port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        listener.local_addr().expect("addr").port()
-    };
-    let mut gateway =
-        TestGateway::start(&format!("http://127.0.0.1:{port}"), Duration::from_secs(10)).await;
+    // A port bound but not listening: connections are refused.
+    let unreachable = FakeUpstream::reserve();
+    let mut gateway = TestGateway::start(&unreachable.url(), Duration::from_secs(10)).await;
     let status = gateway
         .client
         .create_invoice(authed(create()))

@@ -26,13 +26,9 @@ const CLOSED: fn() -> serde_json::Value =
 
 #[tokio::test]
 async fn an_upstream_that_refuses_connections_is_unavailable() {
-    // Bind then drop: nothing listens on the port any more.
-    let port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        listener.local_addr().expect("addr").port()
-    };
-    let mut gateway =
-        TestGateway::start(&format!("http://127.0.0.1:{port}"), Duration::from_secs(10)).await;
+    // A port bound but not listening: connections are refused.
+    let unreachable = FakeUpstream::reserve();
+    let mut gateway = TestGateway::start(&unreachable.url(), Duration::from_secs(10)).await;
     let status = gateway
         .client
         .close_invoice(authed(close()))
