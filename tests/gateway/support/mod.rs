@@ -2,8 +2,6 @@
 //! and a gateway started in-process on an ephemeral port, driven by the tonic
 //! client generated from our proto.
 
-#![allow(dead_code, unused_imports)]
-
 pub mod admin;
 pub mod binary;
 pub mod certs;
@@ -29,7 +27,7 @@ use gormic_gateway::server::ServerOptions;
 use gormic_gateway::service::InvoiceGateway;
 use gormic_gateway::upstream::{Upstream, UpstreamOptions};
 
-pub use fake_upstream::{Connections, FakeUpstream, Recorded, ReservedPort, Scripted};
+pub use fake_upstream::{FakeUpstream, Scripted};
 pub use logs::logs;
 
 pub const API_KEY: &str = "test-api-key-5f2c9a";
