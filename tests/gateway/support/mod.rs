@@ -1,9 +1,11 @@
 //! Test harness: a scripted fake upstream (a real HTTP server on loopback)
 //! and a gateway started in-process on an ephemeral port, driven by the tonic
-//! client generated from our proto.
+//! client generated from our proto. Each helper's self-tests are in a
+//! `mod tests` at the end of its file (`cargo test --test gateway support::`).
 
 pub mod admin;
 pub mod binary;
+pub mod blackhole;
 pub mod certs;
 pub mod fake_upstream;
 pub mod hanging_up;
