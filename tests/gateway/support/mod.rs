@@ -7,6 +7,7 @@ pub mod admin;
 pub mod binary;
 pub mod blackhole;
 pub mod certs;
+pub mod delay_proxy;
 pub mod fake_upstream;
 pub mod hanging_up;
 pub mod logs;
