@@ -15,6 +15,7 @@ pub mod otlp;
 pub mod redis;
 pub mod sandbox;
 pub mod secure;
+pub mod tinyproxy;
 
 use std::net::SocketAddr;
 use std::time::Duration;
