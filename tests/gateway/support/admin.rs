@@ -113,23 +113,6 @@ pub async fn scrape_until(addr: SocketAddr, done: impl Fn(&Scrape) -> bool) -> S
     }
 }
 
-/// `GET path` until it answers `status`: only where the change has no event
-/// the test can wait for.
-pub async fn get_until(addr: SocketAddr, path: &str, status: u16) -> HttpAnswer {
-    let polled = async {
-        loop {
-            let answer = get(addr, path).await;
-            if answer.status == status {
-                return answer;
-            }
-            tokio::time::sleep(POLL_EVERY).await;
-        }
-    };
-    tokio::time::timeout(POLL_DEADLINE, polled)
-        .await
-        .unwrap_or_else(|_| panic!("{path} never answered {status}"))
-}
-
 /// One `/metrics` exposition.
 #[derive(Debug, Clone)]
 pub struct Scrape(pub String);

@@ -1,7 +1,8 @@
 //! A scripted stand-in for the Gormic REST API: records every request it
 //! receives and answers with whatever the test scripted; over plain HTTP/1.1
-//! ([`FakeUpstream::start`]) or over TLS with the ALPN protocols the test
-//! chose, HTTP/2 included ([`FakeUpstream::start_tls`]).
+//! ([`FakeUpstream::start`]), over plaintext HTTP/2 with prior knowledge
+//! ([`FakeUpstream::start_h2c`]), or over TLS with the ALPN protocols the
+//! test chose, HTTP/2 included ([`FakeUpstream::start_tls`]).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -19,7 +20,9 @@ use tokio::sync::Notify;
 #[derive(Debug, Clone)]
 pub struct Recorded {
     pub method: Method,
-    /// HTTP/1.1, or HTTP/2 when the TLS upstream negotiated `h2`.
+    /// The request's HTTP version as the server read it (Debug prints
+    /// `HTTP/1.1`, `HTTP/2.0`): HTTP/2 from [`FakeUpstream::start_h2c`] and
+    /// when [`FakeUpstream::start_tls`] negotiated `h2`.
     pub version: Version,
     pub path: String,
     pub query: Option<String>,
@@ -334,6 +337,41 @@ impl FakeUpstream {
         }
     }
 
+    /// The same upstream over plaintext HTTP/2 with prior knowledge only
+    /// (h2c without the HTTP/1.1 upgrade): a client must start with the
+    /// HTTP/2 preface; an HTTP/1.1 request is refused (the connection
+    /// closes). Its URL is `http://127.0.0.1:<port>`.
+    pub async fn start_h2c() -> Self {
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind fake upstream");
+        let addr = listener.local_addr().expect("addr");
+        let shared = Arc::new(Shared::default());
+        let app = app(&shared);
+        let mut listener = CountingListener {
+            inner: listener,
+            shared: shared.clone(),
+        };
+        tokio::spawn(async move {
+            loop {
+                let (io, _) = axum::serve::Listener::accept(&mut listener).await;
+                let service = hyper_util::service::TowerToHyperService::new(app.clone());
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(io), service)
+                        .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            shared,
+            scheme: "http",
+        }
+    }
+
     pub fn url(&self) -> String {
         format!("{}://{}", self.scheme, self.addr)
     }
@@ -479,4 +517,69 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
         response = response.header(name, value);
     }
     response.body(Body::from(answer.body)).unwrap()
+}
+
+mod tests {
+    use axum::http::Version;
+
+    use super::{FakeUpstream, Scripted};
+
+    #[tokio::test]
+    async fn the_h2c_upstream_records_http2_requests_over_one_connection() {
+        let upstream = FakeUpstream::start_h2c().await;
+        upstream.respond(Scripted::raw(200, "h2"));
+        let client = reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .build()
+            .expect("HTTP/2 client");
+
+        for path in ["/first", "/second"] {
+            let answer = client
+                .get(format!("{}{path}", upstream.url()))
+                .send()
+                .await
+                .expect("an HTTP/2 answer");
+            assert_eq!(answer.version(), Version::HTTP_2);
+            assert_eq!(answer.status(), 200);
+        }
+
+        let requests = upstream.requests();
+        assert_eq!(
+            requests
+                .iter()
+                .map(|r| (r.path.as_str(), r.version))
+                .collect::<Vec<_>>(),
+            [("/first", Version::HTTP_2), ("/second", Version::HTTP_2)]
+        );
+        assert_eq!(format!("{:?}", requests[0].version), "HTTP/2.0");
+        assert_eq!(upstream.connections().accepted, 1);
+    }
+
+    #[tokio::test]
+    async fn the_h2c_upstream_refuses_http1_requests() {
+        let upstream = FakeUpstream::start_h2c().await;
+        upstream.respond(Scripted::raw(200, "h2"));
+
+        let refused = reqwest::Client::builder()
+            .http1_only()
+            .build()
+            .expect("HTTP/1.1 client")
+            .get(upstream.url())
+            .send()
+            .await;
+
+        assert!(refused.is_err(), "an HTTP/1.1 answer: {refused:?}");
+        assert!(upstream.requests().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_http1_upstream_records_http11_requests() {
+        let upstream = FakeUpstream::start().await;
+        upstream.respond(Scripted::raw(200, "h1"));
+
+        reqwest::get(upstream.url()).await.expect("an answer");
+
+        assert_eq!(upstream.only_request().version, Version::HTTP_11);
+        assert_eq!(format!("{:?}", upstream.only_request().version), "HTTP/1.1");
+    }
 }

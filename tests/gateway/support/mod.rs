@@ -1,12 +1,13 @@
 //! Test harness: a scripted fake upstream (a real HTTP server on loopback)
 //! and a gateway started in-process on an ephemeral port, driven by the tonic
-//! client generated from our proto.
-
-#![allow(dead_code, unused_imports)]
+//! client generated from our proto. Each helper's self-tests are in a
+//! `mod tests` at the end of its file (`cargo test --test gateway support::`).
 
 pub mod admin;
 pub mod binary;
+pub mod blackhole;
 pub mod certs;
+pub mod delay_proxy;
 pub mod fake_upstream;
 pub mod hanging_up;
 pub mod logs;
@@ -14,6 +15,7 @@ pub mod otlp;
 pub mod redis;
 pub mod sandbox;
 pub mod secure;
+pub mod tinyproxy;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -29,7 +31,7 @@ use gormic_gateway::server::ServerOptions;
 use gormic_gateway::service::InvoiceGateway;
 use gormic_gateway::upstream::{Upstream, UpstreamOptions};
 
-pub use fake_upstream::{Connections, FakeUpstream, Recorded, ReservedPort, Scripted};
+pub use fake_upstream::{FakeUpstream, Scripted};
 pub use logs::logs;
 
 pub const API_KEY: &str = "test-api-key-5f2c9a";

@@ -1,9 +1,11 @@
 //! A real `redis-server` on a free loopback port for the idempotency store
 //! tests: found on PATH, ready once it prints so, killed on drop. Without
 //! persistence (`--save "" --appendonly no`), so a restart starts empty.
+//! [`RedisServer::commandstats`] tells what it executed.
 
-use std::io::{BufRead, BufReader, Read};
-use std::net::TcpListener;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -87,6 +89,72 @@ impl RedisServer {
     pub fn output(&self) -> String {
         self.output.lock().expect("output lock").clone()
     }
+
+    /// How many times the server executed each command since it started or
+    /// since [`Self::reset_stats`], from `INFO commandstats`: its `calls`,
+    /// which count commands that ran and failed (`failed_calls`, e.g. an
+    /// EVALSHA answered NOSCRIPT) but not commands refused before running
+    /// (`rejected_calls`: wrong arity, OOM…). Keys are lower case,
+    /// subcommands joined by `|` (`evalsha`, `script|load`,
+    /// `client|setinfo`); a command never seen is absent, one only
+    /// rejected maps to 0. The helpers' own `INFO` and `CONFIG RESETSTAT`
+    /// count too, each once its call has run (an `INFO` does not count
+    /// itself).
+    pub fn commandstats(&self) -> HashMap<String, u64> {
+        let info = self.command(&["INFO", "commandstats"]);
+        info.lines()
+            .filter_map(|line| {
+                let (name, fields) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+                let calls = fields
+                    .split(',')
+                    .find_map(|field| field.strip_prefix("calls="))?;
+                Some((name.to_owned(), calls.parse().expect("a number of calls")))
+            })
+            .collect()
+    }
+
+    /// Zeroes the server's statistics (`CONFIG RESETSTAT`), commandstats
+    /// included.
+    pub fn reset_stats(&self) {
+        assert_eq!(self.command(&["CONFIG", "RESETSTAT"]), "OK");
+    }
+
+    /// Sends one command over a connection of its own and returns the
+    /// reply's text (a simple or bulk string); fails the test on an error
+    /// reply.
+    fn command(&self, args: &[&str]) -> String {
+        let mut stream =
+            TcpStream::connect(("127.0.0.1", self.port)).expect("connect to redis-server");
+        stream
+            .set_read_timeout(Some(START_TIMEOUT))
+            .expect("set a read timeout");
+        let mut request = format!("*{}\r\n", args.len());
+        for arg in args {
+            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+        }
+        stream
+            .write_all(request.as_bytes())
+            .expect("send a command to redis-server");
+        let mut reply = BufReader::new(stream);
+        let mut head = String::new();
+        reply
+            .read_line(&mut head)
+            .expect("read redis-server's reply");
+        let head = head.trim_end();
+        match head.split_at_checked(1) {
+            Some(("+", text)) => text.to_owned(),
+            Some(("$", len)) => {
+                let len: usize = len.parse().expect("a bulk string length");
+                let mut body = vec![0; len + 2];
+                reply
+                    .read_exact(&mut body)
+                    .expect("read redis-server's bulk reply");
+                body.truncate(len);
+                String::from_utf8(body).expect("a UTF-8 reply")
+            }
+            _ => panic!("redis-server answered {args:?} with {head:?}"),
+        }
+    }
 }
 
 impl Drop for RedisServer {
@@ -168,4 +236,41 @@ fn drain(
             }
         }
     });
+}
+
+mod tests {
+    use super::RedisServer;
+
+    #[tokio::test]
+    async fn commandstats_count_the_commands_redis_executed_failed_ones_included() {
+        let redis = RedisServer::start();
+        let client = redis::Client::open(redis.url()).expect("redis URL");
+        let mut connection = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to redis-server");
+        redis.reset_stats();
+
+        // The first invocation's EVALSHA fails (NOSCRIPT), then the script
+        // is loaded and run again: 3 EVALSHA and 1 SCRIPT LOAD in all.
+        let script = redis::Script::new("return redis.call('INCR', KEYS[1])");
+        for expected in 1..=2 {
+            let counter: i64 = script
+                .key("counter")
+                .invoke_async(&mut connection)
+                .await
+                .expect("run the script");
+            assert_eq!(counter, expected);
+        }
+
+        let stats = redis.commandstats();
+        assert_eq!(stats.get("evalsha"), Some(&3), "{stats:?}");
+        assert_eq!(stats.get("script|load"), Some(&1), "{stats:?}");
+        assert_eq!(stats.get("incr"), Some(&2), "{stats:?}");
+        assert_eq!(stats.get("config|resetstat"), Some(&1), "{stats:?}");
+        assert_eq!(stats.get("get"), None, "{stats:?}");
+
+        redis.reset_stats();
+        assert_eq!(redis.commandstats().get("evalsha"), None);
+    }
 }

@@ -14,7 +14,6 @@ use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
 
 use gormic_gateway::proto::v1::invoice_service_client::InvoiceServiceClient;
@@ -47,8 +46,8 @@ pub struct SecureGateway {
     pub addr: SocketAddr,
     /// The very `ServerTls` the server holds (clones share reloads).
     pub tls: ServerTls,
-    shutdown: Option<oneshot::Sender<()>>,
-    pub task: JoinHandle<()>,
+    /// Dropping it (with the gateway) starts the server's shutdown.
+    _shutdown: oneshot::Sender<()>,
 }
 
 impl SecureGateway {
@@ -71,7 +70,7 @@ impl SecureGateway {
             ..options
         };
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
+        tokio::spawn(async move {
             let shutdown = async {
                 let _ = rx.await;
             };
@@ -82,20 +81,13 @@ impl SecureGateway {
         Self {
             addr,
             tls,
-            shutdown: Some(tx),
-            task,
+            _shutdown: tx,
         }
     }
 
     /// A gRPC client over TLS with `config` (see [`tls_channel`]).
     pub fn client(&self, config: Arc<ClientConfig>) -> InvoiceServiceClient<Channel> {
         InvoiceServiceClient::new(tls_channel(self.addr, config).0)
-    }
-
-    pub fn shutdown(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
     }
 }
 
