@@ -2,26 +2,30 @@
 //! `--help`, and a default justified in its doc comment (and in
 //! docs/operations.md). Parsing only checks values; nothing here binds a
 //! port. Flags of a cross-cutting concern are defined by its module
-//! (`RetryArgs` in `retry`, ...) and flattened here.
+//! (`UpstreamArgs` in `upstream`, `DeadlineArgs` in `deadline`, `LogArgs`
+//! in `logging`, ...) and flattened here; this module composes them and
+//! nothing imports it back.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::builder::{BoolishValueParser, TypedValueParser};
-use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgAction, Args, Parser, Subcommand};
 use url::Url;
 
 use crate::admin::AdminArgs;
 use crate::cors::CorsOrigins;
 use crate::credentials::CredentialsArgs;
+use crate::deadline::DeadlineArgs;
 use crate::idempotency::IdempotencyArgs;
+use crate::logging::LogArgs;
 use crate::metrics::MetricsArgs;
-use crate::retry::RetryArgs;
 use crate::server::{ConnectionLimits, ServerOptions};
 use crate::tls::TlsArgs;
 use crate::trace::{TraceArgs, TraceConfig};
-use crate::upstream::UpstreamOptions;
+use crate::units::{parse_duration, parse_size};
+use crate::upstream::{UpstreamArgs, UpstreamOptions};
 
 /// gRPC gateway for the Gormic Order Management invoices REST API.
 #[derive(Debug, Parser)]
@@ -52,18 +56,8 @@ pub struct Cli {
     )]
     pub sandbox_fixture: Option<PathBuf>,
 
-    /// Upper bound on a call's whole upstream exchange: every attempt, the
-    /// waits between them and for a connection (the caller's deadline
-    /// applies when it is shorter), e.g. `500ms`, `10s`.
-    #[arg(long, env = "GORMIC_UPSTREAM_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
-    pub upstream_timeout: Duration,
-
-    /// How much earlier than the caller's gRPC deadline the gateway gives up
-    /// on the upstream (at most a tenth of the deadline), so that its
-    /// DEADLINE_EXCEEDED with details reaches the caller before the caller's
-    /// own timer fires.
-    #[arg(long, env = "GORMIC_DEADLINE_MARGIN", value_name = "DURATION", default_value = "100ms", value_parser = humantime::parse_duration)]
-    pub deadline_margin: Duration,
+    #[command(flatten)]
+    pub deadlines: DeadlineArgs,
 
     /// On SIGTERM/SIGINT, after the delay, how long in-flight calls may take
     /// to finish. Longer than --upstream-timeout, so that a call in flight
@@ -87,7 +81,7 @@ pub struct Cli {
     pub limits: LimitArgs,
 
     #[command(flatten)]
-    pub retry: RetryArgs,
+    pub upstream_client: UpstreamArgs,
 
     #[command(flatten)]
     pub tls: TlsArgs,
@@ -115,13 +109,8 @@ pub struct Cli {
     #[arg(long, env = "GORMIC_CORS_ALLOWED_ORIGINS", value_name = "ORIGINS", value_parser = CorsOrigins::parse, help_heading = None::<&str>)]
     pub cors_allowed_origins: Option<CorsOrigins>,
 
-    /// Log level of the gateway's own log lines.
-    #[arg(long, env = "GORMIC_LOG_LEVEL", value_enum, default_value_t = LogLevel::Info, help_heading = "Logs")]
-    pub log_level: LogLevel,
-
-    /// Log line format.
-    #[arg(long, env = "GORMIC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, help_heading = "Logs")]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub logs: LogArgs,
 
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -137,23 +126,6 @@ pub struct LimitArgs {
     /// BENCHMARKS.md): size the container for it, or lower this.
     #[arg(long, env = "GORMIC_MAX_IN_FLIGHT", value_name = "N", default_value_t = crate::limits::DEFAULT_MAX_IN_FLIGHT, value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
     pub max_in_flight: usize,
-
-    /// Upstream connections open at once, process-wide (split between the
-    /// worker threads). 1024 is Envoy's default; with HTTP/1.1 it is also the
-    /// most upstream requests in flight.
-    #[arg(long, env = "GORMIC_UPSTREAM_MAX_CONNECTIONS", value_name = "N", default_value_t = crate::upstream::DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
-    pub upstream_max_connections: usize,
-
-    /// Calls waiting for an upstream connection, process-wide; past it a
-    /// call is refused with RESOURCE_EXHAUSTED (reason UPSTREAM_QUEUE_FULL).
-    /// Default: --max-in-flight's default, so that every admitted call may
-    /// wait within its own deadline; lower it to fail fast instead.
-    #[arg(long, env = "GORMIC_UPSTREAM_MAX_PENDING", value_name = "N", default_value_t = crate::upstream::DEFAULT_MAX_PENDING, value_parser = clap::value_parser!(u32).map(|n| n as usize))]
-    pub upstream_max_pending: usize,
-
-    /// How long an idle upstream connection is kept for reuse.
-    #[arg(long, env = "GORMIC_UPSTREAM_IDLE_TIMEOUT", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
-    pub upstream_idle_timeout: Duration,
 
     /// Largest request message accepted; a larger one is refused with
     /// RESOURCE_EXHAUSTED (reason REQUEST_TOO_LARGE) before it is read. The
@@ -239,23 +211,6 @@ pub enum Target {
     Sandbox { fixture: Option<PathBuf> },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogLevel {
-    Error,
-    Warn,
-    Info,
-    Debug,
-    Trace,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
 /// What the binary runs, once the command line is known to be complete.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -266,6 +221,8 @@ pub struct Config {
     pub trace: TraceConfig,
     pub upstream: Target,
     pub upstream_options: UpstreamOptions,
+    /// `--upstream-timeout` and `--deadline-margin`.
+    pub deadlines: DeadlineArgs,
     pub server: ServerOptions,
     pub max_in_flight: usize,
 }
@@ -280,6 +237,9 @@ pub enum ConfigError {
     NoUpstream,
     #[error(transparent)]
     Trace(#[from] crate::trace::TraceError),
+    /// A flag of the upstream client; the text names it.
+    #[error("{0}")]
+    Upstream(String),
 }
 
 impl Cli {
@@ -300,17 +260,12 @@ impl Cli {
             admin: self.admin.addr(),
             trace: self.trace.resolve()?,
             upstream,
-            upstream_options: UpstreamOptions {
-                timeout: self.upstream_timeout,
-                deadline_margin: self.deadline_margin,
-                max_connections: limits.upstream_max_connections,
-                max_pending: limits.upstream_max_pending,
-                idle_timeout: limits.upstream_idle_timeout,
-                shards: workers,
-                retry: self.retry.clone(),
-                // Loaded from the files by main, after parsing.
-                tls: None,
-            },
+            // TLS is loaded from the files by main, after parsing.
+            upstream_options: self
+                .upstream_client
+                .options()
+                .map_err(ConfigError::Upstream)?,
+            deadlines: self.deadlines.clone(),
             server: ServerOptions {
                 grace: self.shutdown_grace,
                 delay: self.shutdown_delay,
@@ -359,45 +314,6 @@ fn parse_upstream(value: &str) -> Result<Url, String> {
     Ok(url)
 }
 
-/// A size in bytes: `65536`, `512KiB`, `64MiB`, `1GiB` (binary units; `B`
-/// allowed). Shared by every size flag.
-pub(crate) fn parse_bytes(value: &str) -> Result<u64, String> {
-    let digits = value.trim_end_matches(|c: char| c.is_ascii_alphabetic());
-    let unit = &value[digits.len()..];
-    let scale: u64 = match unit {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        _ => return Err(format!("unknown unit {unit:?} (use B, KiB, MiB or GiB)")),
-    };
-    let n: u64 = digits
-        .trim()
-        .parse()
-        .map_err(|_| "expected a number of bytes such as 64KiB".to_owned())?;
-    let bytes = n.checked_mul(scale).ok_or_else(|| "too large".to_owned())?;
-    if bytes == 0 {
-        return Err("must be greater than zero".into());
-    }
-    Ok(bytes)
-}
-
-/// [`parse_bytes`] for a size held in memory.
-fn parse_size(value: &str) -> Result<usize, String> {
-    usize::try_from(parse_bytes(value)?).map_err(|_| "too large".to_owned())
-}
-
-/// A positive humantime duration (`500ms`, `10s`, `24h`). Shared by every
-/// duration flag that must not be zero.
-pub(crate) fn parse_duration(value: &str) -> Result<Duration, String> {
-    let duration =
-        humantime::parse_duration(value).map_err(|e| format!("{e} (examples: 500ms, 10s, 1m)"))?;
-    if duration.is_zero() {
-        return Err("must be greater than zero".into());
-    }
-    Ok(duration)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -411,7 +327,7 @@ mod tests {
         let cli = parse(&["--upstream", "http://127.0.0.1:8080/api"]).unwrap();
         let config = cli.config().unwrap();
         assert_eq!(config.listen, "0.0.0.0:50051".parse().unwrap());
-        assert_eq!(config.upstream_options.timeout, Duration::from_secs(10));
+        assert_eq!(config.deadlines.upstream_timeout, Duration::from_secs(10));
         assert_eq!(config.max_in_flight, 10_000);
         assert_eq!(config.upstream_options.max_connections, 1024);
         assert_eq!(config.server.limits.max_request_bytes, 64 * 1024);
@@ -422,6 +338,10 @@ mod tests {
         );
         assert_eq!(config.server.delay, Duration::ZERO);
         assert_eq!(config.upstream_options.retry.max_attempts, 3);
+        assert_eq!(
+            config.upstream_options.connect_timeout,
+            Duration::from_secs(2)
+        );
         let Target::Url(url) = config.upstream else {
             panic!("--upstream gives a URL target: {:?}", config.upstream);
         };
@@ -505,17 +425,25 @@ mod tests {
     }
 
     #[test]
-    fn sizes_take_binary_units_and_zero_is_refused() {
-        assert_eq!(parse_bytes("65536"), Ok(65_536));
-        assert_eq!(parse_bytes("64KiB"), Ok(65_536));
-        assert_eq!(parse_bytes("1MiB"), Ok(1_048_576));
-        assert!(parse_bytes("0").is_err());
-        assert!(parse_bytes("12 parsecs").is_err());
-        assert!(parse_bytes("64KB").is_err(), "ambiguous units are refused");
+    fn size_flags_name_the_flag() {
         let error = parse(&["--max-request-bytes", "lots"])
             .unwrap_err()
             .to_string();
         assert!(error.contains("--max-request-bytes"), "{error}");
+    }
+
+    #[test]
+    fn a_bad_proxy_is_refused_naming_the_flag_not_the_password() {
+        let cli = parse(&[
+            "--upstream",
+            "https://api.example.com",
+            "--upstream-proxy",
+            "socks5://me:hunter2@proxy:1080",
+        ])
+        .unwrap();
+        let error = cli.config().unwrap_err().to_string();
+        assert!(error.contains("--upstream-proxy"), "{error}");
+        assert!(!error.contains("hunter2"), "{error}");
     }
 
     #[test]

@@ -41,8 +41,74 @@ use http::HeaderValue;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
+use tonic::metadata::MetadataMap;
+
 use crate::reload::{ChangeGate, Reloaded, Snapshot};
 use crate::tls::CallerIdentity;
+use crate::upstream::Credentials;
+
+/// Why a call has no credentials to send upstream; nothing is sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("missing api-key metadata")]
+    MissingApiKey,
+    #[error("missing organization-id metadata")]
+    MissingOrganizationId,
+    /// With `--credentials`: no mapped identity (`None`: the certificate
+    /// names nobody).
+    #[error("caller not allowed")]
+    CallerNotAllowed { identity: Option<String> },
+    /// With `--credentials`: another organization than the mapping names.
+    #[error("organization not allowed")]
+    OrganizationNotAllowed { identity: String },
+}
+
+/// The credentials step of the call path: the caller's own metadata, or
+/// with `--credentials` those mapped to its mTLS identity (its own api-key
+/// is then ignored, never forwarded). Authentication is checked before the
+/// organization: a caller without a key learns nothing else.
+pub fn for_call(
+    map: Option<&CredentialMap>,
+    metadata: &MetadataMap,
+    identity: Option<&CallerIdentity>,
+) -> Result<Credentials, Refusal> {
+    let Some(map) = map else {
+        let mut api_key = header(metadata, "api-key").ok_or(Refusal::MissingApiKey)?;
+        api_key.set_sensitive(true);
+        let organization_id =
+            header(metadata, "organization-id").ok_or(Refusal::MissingOrganizationId)?;
+        return Ok(Credentials {
+            api_key,
+            organization_id,
+        });
+    };
+    let identity = identity.ok_or(Refusal::CallerNotAllowed { identity: None })?;
+    let mapped = map
+        .lookup(identity)
+        .ok_or_else(|| Refusal::CallerNotAllowed {
+            identity: Some(identity.to_string()),
+        })?;
+    let organization_id = mapped
+        .organization_id_for(header(metadata, "organization-id").as_ref())
+        .map_err(|_| Refusal::OrganizationNotAllowed {
+            identity: identity.to_string(),
+        })?
+        .ok_or(Refusal::MissingOrganizationId)?;
+    Ok(Credentials {
+        api_key: mapped.api_key.clone(),
+        organization_id,
+    })
+}
+
+/// A non-empty ASCII metadata value, as an HTTP header value.
+fn header(metadata: &MetadataMap, key: &str) -> Option<HeaderValue> {
+    let value = metadata.get(key)?;
+    let bytes = value.as_bytes();
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return None;
+    }
+    HeaderValue::from_bytes(bytes).ok()
+}
 
 /// Credential-injection flag.
 #[derive(Debug, Clone, clap::Args)]

@@ -1,7 +1,10 @@
 //! Every way a call can fail, and the one table that turns each into a gRPC
 //! status with `google.rpc` details (`ErrorInfo` always; `RequestInfo`,
-//! `RetryInfo`, `BadRequest` when they apply). The README reproduces these
-//! tables; keep both in step.
+//! `RetryInfo`, `BadRequest` when they apply). The steps of the call path
+//! refuse with errors of their own (`credentials::Refusal`,
+//! `idempotency::step::Refusal`, `UpstreamError`, ...), converted here
+//! (`From`), so that no step depends on this table. The README reproduces
+//! these tables; keep both in step.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -9,8 +12,12 @@ use std::time::Duration;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+use crate::credentials::Refusal as CredentialsRefusal;
+use crate::deadline::TimeoutBound;
+use crate::idempotency::step::Refusal as IdempotencyRefusal;
 use crate::limits::{RequestTooLarge, SHED_RETRY_DELAY};
-use crate::upstream::{Rejection, RetryAfter, TimeoutBound, UpstreamError};
+use crate::upstream::{Fault, Rejection, RetryAfter, UNREACHABLE_RETRY_DELAY, UpstreamError};
+pub use crate::validation::FieldViolation;
 
 /// `ErrorInfo.domain` of errors the upstream reported (its error codes).
 pub const UPSTREAM_DOMAIN: &str = "om.gormic.com";
@@ -31,7 +38,8 @@ pub mod reason {
     pub const MALFORMED_UPSTREAM_RESPONSE: &str = "MALFORMED_UPSTREAM_RESPONSE";
     /// No answer before the caller's deadline or `--upstream-timeout`.
     pub const UPSTREAM_TIMEOUT: &str = "UPSTREAM_TIMEOUT";
-    /// Connection refused, reset, or name resolution failed.
+    /// Connection refused, timed out or reset, name resolution, TLS or the
+    /// proxy failed, or the circuit breaker is open (metadata `breaker`).
     pub const UPSTREAM_UNAVAILABLE: &str = "UPSTREAM_UNAVAILABLE";
     /// The gateway could not build the upstream request; nothing was sent.
     pub const GATEWAY_INTERNAL: &str = "GATEWAY_INTERNAL";
@@ -42,8 +50,8 @@ pub mod reason {
     /// Every upstream connection was busy and the queue for one was full;
     /// nothing was sent.
     pub const UPSTREAM_QUEUE_FULL: &str = "UPSTREAM_QUEUE_FULL";
-    /// No upstream connection could be had (all busy, or connecting) within
-    /// the deadline; nothing was sent.
+    /// The call's deadline passed while it waited for its turn at
+    /// `--upstream-max-connections`; nothing was sent.
     pub const UPSTREAM_CONNECTION_TIMEOUT: &str = "UPSTREAM_CONNECTION_TIMEOUT";
     /// With `--credentials`: the caller's certificate names no mapped
     /// identity; nothing was sent.
@@ -95,12 +103,41 @@ pub enum CallError {
     Upstream(#[from] UpstreamError),
 }
 
-/// One invalid request field, reported in `google.rpc.BadRequest`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldViolation {
-    /// The proto field name, e.g. `invoice_id`.
-    pub field: &'static str,
-    pub description: String,
+impl From<CredentialsRefusal> for CallError {
+    fn from(refusal: CredentialsRefusal) -> Self {
+        match refusal {
+            CredentialsRefusal::MissingApiKey => Self::MissingApiKey,
+            CredentialsRefusal::MissingOrganizationId => Self::MissingOrganizationId,
+            CredentialsRefusal::CallerNotAllowed { identity } => {
+                Self::CallerNotAllowed { identity }
+            }
+            CredentialsRefusal::OrganizationNotAllowed { identity } => {
+                Self::OrganizationNotAllowed { identity }
+            }
+        }
+    }
+}
+
+impl From<IdempotencyRefusal> for CallError {
+    fn from(refusal: IdempotencyRefusal) -> Self {
+        match refusal {
+            IdempotencyRefusal::InvalidKey(description) => {
+                Self::InvalidRequest(vec![FieldViolation {
+                    field: crate::idempotency::METADATA_KEY,
+                    description,
+                }])
+            }
+            IdempotencyRefusal::InProgress { retry_after } => {
+                Self::IdempotencyKeyInProgress { retry_after }
+            }
+            IdempotencyRefusal::Reused => Self::IdempotencyKeyReused,
+            IdempotencyRefusal::OutcomeUnknown => Self::IdempotencyOutcomeUnknown,
+            IdempotencyRefusal::StoreUnavailable(detail) => {
+                Self::IdempotencyStoreUnavailable(detail)
+            }
+            IdempotencyRefusal::StoreFull => Self::IdempotencyStoreFull,
+        }
+    }
 }
 
 /// The status of each upstream error code, and the words that describe it.
@@ -229,14 +266,6 @@ impl CallError {
             Self::Upstream(UpstreamError::QueueFull) => {
                 Some(crate::metrics::ShedReason::UpstreamQueueFull)
             }
-            _ => None,
-        }
-    }
-
-    /// The upstream HTTP status, when an answer arrived.
-    pub fn http_status(&self) -> Option<u16> {
-        match self {
-            Self::Upstream(error) => error.http_status(),
             _ => None,
         }
     }
@@ -408,7 +437,7 @@ impl CallError {
                 request_sent: false,
             }) => {
                 let metadata = HashMap::from([
-                    ("bound".to_owned(), bound_name(*bound).to_owned()),
+                    ("bound".to_owned(), bound.as_str().to_owned()),
                     ("timeout_ms".to_owned(), after.as_millis().to_string()),
                     ("request_sent".to_owned(), "false".to_owned()),
                 ]);
@@ -466,7 +495,7 @@ impl CallError {
                     ),
                 };
                 let metadata = HashMap::from([
-                    ("bound".to_owned(), bound_name(*bound).to_owned()),
+                    ("bound".to_owned(), bound.as_str().to_owned()),
                     ("timeout_ms".to_owned(), after.as_millis().to_string()),
                     ("request_sent".to_owned(), "true".to_owned()),
                 ]);
@@ -475,6 +504,7 @@ impl CallError {
             }
             Self::Upstream(UpstreamError::Unreachable {
                 detail,
+                fault,
                 request_sent,
             }) => {
                 let metadata = HashMap::from([
@@ -482,7 +512,31 @@ impl CallError {
                     ("request_sent".to_owned(), request_sent.to_string()),
                 ]);
                 details.set_error_info(reason::UPSTREAM_UNAVAILABLE, GATEWAY_DOMAIN, metadata);
-                (Code::Unavailable, format!("upstream unreachable: {detail}"))
+                // Nothing was sent: a retry cannot repeat a side effect.
+                if !request_sent {
+                    details.set_retry_info(Some(UNREACHABLE_RETRY_DELAY));
+                }
+                let message = match fault {
+                    Fault::Deadline => format!("upstream unreachable in time: {detail}"),
+                    _ => format!("upstream unreachable: {detail}"),
+                };
+                (Code::Unavailable, message)
+            }
+            Self::Upstream(UpstreamError::CircuitOpen { retry_after }) => {
+                let metadata = HashMap::from([
+                    ("breaker".to_owned(), "open".to_owned()),
+                    ("request_sent".to_owned(), "false".to_owned()),
+                ]);
+                details.set_error_info(reason::UPSTREAM_UNAVAILABLE, GATEWAY_DOMAIN, metadata);
+                details.set_retry_info(Some((*retry_after).max(Duration::from_millis(1))));
+                (
+                    Code::Unavailable,
+                    format!(
+                        "upstream unreachable: the circuit breaker is open after consecutive \
+                         failures to reach it; nothing was sent, next probe in {}",
+                        millis(*retry_after)
+                    ),
+                )
             }
             Self::Upstream(UpstreamError::Internal { detail }) => {
                 let metadata = HashMap::from([("detail".to_owned(), detail.clone())]);
@@ -554,37 +608,6 @@ fn rejected(rejection: &Rejection, details: &mut ErrorDetails) -> (Code, String)
     };
     details.set_error_info(reason_of(code), UPSTREAM_DOMAIN, metadata);
     (status, format!("{words} ({code})"))
-}
-
-/// The canonical gRPC code name, as in the gRPC specification.
-pub fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "CANCELLED",
-        Unknown => "UNKNOWN",
-        InvalidArgument => "INVALID_ARGUMENT",
-        DeadlineExceeded => "DEADLINE_EXCEEDED",
-        NotFound => "NOT_FOUND",
-        AlreadyExists => "ALREADY_EXISTS",
-        PermissionDenied => "PERMISSION_DENIED",
-        ResourceExhausted => "RESOURCE_EXHAUSTED",
-        FailedPrecondition => "FAILED_PRECONDITION",
-        Aborted => "ABORTED",
-        OutOfRange => "OUT_OF_RANGE",
-        Unimplemented => "UNIMPLEMENTED",
-        Internal => "INTERNAL",
-        Unavailable => "UNAVAILABLE",
-        DataLoss => "DATA_LOSS",
-        Unauthenticated => "UNAUTHENTICATED",
-    }
-}
-
-fn bound_name(bound: TimeoutBound) -> &'static str {
-    match bound {
-        TimeoutBound::CallerDeadline => "caller_deadline",
-        TimeoutBound::UpstreamTimeout => "upstream_timeout",
-    }
 }
 
 fn http_reason(status: u16) -> Option<&'static str> {

@@ -3,25 +3,33 @@
 //!
 //! Request flow: [`server`] accepts connections and hands each to a worker
 //! thread ([`runtime`]), which routes its gRPC calls to
-//! [`service::InvoiceGateway`]: admission ([`limits`]), metadata, validation,
-//! then [`upstream::Upstream`] (a per-worker connection pool, with the
-//! gateway's own [`retry`]s); every failure becomes a `tonic::Status` in
-//! [`errors`]; every call writes one line ([`logging`]). [`sandbox`] is a
-//! stand-in for the REST API (`--sandbox`), reached through the same client.
+//! [`service::InvoiceGateway`]: admission ([`limits`]), the call's
+//! [`deadline`], credentials, validation, the idempotency key, then
+//! [`upstream::Upstream`] (reqwest per worker, the connection cap, the
+//! circuit breaker and the gateway's own retries); every failure becomes a
+//! `tonic::Status` in [`errors`]; every call is recorded once (metrics, one
+//! log line, a span). [`sandbox`] is a stand-in for the REST API
+//! (`--sandbox`), reached through the same client.
+//!
+//! Layers point one way: `main` and [`config`] compose; [`server`] →
+//! [`service`] → the steps → [`upstream`] → `wire`/[`routes`]; observability
+//! ([`metrics`], [`logging`], [`trace`]), [`tls`] and the leaves ([`units`],
+//! [`deadline`], [`validation`], [`grpc_code`]) import nothing above them.
 
 pub mod admin;
-mod call_log;
+mod call_end;
 pub mod config;
 pub mod cors;
 pub mod credentials;
+pub mod deadline;
 pub mod errors;
+pub mod grpc_code;
 pub mod idempotency;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod proto;
 pub mod reload;
-pub mod retry;
 pub mod routes;
 pub mod runtime;
 pub mod sandbox;
@@ -29,4 +37,6 @@ pub mod server;
 pub mod service;
 pub mod tls;
 pub mod trace;
+pub mod units;
 pub mod upstream;
+pub mod validation;

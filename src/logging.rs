@@ -30,7 +30,34 @@ use tracing_subscriber::fmt::MakeWriter;
 
 pub use format::LineFormat;
 
-use crate::config::{LogFormat, LogLevel};
+/// Log flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogArgs {
+    /// Log level of the gateway's own log lines.
+    #[arg(long, env = "GORMIC_LOG_LEVEL", value_enum, default_value_t = LogLevel::Info, help_heading = "Logs")]
+    pub log_level: LogLevel,
+
+    /// Log line format.
+    #[arg(long, env = "GORMIC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, help_heading = "Logs")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
 
 /// A worker's buffer is handed to the writer once it holds this much.
 pub const BATCH_BYTES: usize = 16 * 1024;

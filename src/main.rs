@@ -28,7 +28,7 @@ use gormic_gateway::sandbox::{self, Fixture};
 use gormic_gateway::service::InvoiceGateway;
 use gormic_gateway::tls::{self, ServerTls, UpstreamTls};
 use gormic_gateway::trace::Tracer;
-use gormic_gateway::upstream::Upstream;
+use gormic_gateway::upstream::{ProxySetting, Upstream};
 use gormic_gateway::{logging, server};
 
 /// mimalloc instead of glibc's malloc: a call allocates ~60 small blocks on
@@ -77,7 +77,7 @@ fn gateway(cli: &Cli) -> Result<(), Exit> {
     let files = Files::load(cli, &config)?;
     config.upstream_options.tls = Some(files.upstream_tls.client_config());
     config.server.tls = files.server_tls.clone();
-    let _logs = logging::init(cli.log_level, cli.log_format);
+    let _logs = logging::init(cli.logs.log_level, cli.logs.log_format);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -199,16 +199,18 @@ async fn serve(
     let idempotency = Idempotency::from_args(&cli.idempotency)
         .await
         .map_err(|e| e.to_string())?;
+    let mut upstream_options = config.upstream_options.clone();
     let upstream_url = match (&config.upstream, sandbox) {
         (Target::Url(url), _) => url.clone(),
         (Target::Sandbox { .. }, fixture) => {
+            // In this process, on loopback: never through a proxy.
+            upstream_options.proxy = ProxySetting::Off;
             start_sandbox(fixture.unwrap_or_else(Fixture::builtin)).await?
         }
     };
     let metrics = Metrics::new(&cli.metrics);
-    let upstream = Upstream::new(&upstream_url, config.upstream_options.clone())
-        .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
-    metrics.register_pool(upstream.pool_gauges());
+    let upstream = Upstream::new(&upstream_url, upstream_options).map_err(|e| e.to_string())?;
+    metrics.register_connections(upstream.gauges());
     metrics.count_log_lines_dropped_from(logging::dropped_lines);
     let tracer = Tracer::start(
         &config.trace,
@@ -243,7 +245,9 @@ async fn serve(
         grpc = %listener.local_addr()?,
         tls = files.server_tls.as_ref().map(|t| if t.mutual() { "mutual" } else { "server" }),
         upstream = %upstream_url,
-        upstream_timeout = %humantime::format_duration(config.upstream_options.timeout),
+        upstream_proxy = upstream.proxy(),
+        upstream_timeout = %humantime::format_duration(config.deadlines.upstream_timeout),
+        upstream_connect_timeout = %humantime::format_duration(config.upstream_options.connect_timeout),
         workers = config.server.workers,
         max_in_flight = config.max_in_flight,
         upstream_max_connections = config.upstream_options.max_connections,
@@ -257,6 +261,7 @@ async fn serve(
     let mut gateway = InvoiceGateway::new(upstream)
         .map_err(|e| e.to_string())?
         .with_in_flight_limit(InFlightLimit::new(config.max_in_flight))
+        .with_deadlines(config.deadlines.clone())
         .with_idempotency(idempotency)
         .with_metrics(metrics)
         .with_tracer(tracer);
@@ -301,7 +306,7 @@ fn sandbox_only(args: &SandboxArgs, cli: &Cli) -> Result<(), Exit> {
         return Ok(());
     }
     let fixture = load_fixture(args.fixture.as_deref())?;
-    let _logs = logging::init(cli.log_level, cli.log_format);
+    let _logs = logging::init(cli.logs.log_level, cli.logs.log_format);
     let listen = args.listen;
     let runtime = tokio::runtime::Runtime::new()
         .map_err(|e| Exit::Failed(format!("cannot start the async runtime: {e}")))?;

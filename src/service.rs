@@ -1,10 +1,17 @@
-//! `gormic.om.v1.InvoiceService`: reads the call metadata and deadline,
-//! validates the request, and runs every RPC through one call path
-//! (`InvoiceGateway::call`), each step owned by its module: admission
-//! (`limits`), credentials (metadata, or `credentials` by mTLS identity),
-//! validation, the idempotency key (`idempotency::step`), the upstream
-//! exchange with its retries (`upstream`), the status (`errors`), the
-//! response metadata and the log line (`call_log`).
+//! `gormic.om.v1.InvoiceService`: every RPC runs through one call path,
+//! [`InvoiceGateway::call`], which reads as the steps of a call, each owned
+//! by its module:
+//!
+//! 1. admission (`limits`): one permit from the first step to the last;
+//! 2. the deadline (`deadline`), anchored at arrival, used by every step;
+//! 3. the end-of-call record (`call_end`): metrics, log line, span;
+//! 4. the request's size (`limits`), its credentials (`credentials`), its
+//!    fields (`Operation::validate`);
+//! 5. the idempotency key (`idempotency::step`): a lease, or a replay;
+//! 6. the upstream exchange with its retries (`upstream`);
+//! 7. the status of a failure (`errors`, the one table);
+//! 8. the idempotency verdict, recorded within the deadline;
+//! 9. the record of the call, and the answer's metadata.
 
 use std::time::Duration;
 
@@ -13,13 +20,14 @@ use tokio::time::Instant;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status};
 
-use crate::call_log::{CallLog, Ending};
-use crate::credentials::CredentialMap;
-use crate::errors::{CallError, FieldViolation, StatusContext};
+use crate::call_end::{CallEnd, Ending};
+use crate::credentials::{self, CredentialMap};
+use crate::deadline::{Deadline, DeadlineArgs};
+use crate::errors::{CallError, StatusContext};
 use crate::idempotency::step::{Start, Verdict};
 use crate::idempotency::{self, Idempotency, Lease};
-use crate::limits::{InFlightLimit, RequestTooLarge};
-use crate::metrics::{InFlight, Metrics};
+use crate::limits::{Admitted, InFlightLimit, RequestTooLarge};
+use crate::metrics::{Metrics, ShedReason};
 use crate::proto::v1 as pb;
 use crate::proto::v1::invoice_service_server::InvoiceService;
 use crate::tls::CallerIdentity;
@@ -29,11 +37,13 @@ use crate::upstream::{
     UpdateInvoice, Upstream,
 };
 
-/// The service implementation; cheap to clone, all clones share one pool.
+/// The service implementation; cheap to clone, all clones share one
+/// upstream client, admission cap and idempotency store.
 #[derive(Clone)]
 pub struct InvoiceGateway {
     upstream: Upstream,
     in_flight: InFlightLimit,
+    deadlines: DeadlineArgs,
     idempotency: Idempotency,
     /// `--credentials`: mTLS identities mapped to the keys sent upstream.
     credentials: Option<CredentialMap>,
@@ -51,53 +61,26 @@ impl std::fmt::Debug for InvoiceGateway {
     }
 }
 
-/// What a call learns on its way, for its status, log line and record.
-#[derive(Default)]
-struct CallState {
-    /// Upstream requests made, when any was tried.
+/// What the steps of a call came to, before it becomes a gRPC answer.
+struct Outcome<R> {
+    answer: Result<Answer<R>, CallError>,
+    /// Upstream requests made, when any was.
     attempts: Option<u32>,
     upstream_status: Option<u16>,
     /// The idempotency lease to record the verdict on, and the verdict.
     lease: Option<(Lease, Verdict)>,
+    /// The organization-id sent upstream (never the caller's claim alone).
+    organization: Option<HeaderValue>,
 }
 
-/// Counts the call in the metrics once: when it is answered, or as
-/// CANCELLED when the caller goes away first (the future is dropped).
-struct Finished<'a> {
-    metrics: &'a Metrics,
-    rpc: &'static str,
-    started: Instant,
-    _in_flight: InFlight<'a>,
-    done: bool,
-}
-
-impl<'a> Finished<'a> {
-    fn new(metrics: &'a Metrics, rpc: &'static str) -> Self {
+impl<R> Outcome<R> {
+    fn refused(error: impl Into<CallError>, organization: Option<HeaderValue>) -> Self {
         Self {
-            metrics,
-            rpc,
-            started: Instant::now(),
-            _in_flight: metrics.call_started(),
-            done: false,
-        }
-    }
-
-    fn record(&mut self, code: tonic::Code, organization: Option<&str>) {
-        self.done = true;
-        self.metrics
-            .call_finished(self.rpc, code, self.started.elapsed(), organization);
-    }
-}
-
-impl Drop for Finished<'_> {
-    fn drop(&mut self) {
-        if !self.done {
-            self.metrics.call_finished(
-                self.rpc,
-                tonic::Code::Cancelled,
-                self.started.elapsed(),
-                None,
-            );
+            answer: Err(error.into()),
+            attempts: None,
+            upstream_status: None,
+            lease: None,
+            organization,
         }
     }
 }
@@ -111,15 +94,20 @@ enum Answer<R> {
 }
 
 impl InvoiceGateway {
-    /// A gateway with the command line's defaults: `--max-in-flight`, an
-    /// in-memory idempotency store, callers bringing their own api-key.
+    /// A gateway with the command line's defaults: `--max-in-flight`,
+    /// `--upstream-timeout`, an in-memory idempotency store, callers
+    /// bringing their own api-key.
     pub fn new(upstream: Upstream) -> Result<Self, crate::idempotency::ConfigError> {
+        let in_flight = InFlightLimit::new(crate::limits::DEFAULT_MAX_IN_FLIGHT);
+        let metrics = Metrics::default();
+        metrics.count_in_flight(&in_flight);
         Ok(Self {
             upstream,
-            in_flight: InFlightLimit::new(crate::limits::DEFAULT_MAX_IN_FLIGHT),
+            in_flight,
+            deadlines: DeadlineArgs::default(),
             idempotency: Idempotency::in_memory()?,
             credentials: None,
-            metrics: Metrics::default(),
+            metrics,
             tracer: Tracer::disabled(),
         })
     }
@@ -127,6 +115,7 @@ impl InvoiceGateway {
     /// Records every call, attempt, retry and shed call in `metrics`.
     pub fn with_metrics(mut self, metrics: Metrics) -> Self {
         self.upstream = self.upstream.with_metrics(metrics.clone());
+        metrics.count_in_flight(&self.in_flight);
         self.metrics = metrics;
         self
     }
@@ -145,7 +134,14 @@ impl InvoiceGateway {
 
     /// Replaces the cap on calls in flight.
     pub fn with_in_flight_limit(mut self, limit: InFlightLimit) -> Self {
+        self.metrics.count_in_flight(&limit);
         self.in_flight = limit;
+        self
+    }
+
+    /// `--upstream-timeout` and `--deadline-margin`.
+    pub fn with_deadlines(mut self, deadlines: DeadlineArgs) -> Self {
+        self.deadlines = deadlines;
         self
     }
 
@@ -161,73 +157,77 @@ impl InvoiceGateway {
         self
     }
 
-    /// Runs one call of `Op`.
+    /// Runs one call of `Op`, step by step (module comment).
     async fn call<Op: Operation>(
         &self,
         request: Request<Op::Request>,
-        validate: fn(&Op::Request) -> Vec<FieldViolation>,
     ) -> Result<Response<Op::Response>, Status> {
-        let rpc = Op::ROUTE.rpc;
+        let route = Op::ROUTE;
+        // 1. Admission, before anything else: a shed call costs only its
+        //    refusal. The permit is held to the last step.
+        let Some(admitted) = self.in_flight.try_admit() else {
+            return Err(self.shed(route.rpc));
+        };
         let (metadata, extensions, message) = request.into_parts();
-        let mut finished = Finished::new(&self.metrics, rpc);
+        // 2. One deadline for every step, from the call's arrival.
+        let deadline = Deadline::for_call(&self.deadlines, &metadata);
+        // 3. The record of the call: metrics, log line, span.
         let request_id = RequestId::read(&metadata);
         let identity = extensions.get::<CallerIdentity>();
         let span = self
             .tracer
-            .start_call(&TraceContext::from_metadata(&metadata), rpc);
-        let trace_id = span.trace_id().hex();
-        let mut log = CallLog::start(
-            rpc,
+            .start_call(&TraceContext::from_metadata(&metadata), route.rpc);
+        let end = CallEnd::start(
+            &self.metrics,
+            route,
             request_id.as_str(),
-            trace_id.as_str(),
             identity.map(CallerIdentity::as_str),
+            span,
         );
-        let mut state = CallState::default();
-
-        let answer = self
+        // 4.-6. The steps up to the answer.
+        let outcome = self
             .forward::<Op>(
                 &metadata,
                 &extensions,
                 &message,
-                validate,
-                (&request_id, &span),
-                &mut state,
+                &request_id,
+                end.span(),
+                deadline,
             )
             .await;
-        let (answer, replayed, reason) = match answer {
+        // 7. A failure's status.
+        let (answer, replayed, reason) = match outcome.answer {
             Ok(Answer::Fresh(message)) => (Ok(message), false, None),
             Ok(Answer::Replayed(answer)) => (answer, true, None),
             Err(error) => {
                 if let Some(shed) = error.shed_reason() {
                     self.metrics.call_shed(shed);
                 }
-                if matches!(error, CallError::Overloaded { .. }) {
-                    log.skip();
-                }
                 let (status, reason) = error.to_status_and_reason(&StatusContext {
-                    rpc,
+                    rpc: route.rpc,
                     request_id: Some(request_id.as_str()),
-                    attempts: state.attempts,
+                    attempts: outcome.attempts,
                 });
                 (Err(status), false, Some(reason))
             }
         };
-        // Recorded before answering, so that a quick retry finds it.
-        if let Some((lease, verdict)) = state.lease.take() {
-            Box::pin(idempotency::step::record(lease, verdict, &answer)).await;
+        // 8. The idempotency verdict, before answering, so that a quick
+        //    retry finds it.
+        if let Some((lease, verdict)) = outcome.lease {
+            record_within(lease, verdict, &answer, &deadline, admitted).await;
         }
-
+        // 9. The record of the call, and the answer.
         let code = answer
             .as_ref()
             .map_or_else(Status::code, |_| tonic::Code::Ok);
-        finished.record(code, text(&metadata, "organization-id"));
-        span.end(code, reason.as_deref());
-        log.finish(Ending {
+        end.finish(Ending {
             code,
-            upstream_status: state.upstream_status,
-            attempts: state.attempts,
+            reason: reason.as_deref(),
+            upstream_status: outcome.upstream_status,
+            attempts: outcome.attempts,
             error: answer.as_ref().err().map(Status::message),
             replayed,
+            organization: outcome.organization.as_ref().and_then(|o| o.to_str().ok()),
         });
         let mut answer = answer.map(Response::new);
         let metadata = match &mut answer {
@@ -244,117 +244,175 @@ impl InvoiceGateway {
         answer
     }
 
-    /// The steps of a call, up to its answer.
+    /// Steps 4 to 6: the checks, the idempotency key, the upstream.
     async fn forward<Op: Operation>(
         &self,
         metadata: &MetadataMap,
         extensions: &tonic::Extensions,
         message: &Op::Request,
-        validate: fn(&Op::Request) -> Vec<FieldViolation>,
-        (request_id, span): (&RequestId, &CallSpan),
-        state: &mut CallState,
-    ) -> Result<Answer<Op::Response>, CallError> {
-        // Refused before anything else: the cheapest answer, and the one
-        // that protects the process.
-        let _admitted = self.in_flight.try_admit().ok_or(CallError::Overloaded {
-            max_in_flight: self.in_flight.max(),
-        })?;
+        request_id: &RequestId,
+        span: Option<&CallSpan>,
+        deadline: Deadline,
+    ) -> Outcome<Op::Response> {
         if let Some(too_large) = extensions.get::<RequestTooLarge>() {
-            return Err(CallError::RequestTooLarge(*too_large));
+            return Outcome::refused(CallError::RequestTooLarge(*too_large), None);
         }
-        let credentials = self.credentials(metadata, extensions.get::<CallerIdentity>())?;
-        let violations = validate(message);
+        let credentials = match credentials::for_call(
+            self.credentials.as_ref(),
+            metadata,
+            extensions.get::<CallerIdentity>(),
+        ) {
+            Ok(credentials) => credentials,
+            Err(refusal) => return Outcome::refused(refusal, None),
+        };
+        let organization = Some(credentials.organization_id.clone());
+        let violations = Op::validate(message);
         if !violations.is_empty() {
-            return Err(CallError::InvalidRequest(violations));
+            return Outcome::refused(CallError::InvalidRequest(violations), organization);
         }
-        let caller_timeout = grpc_timeout(metadata);
 
-        // Boxed, and only for calls with a key: the store's futures are
-        // large and most calls never need them.
-        let start = if metadata.contains_key(idempotency::METADATA_KEY) {
-            let lease = self.upstream.exchange_budget(caller_timeout)
-                + self.idempotency.store_timeout()
-                + idempotency::step::LEASE_SLACK;
-            Box::pin(idempotency::step::start(
-                &self.idempotency,
-                metadata,
-                Op::ROUTE.rpc,
-                &credentials,
-                message,
-                lease,
-            ))
+        let began = Instant::now();
+        let lease = match self
+            .idempotency_start::<Op>(metadata, &credentials, message, &deadline)
             .await
-        } else {
-            Ok(Start::NoKey)
-        };
-        if let Some(result) = idempotency::step::metric(&start) {
-            self.metrics.idempotency(result);
-        }
-        let lease = match start? {
-            Start::NoKey => None,
-            Start::Fresh(lease) => Some(lease),
-            Start::Replay(outcome) => {
-                return Ok(Answer::Replayed(idempotency::step::replay(&outcome)?));
+        {
+            Ok(Start::NoKey) => None,
+            Ok(Start::Fresh(lease)) => Some(lease),
+            Ok(Start::Replay(outcome)) => {
+                return Outcome {
+                    answer: idempotency::step::replay(&outcome)
+                        .map(Answer::Replayed)
+                        .map_err(CallError::from),
+                    attempts: None,
+                    upstream_status: None,
+                    lease: None,
+                    organization,
+                };
             }
+            Err(refusal) => return Outcome::refused(refusal, organization),
         };
 
+        // The verdict is recorded after the exchange, within the deadline:
+        // keep back about what taking the lease cost (one store round trip).
+        let deadline = match &lease {
+            Some(_) => deadline.reserving(self.record_reserve(began.elapsed(), &deadline)),
+            None => deadline,
+        };
         let call = CallContext {
-            credentials,
+            credentials: &credentials,
             request_id: request_id.header(),
-            caller_timeout,
             span,
+            deadline,
         };
         let exchange = self.upstream.send::<Op>(&call, message).await;
-        state.attempts = Some(exchange.attempts).filter(|&n| n > 0);
-        state.upstream_status = match &exchange.result {
+        let upstream_status = match &exchange.result {
             Ok(reply) => Some(reply.http_status),
             Err(error) => error.http_status(),
         };
-        if let Some(lease) = lease {
+        let lease = lease.map(|lease| {
             let verdict = match &exchange.result {
                 Ok(_) => Verdict::Complete,
                 Err(error) => Verdict::of_failure(error, exchange.sent),
             };
-            state.lease = Some((lease, verdict));
+            (lease, verdict)
+        });
+        Outcome {
+            answer: exchange
+                .result
+                .map(|reply| Answer::Fresh(reply.message))
+                .map_err(CallError::from),
+            attempts: Some(exchange.attempts).filter(|&n| n > 0),
+            upstream_status,
+            lease,
+            organization,
         }
-        Ok(Answer::Fresh(exchange.result?.message))
     }
 
-    /// The credentials sent upstream: the caller's own metadata, or with
-    /// `--credentials` those mapped to its mTLS identity (its own api-key
-    /// is then ignored, never forwarded). Authentication is checked before
-    /// the organization: a caller without a key learns nothing else.
-    fn credentials(
+    /// Step 5, only for calls with a key (boxed: the store's futures are
+    /// large and most calls never need them), counted in the metrics.
+    async fn idempotency_start<Op: Operation>(
         &self,
         metadata: &MetadataMap,
-        identity: Option<&CallerIdentity>,
-    ) -> Result<Credentials, CallError> {
-        let Some(map) = &self.credentials else {
-            let mut api_key = header(metadata, "api-key").ok_or(CallError::MissingApiKey)?;
-            api_key.set_sensitive(true);
-            let organization_id =
-                header(metadata, "organization-id").ok_or(CallError::MissingOrganizationId)?;
-            return Ok(Credentials {
-                api_key,
-                organization_id,
-            });
-        };
-        let identity = identity.ok_or(CallError::CallerNotAllowed { identity: None })?;
-        let mapped = map
-            .lookup(identity)
-            .ok_or_else(|| CallError::CallerNotAllowed {
-                identity: Some(identity.to_string()),
-            })?;
-        let organization_id = mapped
-            .organization_id_for(header(metadata, "organization-id").as_ref())
-            .map_err(|_| CallError::OrganizationNotAllowed {
-                identity: identity.to_string(),
-            })?
-            .ok_or(CallError::MissingOrganizationId)?;
-        Ok(Credentials {
-            api_key: mapped.api_key.clone(),
-            organization_id,
+        credentials: &Credentials,
+        message: &Op::Request,
+        deadline: &Deadline,
+    ) -> Result<Start, idempotency::step::Refusal> {
+        if !metadata.contains_key(idempotency::METADATA_KEY) {
+            return Ok(Start::NoKey);
+        }
+        let start = Box::pin(idempotency::step::start(
+            &self.idempotency,
+            metadata,
+            Op::ROUTE.rpc,
+            credentials,
+            message,
+            deadline,
+        ))
+        .await;
+        if let Some(result) = idempotency::step::metric(&start) {
+            self.metrics.idempotency(result);
+        }
+        start
+    }
+
+    /// How much of the deadline the exchange leaves to the idempotency
+    /// record: twice the lease's round trip (at least [`MIN_RECORD_RESERVE`]),
+    /// never more than half of what is left nor the store timeout. A record
+    /// slower than that is finished in the background (`record_within`).
+    fn record_reserve(&self, begin_took: Duration, deadline: &Deadline) -> Duration {
+        let store_timeout = self.idempotency.store_timeout();
+        if store_timeout.is_zero() {
+            return Duration::ZERO; // the memory store records at once
+        }
+        (begin_took * 2)
+            .max(MIN_RECORD_RESERVE)
+            .min(deadline.remaining() / 2)
+            .min(store_timeout)
+    }
+
+    /// The refusal of a call past `--max-in-flight`: one counter, no log
+    /// line of its own (`limits` tells shedding once a second).
+    fn shed(&self, rpc: &'static str) -> Status {
+        self.metrics.call_shed(ShedReason::InFlightLimit);
+        CallError::Overloaded {
+            max_in_flight: self.in_flight.max(),
+        }
+        .to_status(&StatusContext {
+            rpc,
+            request_id: None,
+            attempts: None,
         })
+    }
+}
+
+/// The least time kept back for an idempotency record in a remote store.
+const MIN_RECORD_RESERVE: Duration = Duration::from_millis(5);
+
+/// Step 8: records the verdict, within the call's deadline. A record still
+/// under way at the deadline is finished in the background, holding the
+/// call's admission permit, while the lease keeps repeats waiting
+/// (`idempotency::step`, "When the record cannot be written in time").
+async fn record_within<M: prost::Message>(
+    lease: Lease,
+    verdict: Verdict,
+    answer: &Result<M, Status>,
+    deadline: &Deadline,
+    admitted: Admitted,
+) {
+    let mut record = Box::pin(idempotency::step::record(lease, verdict, answer));
+    if tokio::time::timeout_at(deadline.at(), &mut record)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?verdict,
+            "idempotency verdict not recorded by the call's deadline: answered, \
+             finishing the record in the background"
+        );
+        tokio::spawn(async move {
+            record.await;
+            drop(admitted);
+        });
     }
 }
 
@@ -364,55 +422,36 @@ impl InvoiceService for InvoiceGateway {
         &self,
         request: Request<pb::CreateInvoiceRequest>,
     ) -> Result<Response<pb::CreateInvoiceResponse>, Status> {
-        self.call::<CreateInvoice>(request, validate_create).await
+        self.call::<CreateInvoice>(request).await
     }
 
     async fn update_invoice(
         &self,
         request: Request<pb::UpdateInvoiceRequest>,
     ) -> Result<Response<pb::UpdateInvoiceResponse>, Status> {
-        self.call::<UpdateInvoice>(request, validate_update).await
+        self.call::<UpdateInvoice>(request).await
     }
 
     async fn delete_invoice(
         &self,
         request: Request<pb::DeleteInvoiceRequest>,
     ) -> Result<Response<pb::DeleteInvoiceResponse>, Status> {
-        self.call::<DeleteInvoice>(request, |r| invoice_id(&r.invoice_id).into_iter().collect())
-            .await
+        self.call::<DeleteInvoice>(request).await
     }
 
     async fn close_invoice(
         &self,
         request: Request<pb::CloseInvoiceRequest>,
     ) -> Result<Response<pb::CloseInvoiceResponse>, Status> {
-        self.call::<CloseInvoice>(request, |r| invoice_id(&r.invoice_id).into_iter().collect())
-            .await
+        self.call::<CloseInvoice>(request).await
     }
 
     async fn send_invoice(
         &self,
         request: Request<pb::SendInvoiceRequest>,
     ) -> Result<Response<pb::SendInvoiceResponse>, Status> {
-        self.call::<SendInvoice>(request, |r| invoice_id(&r.invoice_id).into_iter().collect())
-            .await
+        self.call::<SendInvoice>(request).await
     }
-}
-
-// ---- metadata ------------------------------------------------------------
-
-/// A non-empty ASCII metadata value, as an HTTP header value.
-fn header(metadata: &MetadataMap, key: &str) -> Option<HeaderValue> {
-    let value = metadata.get(key)?;
-    let bytes = value.as_bytes();
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return None;
-    }
-    HeaderValue::from_bytes(bytes).ok()
-}
-
-fn text<'a>(metadata: &'a MetadataMap, key: &str) -> Option<&'a str> {
-    metadata.get(key)?.to_str().ok().filter(|s| !s.is_empty())
 }
 
 /// Longest `x-request-id` kept; a longer one is replaced by a generated id
@@ -449,7 +488,7 @@ impl RequestId {
     }
 
     fn set_on(&self, metadata: &mut MetadataMap) {
-        // SAFETY of the conversion: a valid HeaderValue is valid ASCII metadata.
+        // A valid HeaderValue is valid ASCII metadata.
         if let Ok(value) = MetadataValue::try_from(self.value.as_bytes()) {
             metadata.insert("x-request-id", value);
         }
@@ -475,77 +514,6 @@ fn generated_request_id() -> HeaderValue {
     HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static("unknown"))
 }
 
-/// The caller's deadline from the `grpc-timeout` header (`<digits><unit>`,
-/// at most 8 digits, unit one of `H M S m u n`).
-fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
-    let value = text(metadata, "grpc-timeout")?;
-    if value.len() < 2 || value.len() > 9 {
-        return None;
-    }
-    let (digits, unit) = value.split_at(value.len() - 1);
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
-}
-
-// ---- validation ----------------------------------------------------------
-
-fn validate_create(request: &pb::CreateInvoiceRequest) -> Vec<FieldViolation> {
-    let mut violations: Vec<_> = required("order_id", &request.order_id)
-        .into_iter()
-        .collect();
-    if pb::InvoiceType::try_from(request.r#type).is_err() {
-        violations.push(FieldViolation {
-            field: "type",
-            description: format!("unknown InvoiceType value {}", request.r#type),
-        });
-    }
-    violations
-}
-
-fn validate_update(request: &pb::UpdateInvoiceRequest) -> Vec<FieldViolation> {
-    invoice_id(&request.invoice_id)
-        .into_iter()
-        .chain(required("order_id", &request.order_id))
-        .collect()
-}
-
-fn required(field: &'static str, value: &str) -> Option<FieldViolation> {
-    value.is_empty().then(|| FieldViolation {
-        field,
-        description: "is required".to_owned(),
-    })
-}
-
-/// Longest `invoice_id` accepted: it travels in the URL, percent-encoded (up
-/// to three bytes per byte), and servers commonly refuse URLs over 8 KiB.
-pub const MAX_INVOICE_ID_BYTES: usize = 1024;
-
-/// Any id is encoded into one path segment, except the dot segments, which
-/// URL normalisation would resolve against the path.
-fn invoice_id(value: &str) -> Option<FieldViolation> {
-    let problem = if value.is_empty() {
-        "is required".to_owned()
-    } else if matches!(value, "." | "..") {
-        format!("must not be {value:?}")
-    } else if value.len() > MAX_INVOICE_ID_BYTES {
-        format!("is longer than {MAX_INVOICE_ID_BYTES} bytes")
-    } else {
-        return None;
-    };
-    Some(FieldViolation {
-        field: "invoice_id",
-        description: problem,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -565,32 +533,9 @@ mod tests {
         let upstream = Upstream::new(&url, Default::default()).unwrap();
         let gateway = InvoiceGateway::new(upstream).unwrap();
         let request = Request::new(pb::CloseInvoiceRequest::default());
-        let call = gateway.call::<CloseInvoice>(request, |_| Vec::new());
+        let call = gateway.call::<CloseInvoice>(request);
         let size = std::mem::size_of_val(&call);
         assert!(size < 4096, "the call future is {size} bytes");
-    }
-
-    #[test]
-    fn grpc_timeout_units() {
-        let t = |v| grpc_timeout(&with("grpc-timeout", v));
-        assert_eq!(t("250m"), Some(Duration::from_millis(250)));
-        assert_eq!(t("2S"), Some(Duration::from_secs(2)));
-        assert_eq!(t("1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(t("99999999u"), Some(Duration::from_micros(99_999_999)));
-        assert_eq!(t("123456789S"), None);
-        assert_eq!(t("5x"), None);
-        assert_eq!(t("m"), None);
-    }
-
-    #[test]
-    fn dot_segments_are_not_ids() {
-        assert!(invoice_id(".").is_some());
-        assert!(invoice_id("..").is_some());
-        assert!(invoice_id("").is_some());
-        assert!(invoice_id("...").is_none());
-        assert!(invoice_id("a/b").is_none());
-        assert!(invoice_id(&"x".repeat(MAX_INVOICE_ID_BYTES)).is_none());
-        assert!(invoice_id(&"x".repeat(MAX_INVOICE_ID_BYTES + 1)).is_some());
     }
 
     #[test]

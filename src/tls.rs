@@ -31,8 +31,8 @@ use tokio::sync::watch;
 pub use identity::{CallerIdentity, identity_of};
 pub use upstream::{UpstreamTls, check_upstream_url, upstream_client_config};
 
-use crate::config::parse_duration;
 use crate::reload::{ChangeGate, Reloaded, Snapshot};
+use crate::units::parse_duration;
 use files::FileArg;
 
 /// ALPN protocols offered on both sides: gRPC needs HTTP/2; gRPC-Web works

@@ -1,52 +1,70 @@
-//! The REST side of the gateway: sends each RPC ([`Operation`]) to the
-//! Gormic invoices API and turns the answer into a proto response or an
-//! [`UpstreamError`]. The exchange runs on a per-worker connection pool
-//! ([`pool`]) built on hyper's client connections, with the gateway's own
-//! retries ([`crate::retry`]) inside the caller's deadline. The JSON shapes
-//! live in `wire`, private to this module.
+//! The REST exchange with Gormic: sends one call's request ([`Operation`])
+//! and turns the answer into a proto response or an [`UpstreamError`].
+//!
+//! One call's exchange, in order: the circuit breaker lets it through
+//! ([`breaker`]); then each attempt takes a slot of the connection cap
+//! ([`limit`]), goes out on this worker's reqwest client ([`client`]) and
+//! reads the answer whole; a failure is tried again when [`retry`] allows,
+//! all within the call's [`Deadline`]. Whether a request may have left is
+//! tracked by its body ([`sent`]) and classified with the failure
+//! ([`error`]). The JSON shapes live in `wire`, private to this module.
 
-mod connect;
+mod args;
+mod breaker;
+mod client;
+mod error;
+mod limit;
 mod operation;
-mod pool;
+mod retry;
+mod sent;
 mod wire;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{ACCEPT, CONTENT_TYPE, HOST, HeaderName, HeaderValue, RETRY_AFTER, USER_AGENT};
-use http_body_util::{BodyExt, Full};
+use http::HeaderValue;
+use http::header::{CONTENT_TYPE, HeaderName, RETRY_AFTER};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use tokio::time::Instant;
 use url::Url;
 
+pub use args::{
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PENDING,
+    ProxySetting, ProxyUrl, UpstreamArgs, UpstreamOptions,
+};
+pub use breaker::BreakerArgs;
+pub use error::{Fault, Rejection, RetryAfter, UpstreamError};
+pub use limit::UpstreamGauges;
 pub use operation::{
     CloseInvoice, CreateInvoice, DeleteInvoice, Operation, SendInvoice, Undecodable, UpdateInvoice,
 };
-pub use pool::PoolGauges;
+pub use retry::RetryArgs;
 
-impl crate::metrics::PoolGauges for PoolGauges {
-    fn idle(&self) -> u64 {
-        self.idle.load(Ordering::Relaxed)
-    }
-    fn busy(&self) -> u64 {
-        self.busy.load(Ordering::Relaxed)
+impl crate::metrics::ConnectionGauges for UpstreamGauges {
+    fn active(&self) -> u64 {
+        self.active.load(std::sync::atomic::Ordering::Relaxed)
     }
     fn pending(&self) -> u64 {
-        self.pending.load(Ordering::Relaxed)
+        self.pending.load(std::sync::atomic::Ordering::Relaxed)
     }
     fn limit(&self) -> u64 {
-        self.limit.load(Ordering::Relaxed)
+        self.limit
     }
     fn opened_total(&self) -> u64 {
-        self.opened_total.load(Ordering::Relaxed)
+        self.opened_total.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
-use pool::{Pool, PoolLimits, SendError};
 
+use breaker::{Breaker, Outcome};
+use client::{Clients, Learner, Protocol, Proxying, Settings, Worker};
+use limit::{ConnectionLimit, Refused};
+use retry::{Decision, RetryPolicy};
+use sent::{SentFlag, TrackedBody};
+use tower::retry::budget::Budget as _;
+
+use crate::deadline::Deadline;
 use crate::metrics::{Metrics, UpstreamResult};
-use crate::retry::{Decision, RetryArgs, RetryPolicy};
 use crate::routes::Route;
 use crate::trace::{CallSpan, UpstreamSpan};
 
@@ -62,92 +80,52 @@ const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
-/// Default of `--deadline-margin`.
-pub const DEFAULT_DEADLINE_MARGIN: Duration = Duration::from_millis(100);
-/// Default of `--upstream-max-connections`: Envoy's default circuit-breaker
-/// value; at ~20 KiB per HTTP/1.1 connection it is 20 MiB at most.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
-/// Default of `--upstream-max-pending`: as many as may be in flight, so that
-/// every admitted call may wait for a connection within its own deadline.
-pub const DEFAULT_MAX_PENDING: usize = crate::limits::DEFAULT_MAX_IN_FLIGHT;
-/// Default of `--upstream-idle-timeout`.
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Characters of an upstream body quoted in an error when it carries no code.
-const EXCERPT_CHARS: usize = 256;
-
 const JSON: HeaderValue = HeaderValue::from_static("application/json");
 const API_KEY: HeaderName = HeaderName::from_static("api-key");
 const ORGANIZATION_ID: HeaderName = HeaderName::from_static("organization-id");
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
-const AGENT: HeaderValue =
-    HeaderValue::from_static(concat!("gormic-gateway/", env!("CARGO_PKG_VERSION")));
 
-/// How the upstream client behaves (the flags).
-#[derive(Debug, Clone)]
-pub struct UpstreamOptions {
-    /// Upper bound on each upstream request (`--upstream-timeout`).
-    pub timeout: Duration,
-    /// How much earlier than the caller's deadline the gateway gives up.
-    pub deadline_margin: Duration,
-    pub max_connections: usize,
-    pub max_pending: usize,
-    pub idle_timeout: Duration,
-    /// Connection pools, one per worker thread.
-    pub shards: usize,
-    pub retry: RetryArgs,
-    /// TLS client configuration for an `https://` upstream
-    /// (`crate::tls::UpstreamTls::client_config`); `None` uses the
-    /// compiled-in public roots.
-    pub tls: Option<Arc<rustls::ClientConfig>>,
-}
+/// `RetryInfo` of a call that could not reach the upstream (with the
+/// breaker still closed): soon enough for a transient fault, late enough
+/// not to hammer a dead address.
+pub const UNREACHABLE_RETRY_DELAY: Duration = Duration::from_secs(1);
 
-impl Default for UpstreamOptions {
-    fn default() -> Self {
-        Self {
-            timeout: Duration::from_secs(10),
-            deadline_margin: DEFAULT_DEADLINE_MARGIN,
-            max_connections: DEFAULT_MAX_CONNECTIONS,
-            max_pending: DEFAULT_MAX_PENDING,
-            idle_timeout: DEFAULT_IDLE_TIMEOUT,
-            shards: 1,
-            retry: RetryArgs::default(),
-            tls: None,
-        }
-    }
-}
-
-/// The Gormic REST API; cheap to clone, all clones share the pools.
+/// The Gormic REST API; cheap to clone, all clones share the clients, the
+/// connection cap and the breaker.
 #[derive(Clone)]
 pub struct Upstream {
-    inner: Arc<Inner>,
-    /// Each attempt and retry is counted here.
+    shared: Arc<Shared>,
+    /// Each attempt, retry and breaker transition is counted here.
     metrics: Metrics,
 }
 
-struct Inner {
-    pool: Pool,
+struct Shared {
+    clients: Arc<Clients>,
+    /// The base URL, whose path is replaced by each request's.
+    base: Url,
     /// The base URL's path prefix without its trailing `/`; routes start with `/`.
     base_path: String,
-    /// `Host` of every request.
-    host: HeaderValue,
-    timeout: Duration,
-    deadline_margin: Duration,
+    limit: ConnectionLimit,
+    breaker: Breaker,
     retry: RetryPolicy,
+    /// Proxy credentials, cut out of every error text.
+    secrets: Vec<String>,
+    /// The proxy requests go through, without its password (start-up log).
+    proxy: Option<String>,
 }
 
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Upstream")
-            .field("host", &self.inner.host)
-            .field("base_path", &self.inner.base_path)
+            .field("base", &self.shared.base.as_str())
+            .field("proxy", &self.shared.proxy)
             .finish_non_exhaustive()
     }
 }
 
-/// Per-call headers taken from the gRPC metadata.
+/// Per-call headers taken from the gRPC metadata (or `--credentials`).
 #[derive(Debug, Clone)]
 pub struct Credentials {
     /// Marked sensitive so that no `Debug` output shows it.
@@ -158,14 +136,14 @@ pub struct Credentials {
 /// What a call carries besides its request message.
 #[derive(Debug)]
 pub struct CallContext<'a> {
-    pub credentials: Credentials,
+    pub credentials: &'a Credentials,
     /// The call's `x-request-id` (the caller's, or generated), sent upstream.
     pub request_id: HeaderValue,
-    /// The caller's gRPC deadline (`grpc-timeout`), when it set one.
-    pub caller_timeout: Option<Duration>,
     /// The call's span: each attempt is a child span, whose id goes upstream
     /// in `traceparent`.
-    pub span: &'a CallSpan,
+    pub span: Option<&'a CallSpan>,
+    /// The call's deadline, from its arrival.
+    pub deadline: Deadline,
 }
 
 /// A successful upstream answer, with the HTTP status for the call log.
@@ -187,134 +165,11 @@ pub struct Exchange<T> {
 }
 
 impl<T> Exchange<T> {
-    /// A failed exchange. When an earlier attempt's request may have reached
-    /// the upstream, the last error says so too (`request_sent`): the
-    /// caller must know the whole exchange, not only its last attempt.
-    fn failed(error: UpstreamError, attempts: u32, sent: bool) -> Self {
-        let error = match error {
-            UpstreamError::Unreachable {
-                detail,
-                request_sent,
-            } => UpstreamError::Unreachable {
-                detail,
-                request_sent: request_sent || sent,
-            },
-            UpstreamError::Timeout {
-                after,
-                bound,
-                request_sent,
-            } => UpstreamError::Timeout {
-                after,
-                bound,
-                request_sent: request_sent || sent,
-            },
-            other => other,
-        };
+    fn not_made(error: UpstreamError) -> Self {
         Self {
             result: Err(error),
-            attempts,
-            sent,
-        }
-    }
-}
-
-/// Which limit ended a call that took too long.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TimeoutBound {
-    /// The deadline the caller set on the gRPC call.
-    CallerDeadline,
-    /// The gateway's `--upstream-timeout`.
-    UpstreamTimeout,
-}
-
-/// Why an upstream call did not produce a response message.
-#[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
-    /// The upstream answered with an error: a non-2xx status, or a body
-    /// carrying `{"error": {"code": …}}`.
-    #[error("upstream answered HTTP {}", .0.http_status)]
-    Rejected(Box<Rejection>),
-    /// A 2xx answer the gateway cannot read (bad JSON, a missing field).
-    #[error("malformed upstream answer: {detail}")]
-    Malformed {
-        http_status: u16,
-        detail: String,
-        request_id: Option<String>,
-    },
-    /// No complete answer before the deadline; the request was dropped.
-    #[error("upstream did not answer within {after:?}")]
-    Timeout {
-        after: Duration,
-        bound: TimeoutBound,
-        /// `false`: the call was still waiting for a connection.
-        request_sent: bool,
-    },
-    /// The upstream could not be reached or the connection broke.
-    #[error("upstream unreachable: {detail}")]
-    Unreachable {
-        detail: String,
-        /// False when the connection failed before the request went out, so
-        /// a retry cannot repeat a side effect.
-        request_sent: bool,
-    },
-    /// Every upstream connection was busy and the queue for one was full.
-    #[error("upstream connection queue full")]
-    QueueFull,
-    /// The gateway could not build the request (a bug, not a fault of the
-    /// caller or the upstream); nothing was sent.
-    #[error("cannot build the upstream request: {detail}")]
-    Internal { detail: String },
-}
-
-/// An error answer of the upstream, with everything it said.
-#[derive(Debug, Clone, Default)]
-pub struct Rejection {
-    pub http_status: u16,
-    /// `error.code`, verbatim, when the body has one.
-    pub code: Option<String>,
-    /// `error.message`, when the body has one.
-    pub message: Option<String>,
-    /// `requestId` of the body, or the `x-request-id` response header.
-    pub request_id: Option<String>,
-    /// The `Retry-After` header.
-    pub retry_after: Option<RetryAfter>,
-    /// The start of a body that carries no code (an HTML error page, say).
-    pub body_excerpt: Option<String>,
-}
-
-/// A `Retry-After` header: delay seconds, or a form the gateway keeps verbatim.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RetryAfter {
-    Delay(Duration),
-    Other(String),
-}
-
-impl UpstreamError {
-    /// The HTTP status of the upstream answer, when there was one.
-    pub fn http_status(&self) -> Option<u16> {
-        match self {
-            Self::Rejected(rejection) => Some(rejection.http_status),
-            Self::Malformed { http_status, .. } => Some(*http_status),
-            Self::Timeout { .. }
-            | Self::Unreachable { .. }
-            | Self::QueueFull
-            | Self::Internal { .. } => None,
-        }
-    }
-
-    /// The metric label of a failure without an answer.
-    pub fn error_type(&self) -> Option<&'static str> {
-        match self {
-            Self::Rejected(_) => None,
-            Self::Malformed { .. } => Some("malformed"),
-            Self::Timeout { .. } => Some("timeout"),
-            Self::Unreachable {
-                request_sent: false,
-                ..
-            } => Some("connect"),
-            Self::Unreachable { .. } => Some("connection"),
-            Self::QueueFull => Some("queue_full"),
-            Self::Internal { .. } => Some("internal"),
+            attempts: 0,
+            sent: false,
         }
     }
 }
@@ -324,238 +179,298 @@ impl UpstreamError {
 pub enum BuildError {
     #[error("--upstream {0}")]
     Url(String),
+    #[error("cannot build the HTTP client: {0}")]
+    Client(String),
 }
 
 /// A request ready to be sent, as many times as the retries need.
 struct Prepared {
     route: &'static Route,
-    uri: http::Uri,
+    url: Url,
     body: Option<Bytes>,
+}
+
+/// One attempt's result, and whether it got as far as a request.
+struct Attempted<T> {
+    result: Result<Reply<T>, UpstreamError>,
+    /// A slot was granted and the request handed to the client.
+    made: bool,
+    /// A connection took the request.
+    sent: bool,
 }
 
 impl Upstream {
     /// Builds the client. `base` may carry a path prefix
     /// (`http://host/api/gormic` → `/api/gormic/v1/om/invoices`).
     pub fn new(base: &Url, options: UpstreamOptions) -> Result<Self, BuildError> {
-        let tls = match (&options.tls, base.scheme()) {
-            (Some(config), _) => Some(config.clone()),
-            (None, "https") => Some(
-                crate::tls::upstream_client_config(&crate::tls::TlsArgs::default())
-                    .map_err(|e| BuildError::Url(e.to_string()))?,
-            ),
-            (None, _) => None,
+        let host = base
+            .host()
+            .ok_or_else(|| BuildError::Url("has no host".into()))?;
+        let https = base.scheme() == "https";
+        let tls = match &options.tls {
+            Some(config) => (**config).clone(),
+            None => (*crate::tls::upstream_client_config(&crate::tls::TlsArgs::default())
+                .map_err(|e| BuildError::Url(e.to_string()))?)
+            .clone(),
         };
-        let connector = connect::Connector::new(base, tls).map_err(BuildError::Url)?;
-        let host = match (base.host_str(), base.port()) {
-            (Some(host), Some(port)) => format!("{host}:{port}"),
-            (Some(host), None) => host.to_owned(),
-            (None, _) => return Err(BuildError::Url("has no host".into())),
+        let protocol = match (options.http2, https) {
+            (true, _) => Protocol::Http2,
+            (false, true) => Protocol::Negotiated,
+            (false, false) => Protocol::Http1,
         };
-        let authority = http::uri::Authority::try_from(host.as_str())
-            .map_err(|e| BuildError::Url(format!("host is not an authority: {e}")))?;
-        let scheme = if base.scheme() == "https" {
-            http::uri::Scheme::HTTPS
-        } else {
-            http::uri::Scheme::HTTP
-        };
-        let host = HeaderValue::from_str(&host)
-            .map_err(|e| BuildError::Url(format!("host is not a header value: {e}")))?;
-        let pool = Pool::new(
-            connector,
-            (scheme, authority),
-            PoolLimits {
-                max_connections: options.max_connections,
-                max_pending: options.max_pending,
+        let (proxy, secrets, shown) = proxying(&options.proxy, base, &host)?;
+        let limit = ConnectionLimit::new(options.max_connections, options.max_pending);
+        let retry = RetryPolicy::new(&options.retry);
+        let budgets = RetryPolicy::new(&options.retry);
+        let clients = Clients::new(
+            Settings {
+                tls,
+                protocol,
+                proxy,
+                connect_timeout: options.connect_timeout,
                 idle_timeout: options.idle_timeout,
-                shards: options.shards,
+                resolve: options.resolve.clone(),
+                gauges: limit.gauges(),
             },
-        );
+            move || budgets.budget(),
+        )
+        .map_err(|e| BuildError::Client(error::scrub(e.to_string(), &secrets)))?;
         Ok(Self {
-            inner: Arc::new(Inner {
-                pool,
+            shared: Arc::new(Shared {
+                clients,
                 base_path: base.path().trim_end_matches('/').to_owned(),
-                host,
-                timeout: options.timeout,
-                deadline_margin: options.deadline_margin,
-                retry: RetryPolicy::new(&options.retry),
+                base: base.clone(),
+                limit,
+                breaker: Breaker::new(&options.breaker),
+                retry,
+                secrets,
+                proxy: shown,
             }),
             metrics: Metrics::default(),
         })
     }
 
-    /// Counts attempts and retries in `metrics`.
+    /// Counts attempts, retries and breaker transitions in `metrics`.
     pub fn with_metrics(mut self, metrics: Metrics) -> Self {
         self.metrics = metrics;
         self
     }
 
-    /// The pool's gauges, for the metrics.
-    pub fn pool_gauges(&self) -> Arc<PoolGauges> {
-        self.inner.pool.gauges()
+    /// The connection cap's gauges, for the metrics.
+    pub fn gauges(&self) -> Arc<UpstreamGauges> {
+        self.shared.limit.gauges()
     }
 
-    /// Sends one call's request, retrying what [`crate::retry`] allows,
-    /// within the caller's deadline.
+    /// The proxy requests go through (`scheme://host:port`, no password),
+    /// or `None`.
+    pub fn proxy(&self) -> Option<&str> {
+        self.shared.proxy.as_deref()
+    }
+
+    /// Sends one call's request, retrying what [`retry`] allows, within the
+    /// call's deadline.
     pub async fn send<Op: Operation>(
         &self,
         call: &CallContext<'_>,
         request: &Op::Request,
     ) -> Exchange<Op::Response> {
+        let shared = &*self.shared;
         let prepared = match self.prepare::<Op>(request) {
             Ok(prepared) => prepared,
+            Err(error) => return Exchange::not_made(error),
+        };
+        let worker = match shared.clients.this_thread() {
+            Ok(worker) => worker,
             Err(error) => {
-                return Exchange {
-                    result: Err(error),
-                    attempts: 0,
-                    sent: false,
-                };
+                return Exchange::not_made(UpstreamError::Internal {
+                    detail: error::scrub(
+                        format!("cannot build the HTTP client: {error}"),
+                        &shared.secrets,
+                    ),
+                });
             }
         };
-        let started = Instant::now();
-        let (budget, bound) = self.budget(call.caller_timeout);
-        let deadline = started + budget;
-        let retry = &self.inner.retry;
-        retry.record_call();
+        let ticket = match shared.breaker.admit(&self.metrics) {
+            Ok(ticket) => ticket,
+            Err(retry_after) => {
+                return Exchange::not_made(UpstreamError::CircuitOpen { retry_after });
+            }
+        };
+        worker.budget.deposit();
+
+        let mut attempts = 0;
         let mut sent = false;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let attempt_sent = AtomicBool::new(false);
-            let span = call.span.upstream(&Op::ROUTE.method, Op::ROUTE.template);
-            let attempt_started = Instant::now();
-            let abandoned = Abandoned {
-                metrics: &self.metrics,
-                rpc: Op::ROUTE.rpc,
-                started: attempt_started,
-                sent: &attempt_sent,
-            };
-            let exchange = self.exchange::<Op>(&prepared, call, &span, &attempt_sent);
-            let result = match tokio::time::timeout_at(deadline, exchange).await {
-                Ok(result) => result,
-                Err(_) => Err(UpstreamError::Timeout {
-                    after: budget,
-                    bound,
-                    request_sent: attempt_sent.load(Ordering::Relaxed),
-                }),
-            };
-            sent |= attempt_sent.load(Ordering::Relaxed);
-            std::mem::forget(abandoned);
-            self.observe(Op::ROUTE.rpc, &result, attempt_started.elapsed(), span);
-            let error = match result {
-                Ok(reply) => {
-                    return Exchange {
-                        result: Ok(reply),
-                        attempts: attempt,
-                        sent,
-                    };
-                }
+        let mut answered = false;
+        let mut earlier: Option<UpstreamError> = None;
+        let result = loop {
+            let attempt = self.attempt::<Op>(&worker, &prepared, call).await;
+            attempts += u32::from(attempt.made);
+            sent |= attempt.sent;
+            let error = match attempt.result {
+                Ok(reply) => break Ok(reply),
                 Err(error) => error,
             };
-            let remaining = Some(deadline.saturating_duration_since(Instant::now()));
-            match retry.decide(Op::REPEATABLE, &error, attempt, remaining) {
+            answered |= error.http_status().is_some();
+            if !attempt.made
+                && let Some(earlier) = earlier.take()
+            {
+                // This attempt never got a slot: the earlier failure says more.
+                break Err(earlier);
+            }
+            let remaining = call.deadline.remaining();
+            match shared.retry.decide(
+                &worker.budget,
+                Op::REPEATABLE,
+                &error,
+                attempts.max(1),
+                remaining,
+            ) {
                 Decision::Retry { delay, reason } => {
-                    self.metrics.retry(Op::ROUTE.rpc, reason);
+                    self.metrics.retry(Op::ROUTE, reason);
                     tracing::debug!(
                         rpc = Op::ROUTE.rpc,
-                        attempt,
+                        attempt = attempts,
                         reason,
                         delay_ms = delay.as_millis() as u64,
                         "retrying the upstream request"
                     );
-                    if tokio::time::timeout_at(deadline, tokio::time::sleep(delay))
-                        .await
-                        .is_err()
-                    {
-                        return Exchange::failed(error, attempt, sent);
-                    }
+                    let _ = tokio::time::timeout_at(call.deadline.at(), tokio::time::sleep(delay))
+                        .await;
+                    earlier = Some(error);
                 }
-                Decision::Stop => return Exchange::failed(error, attempt, sent),
+                Decision::Stop => break Err(error),
             }
+        };
+        ticket.record(breaker_outcome(&result, answered), &self.metrics);
+        Exchange {
+            result: result.map_err(|error| error.sent_earlier(sent)),
+            attempts,
+            sent,
         }
     }
 
-    /// One attempt's metric and span. Nothing is recorded for an attempt
-    /// that never reached a connection (queue full, request not built).
-    fn observe<T>(
+    /// One attempt: a slot, the request, the whole answer.
+    async fn attempt<Op: Operation>(
         &self,
-        rpc: &'static str,
-        result: &Result<Reply<T>, UpstreamError>,
-        elapsed: Duration,
-        span: UpstreamSpan,
-    ) {
-        let (outcome, code) = match result {
-            Ok(reply) => (UpstreamResult::Status(reply.http_status), None),
-            Err(UpstreamError::Rejected(rejection)) => (
-                UpstreamResult::Status(rejection.http_status),
-                rejection.code.as_deref(),
-            ),
-            Err(UpstreamError::Malformed { http_status, .. }) => {
-                (UpstreamResult::Malformed(Some(*http_status)), None)
-            }
-            Err(UpstreamError::Timeout { .. }) => (UpstreamResult::Timeout, None),
-            Err(UpstreamError::Unreachable {
-                request_sent: false,
-                ..
-            }) => (UpstreamResult::Connect, None),
-            Err(UpstreamError::Unreachable { .. }) => (UpstreamResult::Connection, None),
-            Err(UpstreamError::QueueFull | UpstreamError::Internal { .. }) => {
-                drop(span);
-                return;
-            }
-        };
-        self.metrics.upstream_request(rpc, outcome, elapsed);
-        span.end(outcome.status(), outcome.error_type(), code);
-    }
-
-    fn prepare<Op: Operation>(&self, request: &Op::Request) -> Result<Prepared, UpstreamError> {
-        let route = Op::ROUTE;
-        let body = Op::body(request).map_err(|e| UpstreamError::Internal {
-            detail: format!("cannot encode the request body: {e}"),
-        })?;
-        debug_assert_eq!(
-            body.is_some(),
-            route.has_body,
-            "{}: body vs google.api.http",
-            route.rpc
-        );
-        let path = self.path(route, Op::invoice_id(request));
-        let uri = http::Uri::try_from(path).map_err(|e| UpstreamError::Internal {
-            detail: format!("cannot build the request path: {e}"),
-        })?;
-        Ok(Prepared { route, uri, body })
-    }
-
-    /// One attempt: a connection, the request, the whole answer.
-    async fn exchange<Op: Operation>(
-        &self,
+        worker: &Worker,
         prepared: &Prepared,
         call: &CallContext<'_>,
-        span: &UpstreamSpan,
-        sent: &AtomicBool,
+    ) -> Attempted<Op::Response> {
+        let deadline = &call.deadline;
+        let not_made = |error| Attempted {
+            result: Err(error),
+            made: false,
+            sent: false,
+        };
+        let slot = match self.shared.limit.acquire(deadline.at()).await {
+            Ok(slot) => slot,
+            Err(Refused::QueueFull) => return not_made(UpstreamError::QueueFull),
+            Err(Refused::Deadline) => {
+                return not_made(UpstreamError::Timeout {
+                    after: deadline.budget(),
+                    bound: deadline.bound(),
+                    request_sent: false,
+                });
+            }
+        };
+        let Some((client, learner)) = worker.choose(deadline.at()).await else {
+            return Attempted {
+                result: Err(connection_not_in_time(deadline)),
+                made: true,
+                sent: false,
+            };
+        };
+        let sent = SentFlag::probing(learner.as_ref().and_then(Learner::probe));
+        let mut attempt = AttemptGuard {
+            metrics: &self.metrics,
+            route: Op::ROUTE,
+            started: Instant::now(),
+            span: call
+                .span
+                .map(|span| span.upstream(&Op::ROUTE.method, Op::ROUTE.template)),
+            sent: sent.clone(),
+            finished: false,
+        };
+        let exchange = self.exchange::<Op>(client, prepared, call, &attempt, &sent, learner);
+        let result = match tokio::time::timeout_at(deadline.at(), exchange).await {
+            Ok(result) => result,
+            Err(_) if sent.is_set() => Err(UpstreamError::Timeout {
+                after: deadline.budget(),
+                bound: deadline.bound(),
+                request_sent: true,
+            }),
+            Err(_) => Err(connection_not_in_time(deadline)),
+        };
+        if let Err(UpstreamError::Unreachable {
+            fault: Fault::Connect,
+            ..
+        }) = &result
+        {
+            worker.http2_refused();
+        }
+        drop(slot);
+        attempt.finish(&result);
+        let sent = sent.is_set();
+        Attempted {
+            result,
+            made: true,
+            sent,
+        }
+    }
+
+    /// The request on the wire and its answer read whole.
+    async fn exchange<Op: Operation>(
+        &self,
+        client: &reqwest::Client,
+        prepared: &Prepared,
+        call: &CallContext<'_>,
+        attempt: &AttemptGuard<'_>,
+        sent: &SentFlag,
+        learner: Option<Learner>,
     ) -> Result<Reply<Op::Response>, UpstreamError> {
-        let request = || self.request(prepared, call, span);
-        let (response, mut lease) = self
-            .inner
-            .pool
-            .send(&request, sent)
+        let secrets = &self.shared.secrets;
+        let mut request =
+            reqwest::Request::new(prepared.route.method.clone(), prepared.url.clone());
+        let headers = request.headers_mut();
+        headers.reserve(6);
+        if prepared.body.is_some() {
+            headers.insert(CONTENT_TYPE, JSON);
+        }
+        headers.insert(API_KEY, call.credentials.api_key.clone());
+        headers.insert(ORGANIZATION_ID, call.credentials.organization_id.clone());
+        headers.insert(REQUEST_ID, call.request_id.clone());
+        if let Some(span) = &attempt.span {
+            headers.insert(TRACEPARENT, span.traceparent());
+            if let Some(tracestate) = span.tracestate() {
+                headers.insert(TRACESTATE, tracestate);
+            }
+        }
+        *request.body_mut() = Some(reqwest::Body::wrap(TrackedBody::new(
+            prepared.body.clone(),
+            sent.clone(),
+        )));
+
+        let mut response = client
+            .execute(request)
             .await
-            .map_err(send_fault)?;
-        let (parts, body) = response.into_parts();
-        let http_status = parts.status.as_u16();
-        let bytes = read_body(body, http_status).await?;
-        lease.reusable();
-        drop(lease);
+            .map_err(|e| error::transport(&e, sent.is_set(), secrets))?;
+        if let Some(learner) = learner {
+            learner.answered(response.version());
+        }
+        let status = response.status();
+        let http_status = status.as_u16();
+        let bytes = read_body(&mut response, http_status, secrets).await?;
 
         // A 2xx is a success when its body is the envelope; otherwise, and
         // for every other status, the body is read as an error answer.
         let header_request_id = || {
-            parts
-                .headers
+            response
+                .headers()
                 .get("x-request-id")
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned)
         };
-        let unreadable = if parts.status.is_success() {
+        let unreadable = if status.is_success() {
             match Op::decode(&bytes) {
                 Ok(message) => {
                     return Ok(Reply {
@@ -588,70 +503,40 @@ impl Upstream {
         // A 2xx carrying `{"error": {"code": …}}` is a refusal like a 400.
         let body_excerpt = match parsed.code {
             Some(_) => None,
-            None => excerpt(&bytes),
+            None => error::excerpt(&bytes),
         };
         Err(UpstreamError::Rejected(Box::new(Rejection {
             http_status,
             code: parsed.code,
             message: parsed.message,
             request_id: parsed.request_id.or_else(header_request_id),
-            retry_after: parts
-                .headers
+            retry_after: response
+                .headers()
                 .get(RETRY_AFTER)
-                .map(|v| parse_retry_after(v.as_bytes())),
+                .map(|v| error::parse_retry_after(v.as_bytes())),
             body_excerpt,
         })))
     }
 
-    fn request(
-        &self,
-        prepared: &Prepared,
-        call: &CallContext<'_>,
-        span: &UpstreamSpan,
-    ) -> http::Request<Full<Bytes>> {
-        let body = prepared.body.clone().unwrap_or_default();
-        let mut request = http::Request::new(Full::new(body));
-        *request.method_mut() = prepared.route.method.clone();
-        *request.uri_mut() = prepared.uri.clone();
-        let headers = request.headers_mut();
-        headers.reserve(10);
-        headers.insert(HOST, self.inner.host.clone());
-        headers.insert(USER_AGENT, AGENT);
-        headers.insert(ACCEPT, JSON);
-        if prepared.body.is_some() {
-            headers.insert(CONTENT_TYPE, JSON);
-        }
-        headers.insert(API_KEY, call.credentials.api_key.clone());
-        headers.insert(ORGANIZATION_ID, call.credentials.organization_id.clone());
-        headers.insert(REQUEST_ID, call.request_id.clone());
-        headers.insert(TRACEPARENT, span.traceparent());
-        if let Some(tracestate) = span.tracestate() {
-            headers.insert(TRACESTATE, tracestate);
-        }
-        request
-    }
-
-    /// How long a call's whole upstream exchange may take (all attempts).
-    pub fn exchange_budget(&self, caller_timeout: Option<Duration>) -> Duration {
-        self.budget(caller_timeout).0
-    }
-
-    /// How long the upstream exchange may take, and which limit that is: the
-    /// caller's deadline less the margin (at most a tenth of it), or
-    /// `--upstream-timeout`, whichever is shorter.
-    fn budget(&self, caller_timeout: Option<Duration>) -> (Duration, TimeoutBound) {
-        let inner = &self.inner;
-        let caller_budget =
-            caller_timeout.map(|caller| caller - inner.deadline_margin.min(caller / 10));
-        match caller_budget {
-            Some(budget) if budget < inner.timeout => (budget, TimeoutBound::CallerDeadline),
-            _ => (inner.timeout, TimeoutBound::UpstreamTimeout),
-        }
+    fn prepare<Op: Operation>(&self, request: &Op::Request) -> Result<Prepared, UpstreamError> {
+        let route = Op::ROUTE;
+        let body = Op::body(request).map_err(|e| UpstreamError::Internal {
+            detail: format!("cannot encode the request body: {e}"),
+        })?;
+        debug_assert_eq!(
+            body.is_some(),
+            route.has_body,
+            "{}: body vs google.api.http",
+            route.rpc
+        );
+        let mut url = self.shared.base.clone();
+        url.set_path(&self.path(route, Op::invoice_id(request)));
+        Ok(Prepared { route, url, body })
     }
 
     /// `base path + route`, with the id as one percent-encoded segment.
     fn path(&self, route: &Route, invoice_id: Option<&str>) -> String {
-        let base = &self.inner.base_path;
+        let base = &self.shared.base_path;
         let mut path = String::with_capacity(base.len() + route.template.len() + 32);
         path.push_str(base);
         path.push_str(route.before_id);
@@ -663,39 +548,165 @@ impl Upstream {
     }
 }
 
-/// Counts an attempt whose call was dropped (the caller went away) while its
-/// request may have been with the upstream; the span ends by itself.
-struct Abandoned<'a> {
-    metrics: &'a Metrics,
-    rpc: &'static str,
-    started: Instant,
-    sent: &'a AtomicBool,
-}
-
-impl Drop for Abandoned<'_> {
-    fn drop(&mut self) {
-        if self.sent.load(Ordering::Relaxed) {
-            let elapsed = self.started.elapsed();
-            self.metrics
-                .upstream_request(self.rpc, UpstreamResult::Cancelled, elapsed);
+/// The proxy set-up for `base`: what the client is told, the secrets to cut
+/// out of texts, and what the start-up log shows.
+fn proxying(
+    setting: &ProxySetting,
+    base: &Url,
+    host: &url::Host<&str>,
+) -> Result<(Proxying, Vec<String>, Option<String>), BuildError> {
+    match setting {
+        ProxySetting::Off => Ok((Proxying::Off, Vec::new(), None)),
+        ProxySetting::Url(url) => {
+            let proxy = reqwest::Proxy::all(url.expose()).map_err(|_| {
+                BuildError::Client("--upstream-proxy is not a usable proxy URL".into())
+            })?;
+            Ok((
+                Proxying::Through(Box::new(proxy)),
+                url.secrets(),
+                Some(url.to_string()),
+            ))
+        }
+        // As Go's net/http: the environment's proxies are for the outside
+        // world, not for a sidecar or the sandbox on this host.
+        ProxySetting::Environment if is_loopback(host) => Ok((Proxying::Off, Vec::new(), None)),
+        ProxySetting::Environment => {
+            // reqwest reads the same variables with the same matcher
+            // (hyper-util's); read here only to log it and learn its secret.
+            let uri: http::Uri = base
+                .as_str()
+                .parse()
+                .map_err(|e| BuildError::Url(format!("is not a URI: {e}")))?;
+            let matcher = hyper_util::client::proxy::matcher::Matcher::from_env();
+            let Some(intercept) = matcher.intercept(&uri) else {
+                return Ok((Proxying::Environment, Vec::new(), None));
+            };
+            let shown = Url::parse(&intercept.uri().to_string())
+                .map(|u| args::redacted(&u))
+                .unwrap_or_else(|_| "(unreadable proxy URL)".into());
+            let secrets = intercept
+                .raw_auth()
+                .map(|(_, password)| {
+                    let decoded = percent_encoding::percent_decode_str(password)
+                        .decode_utf8_lossy()
+                        .into_owned();
+                    vec![password.to_owned(), decoded]
+                })
+                .unwrap_or_default();
+            Ok((Proxying::Environment, secrets, Some(shown)))
         }
     }
 }
 
-/// Reads the body frame by frame so that an oversized answer is refused
+fn is_loopback(host: &url::Host<&str>) -> bool {
+    match host {
+        url::Host::Ipv4(ip) => ip.is_loopback(),
+        url::Host::Ipv6(ip) => ip.is_loopback(),
+        url::Host::Domain(name) => name.trim_end_matches('.').eq_ignore_ascii_case("localhost"),
+    }
+}
+
+/// How the breaker should see a call's exchange: an answer, 502-504, no
+/// connection, or nothing about the upstream.
+fn breaker_outcome<T>(result: &Result<Reply<T>, UpstreamError>, answered: bool) -> Outcome {
+    match result {
+        Ok(_) => Outcome::Answered,
+        Err(UpstreamError::Rejected(rejection)) if matches!(rejection.http_status, 502..=504) => {
+            Outcome::GatewayError
+        }
+        Err(UpstreamError::Rejected(_) | UpstreamError::Malformed { .. }) => Outcome::Answered,
+        Err(_) if answered => Outcome::Answered,
+        Err(UpstreamError::Unreachable {
+            fault: Fault::Connect | Fault::ConnectTimeout,
+            ..
+        }) => Outcome::Unreachable,
+        Err(UpstreamError::Unreachable {
+            fault: Fault::NotProcessed,
+            ..
+        }) => Outcome::Answered,
+        Err(_) => Outcome::Neutral,
+    }
+}
+
+/// One attempt's metric and span: recorded by [`AttemptGuard::finish`], or,
+/// when the call is dropped mid-attempt (the caller went away) while the
+/// request may have been with the upstream, counted as cancelled.
+struct AttemptGuard<'a> {
+    metrics: &'a Metrics,
+    route: &'static Route,
+    started: Instant,
+    /// Taken by `finish`; a span dropped unfinished ends as cancelled.
+    span: Option<UpstreamSpan>,
+    sent: SentFlag,
+    finished: bool,
+}
+
+impl AttemptGuard<'_> {
+    fn finish<T>(&mut self, result: &Result<Reply<T>, UpstreamError>) {
+        self.finished = true;
+        let span = self.span.take();
+        let (outcome, code) = match result {
+            Ok(reply) => (UpstreamResult::Status(reply.http_status), None),
+            Err(UpstreamError::Rejected(rejection)) => (
+                UpstreamResult::Status(rejection.http_status),
+                rejection.code.as_deref(),
+            ),
+            Err(UpstreamError::Malformed { http_status, .. }) => {
+                (UpstreamResult::Malformed(Some(*http_status)), None)
+            }
+            Err(
+                UpstreamError::Timeout { .. }
+                | UpstreamError::Unreachable {
+                    fault: Fault::Deadline,
+                    ..
+                },
+            ) => (UpstreamResult::Timeout, None),
+            Err(UpstreamError::Unreachable {
+                request_sent: false,
+                ..
+            }) => (UpstreamResult::Connect, None),
+            Err(UpstreamError::Unreachable { .. }) => (UpstreamResult::Connection, None),
+            Err(
+                UpstreamError::QueueFull
+                | UpstreamError::CircuitOpen { .. }
+                | UpstreamError::Internal { .. },
+            ) => return,
+        };
+        self.metrics
+            .upstream_request(self.route, outcome, self.started.elapsed());
+        if let Some(span) = span {
+            span.end(outcome.status(), outcome.error_type(), code);
+        }
+    }
+}
+
+impl Drop for AttemptGuard<'_> {
+    fn drop(&mut self) {
+        if !self.finished && self.sent.is_set() {
+            self.metrics.upstream_request(
+                self.route,
+                UpstreamResult::Cancelled,
+                self.started.elapsed(),
+            );
+        }
+    }
+}
+
+/// Reads the body chunk by chunk so that an oversized answer is refused
 /// before it is held in memory.
 async fn read_body(
-    mut body: hyper::body::Incoming,
+    response: &mut reqwest::Response,
     http_status: u16,
+    secrets: &[String],
 ) -> Result<Vec<u8>, UpstreamError> {
-    let expected = http_body::Body::size_hint(&body).exact();
+    let expected = response.content_length();
     let mut bytes =
         Vec::with_capacity(expected.map_or(512, |n| n.min(MAX_BODY_BYTES as u64) as usize));
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| transport_fault(&e, true))?;
-        let Ok(chunk) = frame.into_data() else {
-            continue; // trailers
-        };
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| error::body_broken(&e, secrets))?
+    {
         if bytes.len() + chunk.len() > MAX_BODY_BYTES {
             return Err(UpstreamError::Malformed {
                 http_status,
@@ -708,49 +719,24 @@ async fn read_body(
     Ok(bytes)
 }
 
-fn send_fault(error: SendError) -> UpstreamError {
-    match error {
-        SendError::QueueFull => UpstreamError::QueueFull,
-        SendError::Connect(error) => UpstreamError::Unreachable {
-            detail: error.0,
-            request_sent: false,
-        },
-        SendError::Stale(error) => transport_fault(&error, false),
-        SendError::Sent(error) => transport_fault(&error, true),
-    }
-}
-
-/// A transport error, with its chain of causes.
-fn transport_fault(error: &(dyn std::error::Error + 'static), request_sent: bool) -> UpstreamError {
-    // The status message is for callers: name the fault, not our topology.
-    let mut detail = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        detail.push_str(": ");
-        detail.push_str(&cause.to_string());
-        source = cause.source();
-    }
+/// The call's deadline passed before a connection took the request.
+fn connection_not_in_time(deadline: &Deadline) -> UpstreamError {
     UpstreamError::Unreachable {
-        detail,
-        request_sent,
+        detail: format!(
+            "no connection to the upstream took the request within the call's {} ({})",
+            humantime::format_duration(millis(deadline.budget())),
+            match deadline.bound() {
+                crate::deadline::TimeoutBound::CallerDeadline => "deadline",
+                crate::deadline::TimeoutBound::UpstreamTimeout => "--upstream-timeout",
+            }
+        ),
+        fault: Fault::Deadline,
+        request_sent: false,
     }
 }
 
-fn parse_retry_after(value: &[u8]) -> RetryAfter {
-    let text = String::from_utf8_lossy(value).trim().to_owned();
-    match text.parse::<u64>() {
-        Ok(seconds) => RetryAfter::Delay(Duration::from_secs(seconds)),
-        Err(_) => RetryAfter::Other(text),
-    }
-}
-
-fn excerpt(bytes: &[u8]) -> Option<String> {
-    let text = String::from_utf8_lossy(bytes);
-    let text = text.trim();
-    if text.is_empty() {
-        return None;
-    }
-    Some(text.chars().take(EXCERPT_CHARS).collect())
+fn millis(duration: Duration) -> Duration {
+    Duration::from_millis(duration.as_millis() as u64)
 }
 
 #[cfg(test)]
@@ -760,11 +746,7 @@ mod tests {
 
     fn upstream(base: &str) -> Upstream {
         let url = Url::parse(base).unwrap();
-        let options = UpstreamOptions {
-            timeout: Duration::from_secs(1),
-            ..Default::default()
-        };
-        Upstream::new(&url, options).unwrap()
+        Upstream::new(&url, UpstreamOptions::default()).unwrap()
     }
 
     #[test]
@@ -782,9 +764,10 @@ mod tests {
             ("A-z.0_9~", "/api/gormic/v1/om/invoices/A-z.0_9~/close"),
         ];
         for (id, path) in cases {
-            let uri = http::Uri::try_from(up.path(&routes::CLOSE_INVOICE, Some(id))).unwrap();
-            assert_eq!(uri.path(), path, "id {id:?}");
-            assert_eq!(uri.query(), None);
+            let mut url = up.shared.base.clone();
+            url.set_path(&up.path(&routes::CLOSE_INVOICE, Some(id)));
+            assert_eq!(url.path(), path, "id {id:?}");
+            assert_eq!(url.query(), None);
         }
     }
 
@@ -795,54 +778,63 @@ mod tests {
     }
 
     #[test]
-    fn the_host_header_keeps_a_non_default_port() {
-        assert_eq!(upstream("http://h:8080/x").inner.host, "h:8080");
-        assert_eq!(upstream("https://h/x").inner.host, "h");
-        assert_eq!(upstream("http://[::1]:9/").inner.host, "[::1]:9");
+    fn loopback_upstreams_never_take_the_environments_proxy() {
+        for host in ["127.0.0.1", "[::1]", "localhost", "LOCALHOST."] {
+            let url = Url::parse(&format!("http://{host}:8080")).unwrap();
+            let (proxying, secrets, shown) =
+                proxying(&ProxySetting::Environment, &url, &url.host().unwrap()).unwrap();
+            assert!(matches!(proxying, Proxying::Off), "{host}");
+            assert!(secrets.is_empty() && shown.is_none());
+        }
     }
 
     #[test]
-    fn the_caller_deadline_less_a_capped_margin_or_the_upstream_timeout() {
-        let up = upstream("http://h"); // 1 s timeout, 100 ms margin
-        let ms = Duration::from_millis;
-        assert_eq!(up.budget(None), (ms(1000), TimeoutBound::UpstreamTimeout));
-        assert_eq!(
-            up.budget(Some(ms(600))),
-            (ms(540), TimeoutBound::CallerDeadline)
-        );
-        assert_eq!(
-            up.budget(Some(ms(1050))),
-            (ms(950), TimeoutBound::CallerDeadline)
-        );
-        assert_eq!(
-            up.budget(Some(ms(5000))),
-            (ms(1000), TimeoutBound::UpstreamTimeout)
-        );
-        let url = Url::parse("http://h").unwrap();
-        let wide = Upstream::new(
-            &url,
-            UpstreamOptions {
-                timeout: ms(1000),
-                deadline_margin: ms(5000),
+    fn an_explicit_proxy_is_shown_without_its_password() {
+        let url = Url::parse("https://api.example.com").unwrap();
+        let setting = ProxySetting::parse("http://me:hunter2@proxy:3128").unwrap();
+        let (proxying, secrets, shown) = proxying(&setting, &url, &url.host().unwrap()).unwrap();
+        assert!(matches!(proxying, Proxying::Through(_)));
+        assert!(secrets.contains(&"hunter2".to_owned()));
+        assert_eq!(shown.as_deref(), Some("http://me:***@proxy:3128"));
+    }
+
+    #[test]
+    fn the_breaker_counts_only_what_says_the_upstream_is_away() {
+        let unreachable = |fault| -> Result<Reply<()>, UpstreamError> {
+            Err(UpstreamError::Unreachable {
+                detail: String::new(),
+                fault,
+                request_sent: false,
+            })
+        };
+        let rejected = |status| -> Result<Reply<()>, UpstreamError> {
+            Err(UpstreamError::Rejected(Box::new(Rejection {
+                http_status: status,
                 ..Default::default()
-            },
-        )
-        .unwrap();
+            })))
+        };
         assert_eq!(
-            wide.budget(Some(ms(800))),
-            (ms(720), TimeoutBound::CallerDeadline)
-        );
-    }
-
-    #[test]
-    fn retry_after_seconds_and_other_forms() {
-        assert_eq!(
-            parse_retry_after(b" 7 "),
-            RetryAfter::Delay(Duration::from_secs(7))
+            breaker_outcome(&unreachable(Fault::Connect), false),
+            Outcome::Unreachable
         );
         assert_eq!(
-            parse_retry_after(b"Wed, 21 Oct 2015 07:28:00 GMT"),
-            RetryAfter::Other("Wed, 21 Oct 2015 07:28:00 GMT".into())
+            breaker_outcome(&unreachable(Fault::ConnectTimeout), false),
+            Outcome::Unreachable
         );
+        assert_eq!(
+            breaker_outcome(&unreachable(Fault::Connect), true),
+            Outcome::Answered
+        );
+        assert_eq!(
+            breaker_outcome(&unreachable(Fault::Deadline), false),
+            Outcome::Neutral
+        );
+        assert_eq!(breaker_outcome(&rejected(400), false), Outcome::Answered);
+        assert_eq!(
+            breaker_outcome(&rejected(503), false),
+            Outcome::GatewayError
+        );
+        let queue_full: Result<Reply<()>, _> = Err(UpstreamError::QueueFull);
+        assert_eq!(breaker_outcome(&queue_full, false), Outcome::Neutral);
     }
 }

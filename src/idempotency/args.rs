@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::builder::TypedValueParser;
 
-use crate::config::{parse_bytes, parse_duration};
+use crate::units::{parse_bytes, parse_duration};
 use clap::error::ErrorKind;
 
 /// Longest accepted `--idempotency-ttl`: keeps every deadline computed from

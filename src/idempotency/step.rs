@@ -1,7 +1,18 @@
 //! The idempotency step of the call path: before anything is sent, a call
 //! with an `idempotency-key` takes a lease on it (or is answered from the
 //! record: a replay, or a refusal); once the call has its answer, the lease
-//! records what repeats will get.
+//! records what repeats will get. Both store operations run within the
+//! call's deadline (each bounded by the smaller of `--idempotency-store-timeout`
+//! and what is left): one round trip to take the lease, one to record.
+//!
+//! **When the record cannot be written in time.** The caller gets its
+//! answer by its deadline whatever the store does: a record still under
+//! way then is finished in the background (the call keeps its admission
+//! permit until it is), while the lease, which outlives the deadline by
+//! the store timeout and [`LEASE_SLACK`], keeps telling repeats
+//! `IDEMPOTENCY_KEY_IN_PROGRESS`. So no repeat with the same key can send
+//! the request again before the verdict is known; a record that fails for
+//! good leaves the key "outcome unknown" once the lease ends.
 //!
 //! The verdict, from what the gateway knows about the upstream:
 //! - the request provably never reached the upstream (refused connection,
@@ -17,6 +28,7 @@
 //!   sending, broken connection, 408, 5xx): **unknown**, repeats get
 //!   `IDEMPOTENCY_OUTCOME_UNKNOWN` until the record expires.
 
+use std::future::Future;
 use std::time::Duration;
 
 use prost::Message;
@@ -27,13 +39,13 @@ use super::{
     Begin, Idempotency, Lease, METADATA_KEY, Outcome, Recorded, Scope, StoreError, parse_key,
     request_digest,
 };
-use crate::errors::{CallError, FieldViolation};
+use crate::deadline::Deadline;
 use crate::metrics::IdempotencyResult;
 use crate::upstream::{Credentials, UpstreamError};
 
-/// Added to a call's lease beyond its budget: the owner records its verdict
-/// just after the deadline, and a repeat arriving in between must find the
-/// call still in progress, not an unknown outcome.
+/// Added to a call's lease beyond its deadline and the store timeout: the
+/// owner records its verdict by then, and a repeat arriving in between must
+/// find the call still in progress, not an unknown outcome.
 pub(crate) const LEASE_SLACK: Duration = Duration::from_secs(1);
 
 /// Longest `RetryInfo` delay suggested to a duplicate of a call in progress.
@@ -49,42 +61,52 @@ pub(crate) enum Start {
     Replay(Outcome),
 }
 
+/// Why a keyed call is answered without reaching the upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The key is not a valid `idempotency-key` (the reason).
+    InvalidKey(String),
+    /// A call with the same key is still in progress.
+    InProgress {
+        retry_after: Duration,
+    },
+    /// The key was used before with a different request.
+    Reused,
+    /// A call with this key reached the upstream; its outcome is unknown.
+    OutcomeUnknown,
+    /// The store could not be reached, or not within the call's deadline.
+    StoreUnavailable(String),
+    StoreFull,
+}
+
 /// What a start counts as (`gormic_gateway_idempotency_requests_total`);
 /// `None` for calls without a key or with an invalid one.
-pub(crate) fn metric(start: &Result<Start, CallError>) -> Option<IdempotencyResult> {
+pub(crate) fn metric(start: &Result<Start, Refusal>) -> Option<IdempotencyResult> {
     Some(match start {
-        Ok(Start::NoKey) => return None,
+        Ok(Start::NoKey) | Err(Refusal::InvalidKey(_)) => return None,
         Ok(Start::Fresh(_)) => IdempotencyResult::New,
         Ok(Start::Replay(_)) => IdempotencyResult::Replayed,
-        Err(CallError::IdempotencyKeyInProgress { .. }) => IdempotencyResult::InProgress,
-        Err(CallError::IdempotencyKeyReused) => IdempotencyResult::Reused,
-        Err(CallError::IdempotencyOutcomeUnknown) => IdempotencyResult::OutcomeUnknown,
-        Err(CallError::IdempotencyStoreUnavailable(_) | CallError::IdempotencyStoreFull) => {
-            IdempotencyResult::StoreError
-        }
-        Err(_) => return None,
+        Err(Refusal::InProgress { .. }) => IdempotencyResult::InProgress,
+        Err(Refusal::Reused) => IdempotencyResult::Reused,
+        Err(Refusal::OutcomeUnknown) => IdempotencyResult::OutcomeUnknown,
+        Err(Refusal::StoreUnavailable(_) | Refusal::StoreFull) => IdempotencyResult::StoreError,
     })
 }
 
-/// Reads the call's key and consults the store. `lease` is how long the
-/// call may take from here (its upstream budget and the store's own time).
+/// Reads the call's key and consults the store, within the deadline. The
+/// lease taken lasts what is left of the call, plus the time to record.
 pub(crate) async fn start(
     store: &Idempotency,
     metadata: &MetadataMap,
     rpc: &str,
     credentials: &Credentials,
     request: &impl Message,
-    lease: Duration,
-) -> Result<Start, CallError> {
+    deadline: &Deadline,
+) -> Result<Start, Refusal> {
     let Some(value) = metadata.get(METADATA_KEY) else {
         return Ok(Start::NoKey);
     };
-    let key = parse_key(value.as_bytes()).map_err(|description| {
-        CallError::InvalidRequest(vec![FieldViolation {
-            field: METADATA_KEY,
-            description,
-        }])
-    })?;
+    let key = parse_key(value.as_bytes()).map_err(Refusal::InvalidKey)?;
     let scope = Scope::new(
         credentials.organization_id.as_bytes(),
         rpc,
@@ -92,18 +114,32 @@ pub(crate) async fn start(
         &key,
     );
     let digest = request_digest(rpc, &request.encode_to_vec());
-    match store.begin(&scope, digest, lease).await {
+    let lease = deadline.remaining() + store.store_timeout() + LEASE_SLACK;
+    // The store bounds each operation by its own timeout; the call's
+    // deadline may be nearer. A begin cut short undoes what it may have
+    // written (the store's guard), so the key stays free.
+    let begun = tokio::time::timeout_at(deadline.at(), store.begin(&scope, digest, lease))
+        .await
+        .map_err(|_| {
+            Refusal::StoreUnavailable(format!(
+                "no answer within the call's deadline ({} in all)",
+                humantime::format_duration(Duration::from_millis(
+                    deadline.budget().as_millis() as u64
+                ))
+            ))
+        })?;
+    match begun {
         Ok(Begin::Proceed(lease)) => Ok(Start::Fresh(lease)),
         Ok(Begin::Replay(outcome)) => Ok(Start::Replay(outcome)),
         // The first call usually ends within milliseconds; the rest of its
-        // lease (up to the whole upstream timeout) would be a poor hint.
-        Ok(Begin::InProgress { retry_after }) => Err(CallError::IdempotencyKeyInProgress {
+        // lease (up to the whole call's time) would be a poor hint.
+        Ok(Begin::InProgress { retry_after }) => Err(Refusal::InProgress {
             retry_after: retry_after.min(MAX_IN_PROGRESS_RETRY_DELAY),
         }),
-        Ok(Begin::Mismatch) => Err(CallError::IdempotencyKeyReused),
-        Ok(Begin::OutcomeUnknown) => Err(CallError::IdempotencyOutcomeUnknown),
-        Err(StoreError::Unavailable(detail)) => Err(CallError::IdempotencyStoreUnavailable(detail)),
-        Err(StoreError::Full) => Err(CallError::IdempotencyStoreFull),
+        Ok(Begin::Mismatch) => Err(Refusal::Reused),
+        Ok(Begin::OutcomeUnknown) => Err(Refusal::OutcomeUnknown),
+        Err(StoreError::Unavailable(detail)) => Err(Refusal::StoreUnavailable(detail)),
+        Err(StoreError::Full) => Err(Refusal::StoreFull),
     }
 }
 
@@ -111,9 +147,9 @@ pub(crate) async fn start(
 /// a store fault (fail closed: the call is not sent).
 pub(crate) fn replay<M: Message + Default>(
     outcome: &Outcome,
-) -> Result<Result<M, Status>, CallError> {
+) -> Result<Result<M, Status>, Refusal> {
     outcome.replay::<M>().map_err(|error| {
-        CallError::IdempotencyStoreUnavailable(format!("a stored answer does not decode: {error}"))
+        Refusal::StoreUnavailable(format!("a stored answer does not decode: {error}"))
     })
 }
 
@@ -147,39 +183,48 @@ impl Verdict {
             UpstreamError::Timeout { .. }
             | UpstreamError::Unreachable { .. }
             | UpstreamError::QueueFull
+            | UpstreamError::CircuitOpen { .. }
             | UpstreamError::Internal { .. } => Self::Unknown,
         }
     }
 }
 
-/// Records the verdict on `lease`, with the exact answer the caller gets. A
-/// failure to record is logged; the caller still gets its answer (a repeat
-/// then finds the lease expired and is told the outcome is unknown).
-pub(crate) async fn record<M: Message>(lease: Lease, verdict: Verdict, answer: &Result<M, Status>) {
-    let recorded = match verdict {
-        Verdict::Complete => {
-            let outcome = match answer {
-                Ok(message) => Outcome::response(message),
-                Err(status) => Outcome::status(status),
-            };
-            lease.complete(outcome).await
-        }
-        Verdict::Release => lease.release().await,
-        Verdict::Unknown => lease.unknown().await,
+/// Records the verdict on `lease`, with the exact answer the caller gets.
+/// The future owns all it needs, so that the call path can finish it in the
+/// background once the caller has been answered. A failure to record is
+/// logged; the caller still gets its answer (a repeat then finds the lease
+/// expired and is told the outcome is unknown).
+pub(crate) fn record<M: Message>(
+    lease: Lease,
+    verdict: Verdict,
+    answer: &Result<M, Status>,
+) -> impl Future<Output = ()> + Send + 'static {
+    let outcome = match (verdict, answer) {
+        (Verdict::Complete, Ok(message)) => Some(Outcome::response(message)),
+        (Verdict::Complete, Err(status)) => Some(Outcome::status(status)),
+        _ => None,
     };
-    match recorded {
-        Ok(Recorded::Done) => {}
-        Ok(other) => {
-            tracing::warn!(?verdict, recorded = ?other, "idempotency record not as intended")
+    async move {
+        let recorded = match (verdict, outcome) {
+            (Verdict::Complete, Some(outcome)) => lease.complete(outcome).await,
+            (Verdict::Release, _) => lease.release().await,
+            _ => lease.unknown().await,
+        };
+        match recorded {
+            Ok(Recorded::Done) => {}
+            Ok(other) => {
+                tracing::warn!(?verdict, recorded = ?other, "idempotency record not as intended")
+            }
+            Err(error) => tracing::warn!(?verdict, %error, "cannot record the idempotency verdict"),
         }
-        Err(error) => tracing::warn!(?verdict, %error, "cannot record the idempotency verdict"),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::upstream::{Rejection, TimeoutBound};
+    use crate::deadline::TimeoutBound;
+    use crate::upstream::Rejection;
 
     fn answered(status: u16, code: Option<&str>) -> UpstreamError {
         UpstreamError::Rejected(Box::new(Rejection {
@@ -196,6 +241,9 @@ mod tests {
             after: Duration::from_secs(1),
             bound: TimeoutBound::CallerDeadline,
             request_sent: true,
+        };
+        let circuit_open = UpstreamError::CircuitOpen {
+            retry_after: Duration::from_secs(1),
         };
         let cases = [
             (answered(400, Some("ORDER_CLOSED")), true, Complete),
@@ -215,6 +263,7 @@ mod tests {
             (timeout, true, Unknown),
             (answered(502, None), false, Release),
             (UpstreamError::QueueFull, false, Release),
+            (circuit_open, false, Release),
         ];
         for (error, sent, verdict) in cases {
             assert_eq!(

@@ -1,109 +1,103 @@
 //! Series whose values live elsewhere, read at scrape time: the upstream
-//! connection pools (owned by the upstream client), the TLS certificate
-//! expiry (set by whoever loads the certificate) and the log lines dropped
-//! (counted by the log writer).
+//! connection cap (owned by the upstream client), the calls in flight (the
+//! admission cap's count), the TLS certificate expiry (set by whoever loads
+//! the certificate) and the log lines dropped (counted by the log writer).
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 
-/// A connection pool's state, read on each scrape. Implemented by the
-/// upstream client; every method must be cheap and must not block (an
+use crate::limits::InFlightLimit;
+
+/// The upstream client's connection cap, read on each scrape. Implemented
+/// by the upstream client; every method must be cheap and must not block (an
 /// atomic load), since a scrape reads them all.
-pub trait PoolGauges: Send + Sync + 'static {
-    /// Open connections with no request in flight.
-    fn idle(&self) -> u64;
-    /// Open connections carrying a request.
-    fn busy(&self) -> u64;
-    /// Requests waiting for a connection.
+pub trait ConnectionGauges: Send + Sync + 'static {
+    /// Requests holding a slot: connecting, in flight or being read.
+    fn active(&self) -> u64;
+    /// Calls waiting for a slot.
     fn pending(&self) -> u64;
-    /// Most connections the pool may open.
+    /// `--upstream-max-connections`: the most requests at once.
     fn limit(&self) -> u64;
     /// Connections opened since start (a counter: never decreases).
     fn opened_total(&self) -> u64;
 }
 
-/// Sums every registered pool: the series describe the process, not one
-/// worker.
+/// Sums every registered client: the series describe the process.
 #[derive(Clone, Default)]
-pub(super) struct PoolCollector {
-    pools: Arc<Mutex<Vec<Arc<dyn PoolGauges>>>>,
+pub(super) struct ConnectionCollector {
+    clients: Arc<Mutex<Vec<Arc<dyn ConnectionGauges>>>>,
 }
 
-impl std::fmt::Debug for PoolCollector {
+impl std::fmt::Debug for ConnectionCollector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
-        f.debug_struct("PoolCollector")
-            .field("pools", &pools.len())
+        let clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+        f.debug_struct("ConnectionCollector")
+            .field("clients", &clients.len())
             .finish()
     }
 }
 
-impl PoolCollector {
-    pub fn register(&self, pool: Arc<dyn PoolGauges>) {
-        self.pools
+impl ConnectionCollector {
+    pub fn register(&self, gauges: Arc<dyn ConnectionGauges>) {
+        self.clients
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push(pool);
+            .push(gauges);
     }
 }
 
 #[derive(Default)]
 struct Totals {
-    idle: u64,
-    busy: u64,
+    active: u64,
     pending: u64,
     limit: u64,
     opened: u64,
 }
 
-impl Collector for PoolCollector {
+impl Collector for ConnectionCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let totals = {
-            let pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
-            if pools.is_empty() {
-                // No upstream client registered (yet): no series rather than zeros
-                // that would read as "no connections".
+            let clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+            if clients.is_empty() {
+                // No upstream client registered (yet): no series rather than
+                // zeros that would read as "nothing in flight".
                 return Ok(());
             }
-            pools.iter().fold(Totals::default(), |t, p| Totals {
-                idle: t.idle.saturating_add(p.idle()),
-                busy: t.busy.saturating_add(p.busy()),
-                pending: t.pending.saturating_add(p.pending()),
-                limit: t.limit.saturating_add(p.limit()),
-                opened: t.opened.saturating_add(p.opened_total()),
+            clients.iter().fold(Totals::default(), |t, c| Totals {
+                active: t.active.saturating_add(c.active()),
+                pending: t.pending.saturating_add(c.pending()),
+                limit: t.limit.saturating_add(c.limit()),
+                opened: t.opened.saturating_add(c.opened_total()),
             })
         };
         let gauge = |v: u64| ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
-
-        let mut family = encoder.encode_descriptor(
-            "gormic_gateway_upstream_connections",
-            "Open connections to the upstream by state, summed over the worker pools.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (state, value) in [("idle", totals.idle), ("busy", totals.busy)] {
-            gauge(value).encode(family.encode_family(&[("state", state)])?)?;
+        for (name, help, value) in [
+            (
+                "gormic_gateway_upstream_requests_active",
+                "Upstream requests holding a slot of --upstream-max-connections: connecting, \
+                 in flight or being read.",
+                totals.active,
+            ),
+            (
+                "gormic_gateway_upstream_requests_limit",
+                "Most upstream requests at once (--upstream-max-connections); with HTTP/1.1 \
+                 also the most connections busy.",
+                totals.limit,
+            ),
+            (
+                "gormic_gateway_upstream_pending_requests",
+                "Calls waiting for a slot of --upstream-max-connections.",
+                totals.pending,
+            ),
+        ] {
+            let metric = gauge(value);
+            metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)?;
         }
-        let limit = gauge(totals.limit);
-        limit.encode(encoder.encode_descriptor(
-            "gormic_gateway_upstream_connections_limit",
-            "Most connections the upstream pools may open, summed over the worker pools.",
-            None,
-            limit.metric_type(),
-        )?)?;
-        let pending = gauge(totals.pending);
-        pending.encode(encoder.encode_descriptor(
-            "gormic_gateway_upstream_pending_requests",
-            "Upstream requests waiting for a connection.",
-            None,
-            pending.metric_type(),
-        )?)?;
         let opened = ConstCounter::new(totals.opened);
         opened.encode(encoder.encode_descriptor(
             "gormic_gateway_upstream_connections_opened",
@@ -112,6 +106,38 @@ impl Collector for PoolCollector {
             opened.metric_type(),
         )?)?;
         Ok(())
+    }
+}
+
+/// `gormic_gateway_calls_in_flight`: the admission cap's count, read at
+/// scrape time (0 until a cap is set).
+#[derive(Debug, Clone, Default)]
+pub(super) struct InFlightCollector {
+    limit: Arc<Mutex<Option<InFlightLimit>>>,
+}
+
+impl InFlightCollector {
+    pub fn set(&self, limit: InFlightLimit) {
+        *self.limit.lock().unwrap_or_else(PoisonError::into_inner) = Some(limit);
+    }
+}
+
+impl Collector for InFlightCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let in_flight = self
+            .limit
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map_or(0, InFlightLimit::in_flight);
+        let gauge = ConstGauge::new(i64::try_from(in_flight).unwrap_or(i64::MAX));
+        gauge.encode(encoder.encode_descriptor(
+            "gormic_gateway_calls_in_flight",
+            "gRPC calls admitted and not yet finished (their idempotency record included); \
+             at most --max-in-flight",
+            None,
+            gauge.metric_type(),
+        )?)
     }
 }
 

@@ -3,9 +3,11 @@
 //! `/metrics` (encoded by `prometheus-client`).
 //!
 //! Recording is lock-free and allocation-free on the call path: every label
-//! set is bounded (5 RPCs, 17 gRPC codes, HTTP statuses, a few error types),
-//! and the counter for a label set is resolved once, then cached in a slot
-//! indexed by RPC and code. Only the opt-in organization label takes a read
+//! set is bounded (the RPCs of the route table, 17 gRPC codes, HTTP
+//! statuses, a few error types), and the counter for a label set is resolved
+//! once, then cached in a slot indexed by the route's index and the code.
+//! The list of RPCs is `routes::ALL`, generated from the proto: nothing here
+//! names an RPC. Only the opt-in organization label takes a read
 //! lock per call. No label ever carries an api-key, an invoice id or another
 //! value chosen by the caller, except the organization id behind
 //! `--metrics-organization-label`.
@@ -27,10 +29,14 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
-pub use external::PoolGauges;
+pub use external::ConnectionGauges;
 pub use histogram::{LATENCY_BUCKETS, LatencyHistogram};
 
-use crate::routes;
+use crate::limits::InFlightLimit;
+use crate::routes::{self, Route};
+
+/// How many RPCs the service has (the per-RPC caches' size).
+const RPCS: usize = routes::ALL.len();
 
 /// `Content-Type` of [`Metrics::encode`]'s output: the Prometheus text
 /// format 0.0.4, which every Prometheus-compatible scraper and `promtool`
@@ -135,6 +141,27 @@ impl UpstreamResult {
     }
 }
 
+/// The upstream circuit breaker's state
+/// (`gormic_gateway_upstream_breaker_state{state}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+impl BreakerState {
+    const ALL: [Self; 3] = [Self::Closed, Self::Open, Self::HalfOpen];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Open => "open",
+            Self::HalfOpen => "half_open",
+        }
+    }
+}
+
 /// What the idempotency layer did with a call
 /// (`gormic_gateway_idempotency_requests_total{result}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -231,6 +258,16 @@ struct ResultLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransitionLabels {
+    to: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReloadLabels {
     file: &'static str,
     result: &'static str,
@@ -246,25 +283,25 @@ pub struct Metrics {
 #[derive(Debug)]
 struct Inner {
     registry: Registry,
-    /// The service's RPC names, in the order of the per-RPC caches.
-    rpcs: [&'static str; 5],
     calls: Calls,
     call_duration: Family<RpcLabels, LatencyHistogram>,
-    call_duration_cache: [OnceLock<LatencyHistogram>; 5],
-    in_flight: Gauge,
+    call_duration_cache: [OnceLock<LatencyHistogram>; RPCS],
     shed: Family<ReasonLabels, Counter>,
     shed_cache: [OnceLock<Counter>; 2],
     upstream: Family<UpstreamLabels, Counter>,
     upstream_cache: Box<[OnceLock<Counter>]>,
     upstream_duration: Family<RpcLabels, LatencyHistogram>,
-    upstream_duration_cache: [OnceLock<LatencyHistogram>; 5],
+    upstream_duration_cache: [OnceLock<LatencyHistogram>; RPCS],
     retries: Family<RetryLabels, Counter>,
     idempotency: Family<ResultLabels, Counter>,
     idempotency_cache: [OnceLock<Counter>; 6],
     reloads: Family<ReloadLabels, Counter>,
+    breaker_state: Family<StateLabels, Gauge>,
+    breaker_transitions: Family<TransitionLabels, Counter>,
     log_lines_dropped: external::DroppedLinesCollector,
     tls_expiry: external::ExpiryCollector,
-    pools: external::PoolCollector,
+    connections: external::ConnectionCollector,
+    in_flight: external::InFlightCollector,
 }
 
 /// `gormic_gateway_calls_total`, with or without the organization label.
@@ -380,7 +417,9 @@ impl Metrics {
             );
             Calls::Plain {
                 family,
-                cache: (0..5 * GRPC_CODES.len()).map(|_| OnceLock::new()).collect(),
+                cache: (0..RPCS * GRPC_CODES.len())
+                    .map(|_| OnceLock::new())
+                    .collect(),
             }
         };
 
@@ -392,17 +431,14 @@ impl Metrics {
             call_duration.clone(),
         );
 
-        let in_flight = Gauge::default();
-        registry.register(
-            "gormic_gateway_calls_in_flight",
-            "gRPC calls being handled",
-            in_flight.clone(),
-        );
+        let in_flight = external::InFlightCollector::default();
+        registry.register_collector(Box::new(in_flight.clone()));
 
         let shed = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "gormic_gateway_calls_shed",
-            "gRPC calls refused with RESOURCE_EXHAUSTED before reaching the upstream, by reason",
+            "gRPC calls refused with RESOURCE_EXHAUSTED before reaching the upstream, by reason \
+             (in_flight_limit: refused at admission, counted nowhere else)",
             shed.clone(),
         );
 
@@ -443,79 +479,92 @@ impl Metrics {
             reloads.clone(),
         );
 
+        let breaker_state = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "gormic_gateway_upstream_breaker_state",
+            "The upstream circuit breaker's state: 1 for the current one of closed, open, half_open",
+            breaker_state.clone(),
+        );
+        for state in BreakerState::ALL {
+            let value = i64::from(state == BreakerState::Closed);
+            breaker_state
+                .get_or_create(&StateLabels {
+                    state: state.as_str(),
+                })
+                .set(value);
+        }
+        let breaker_transitions = Family::<TransitionLabels, Counter>::default();
+        registry.register(
+            "gormic_gateway_upstream_breaker_transitions",
+            "Changes of the upstream circuit breaker's state, by the state entered",
+            breaker_transitions.clone(),
+        );
+
         let log_lines_dropped = external::DroppedLinesCollector::default();
         registry.register_collector(Box::new(log_lines_dropped.clone()));
 
         let tls_expiry = external::ExpiryCollector::default();
         registry.register_collector(Box::new(tls_expiry.clone()));
-        let pools = external::PoolCollector::default();
-        registry.register_collector(Box::new(pools.clone()));
+        let connections = external::ConnectionCollector::default();
+        registry.register_collector(Box::new(connections.clone()));
         registry.register_collector(Box::new(process::ProcessCollector));
 
         Self {
             inner: Arc::new(Inner {
                 registry,
-                rpcs: [
-                    routes::CREATE_INVOICE.rpc,
-                    routes::UPDATE_INVOICE.rpc,
-                    routes::DELETE_INVOICE.rpc,
-                    routes::CLOSE_INVOICE.rpc,
-                    routes::SEND_INVOICE.rpc,
-                ],
                 calls,
                 call_duration,
                 call_duration_cache: Default::default(),
-                in_flight,
                 shed,
                 shed_cache: Default::default(),
                 upstream,
-                upstream_cache: (0..5 * UPSTREAM_SLOTS).map(|_| OnceLock::new()).collect(),
+                upstream_cache: (0..RPCS * UPSTREAM_SLOTS)
+                    .map(|_| OnceLock::new())
+                    .collect(),
                 upstream_duration,
                 upstream_duration_cache: Default::default(),
                 retries,
                 idempotency,
                 idempotency_cache: Default::default(),
                 reloads,
+                breaker_state,
+                breaker_transitions,
                 log_lines_dropped,
                 tls_expiry,
-                pools,
+                connections,
+                in_flight,
             }),
         }
     }
 
-    /// A call arrived: `gormic_gateway_calls_in_flight` goes up until the
-    /// returned guard is dropped (answered, failed or cancelled alike).
-    #[must_use = "the call counts as in flight only while the guard lives"]
-    pub fn call_started(&self) -> InFlight<'_> {
-        self.inner.in_flight.inc();
-        InFlight {
-            gauge: &self.inner.in_flight,
-        }
+    /// `gormic_gateway_calls_in_flight` reads this admission cap's count:
+    /// the calls admitted and not yet finished (their outcome record
+    /// included), the one in-flight figure. The last one set is used.
+    pub fn count_in_flight(&self, limit: &InFlightLimit) {
+        self.inner.in_flight.set(limit.clone());
     }
 
-    /// A call was answered with `code` after `elapsed` (every call,
-    /// including shed and refused ones). `organization` is the caller's
-    /// `organization-id`; it is used only with `--metrics-organization-label`,
-    /// and never for UNAUTHENTICATED calls (a caller that did not
-    /// authenticate could claim any organization).
+    /// An admitted call was answered with `code` after `elapsed` (calls
+    /// refused at admission are counted by [`Metrics::call_shed`] alone).
+    /// `organization` is the organization-id sent upstream for it; it is
+    /// used only with `--metrics-organization-label`, and never for
+    /// UNAUTHENTICATED calls (a caller that did not authenticate could claim
+    /// any organization).
     pub fn call_finished(
         &self,
-        rpc: &'static str,
+        route: &'static Route,
         code: tonic::Code,
         elapsed: Duration,
         organization: Option<&str>,
     ) {
         let inner = &*self.inner;
+        let rpc = route.rpc;
         let code_index = (code as usize).min(GRPC_CODES.len() - 1);
         let code_label = GRPC_CODES[code_index];
-        let rpc_index = inner.rpc_index(rpc);
         match &inner.calls {
-            Calls::Plain { family, cache } => match rpc_index {
-                Some(i) => cache[i * GRPC_CODES.len() + code_index]
-                    .get_or_init(|| family.get_or_create(&call_labels(rpc, code_label)).clone())
-                    .inc(),
-                None => family.get_or_create(&call_labels(rpc, code_label)).inc(),
-            },
+            Calls::Plain { family, cache } => cache[route.index * GRPC_CODES.len() + code_index]
+                .get_or_init(|| family.get_or_create(&call_labels(rpc, code_label)).clone())
+                .inc(),
             Calls::ByOrganization {
                 family,
                 organizations,
@@ -534,17 +583,13 @@ impl Metrics {
             }
         };
         inner
-            .histogram(
-                &inner.call_duration,
-                &inner.call_duration_cache,
-                rpc,
-                rpc_index,
-            )
+            .histogram(&inner.call_duration, &inner.call_duration_cache, route)
             .observe(elapsed);
     }
 
-    /// A call was refused before reaching the upstream. The call is also
-    /// counted by [`Metrics::call_finished`] with its RESOURCE_EXHAUSTED.
+    /// A call was refused before reaching the upstream. A call refused at
+    /// admission (`in_flight_limit`) is counted here only; one refused for a
+    /// full connection queue is also counted by [`Metrics::call_finished`].
     pub fn call_shed(&self, reason: ShedReason) {
         let index = reason as usize;
         self.inner.shed_cache[index]
@@ -561,14 +606,19 @@ impl Metrics {
 
     /// One upstream request (each attempt of a retried call counts) ended
     /// with `result` after `elapsed`.
-    pub fn upstream_request(&self, rpc: &'static str, result: UpstreamResult, elapsed: Duration) {
+    pub fn upstream_request(
+        &self,
+        route: &'static Route,
+        result: UpstreamResult,
+        elapsed: Duration,
+    ) {
         let inner = &*self.inner;
+        let rpc = route.rpc;
         let labels = || UpstreamLabels {
             rpc_method: rpc,
             http_response_status_code: result.status(),
             error_type: result.error_type().unwrap_or(""),
         };
-        let rpc_index = inner.rpc_index(rpc);
         let slot = match result {
             UpstreamResult::Status(status @ 100..=599) => Some(usize::from(status - 100)),
             UpstreamResult::Timeout => Some(STATUS_SLOTS),
@@ -581,8 +631,8 @@ impl Metrics {
             | UpstreamResult::Malformed(Some(_))
             | UpstreamResult::Cancelled => None,
         };
-        match rpc_index.zip(slot) {
-            Some((i, slot)) => inner.upstream_cache[i * UPSTREAM_SLOTS + slot]
+        match slot {
+            Some(slot) => inner.upstream_cache[route.index * UPSTREAM_SLOTS + slot]
                 .get_or_init(|| inner.upstream.get_or_create(&labels()).clone())
                 .inc(),
             None => inner.upstream.get_or_create(&labels()).inc(),
@@ -591,21 +641,37 @@ impl Metrics {
             .histogram(
                 &inner.upstream_duration,
                 &inner.upstream_duration_cache,
-                rpc,
-                rpc_index,
+                route,
             )
             .observe(elapsed);
     }
 
     /// An upstream request is sent again, for `reason` (a short
     /// `snake_case` constant of the retry policy, e.g. `connect`).
-    pub fn retry(&self, rpc: &'static str, reason: &'static str) {
+    pub fn retry(&self, route: &'static Route, reason: &'static str) {
         self.inner
             .retries
             .get_or_create(&RetryLabels {
-                rpc_method: rpc,
+                rpc_method: route.rpc,
                 reason,
             })
+            .inc();
+    }
+
+    /// The upstream circuit breaker entered `state`.
+    pub fn breaker_state(&self, state: BreakerState) {
+        let inner = &*self.inner;
+        for each in BreakerState::ALL {
+            inner
+                .breaker_state
+                .get_or_create(&StateLabels {
+                    state: each.as_str(),
+                })
+                .set(i64::from(each == state));
+        }
+        inner
+            .breaker_transitions
+            .get_or_create(&TransitionLabels { to: state.as_str() })
             .inc();
     }
 
@@ -658,10 +724,11 @@ impl Metrics {
         self.inner.tls_expiry.set(seconds);
     }
 
-    /// Adds a connection pool to the `gormic_gateway_upstream_*` pool
-    /// series (summed over all registered pools, read at scrape time).
-    pub fn register_pool(&self, pool: Arc<dyn PoolGauges>) {
-        self.inner.pools.register(pool);
+    /// Adds an upstream client's connection cap to the
+    /// `gormic_gateway_upstream_*` request and connection series (summed
+    /// over all registered, read at scrape time).
+    pub fn register_connections(&self, gauges: Arc<dyn ConnectionGauges>) {
+        self.inner.connections.register(gauges);
     }
 
     /// The text exposition of every series, as served on `/metrics` with
@@ -684,38 +751,20 @@ fn call_labels(rpc: &'static str, code: &'static str) -> CallLabels {
 }
 
 impl Inner {
-    fn rpc_index(&self, rpc: &str) -> Option<usize> {
-        self.rpcs.iter().position(|known| *known == rpc)
-    }
-
-    /// The histogram of `rpc`, from its cache slot when it is one of ours.
+    /// The histogram of `route`, from its cache slot.
     fn histogram<'a>(
         &self,
         family: &'a Family<RpcLabels, LatencyHistogram>,
-        cache: &'a [OnceLock<LatencyHistogram>; 5],
-        rpc: &'static str,
-        rpc_index: Option<usize>,
-    ) -> std::borrow::Cow<'a, LatencyHistogram> {
-        let labels = RpcLabels { rpc_method: rpc };
-        match rpc_index {
-            Some(i) => std::borrow::Cow::Borrowed(
-                cache[i].get_or_init(|| family.get_or_create(&labels).clone()),
-            ),
-            None => std::borrow::Cow::Owned(family.get_or_create(&labels).clone()),
-        }
-    }
-}
-
-/// A call in flight; dropping it takes the call out of
-/// `gormic_gateway_calls_in_flight`.
-#[derive(Debug)]
-pub struct InFlight<'a> {
-    gauge: &'a Gauge,
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.gauge.dec();
+        cache: &'a [OnceLock<LatencyHistogram>; RPCS],
+        route: &'static Route,
+    ) -> &'a LatencyHistogram {
+        cache[route.index].get_or_init(|| {
+            family
+                .get_or_create(&RpcLabels {
+                    rpc_method: route.rpc,
+                })
+                .clone()
+        })
     }
 }
 
@@ -733,19 +782,19 @@ mod tests {
     fn calls_by_rpc_and_code_with_latency() {
         let metrics = Metrics::default();
         metrics.call_finished(
-            "CloseInvoice",
+            &routes::CLOSE_INVOICE,
             tonic::Code::Ok,
             Duration::from_millis(3),
             None,
         );
         metrics.call_finished(
-            "CloseInvoice",
+            &routes::CLOSE_INVOICE,
             tonic::Code::Ok,
             Duration::from_millis(3),
             None,
         );
         metrics.call_finished(
-            "CloseInvoice",
+            &routes::CLOSE_INVOICE,
             tonic::Code::FailedPrecondition,
             Duration::from_micros(90),
             Some("org-1"),
@@ -795,33 +844,31 @@ mod tests {
     }
 
     #[test]
-    fn an_unknown_rpc_is_still_counted() {
+    fn every_rpc_of_the_route_table_has_its_series_and_cache_slot() {
         let metrics = Metrics::default();
-        metrics.call_finished("Other", tonic::Code::Unimplemented, Duration::ZERO, None);
-        metrics.upstream_request("Other", UpstreamResult::Status(200), Duration::ZERO);
+        for route in routes::ALL {
+            metrics.call_finished(route, tonic::Code::Ok, Duration::ZERO, None);
+            metrics.upstream_request(route, UpstreamResult::Status(200), Duration::ZERO);
+        }
         let text = metrics.encode();
-        assert_eq!(
-            sample(
-                &text,
-                r#"gormic_gateway_calls_total{rpc_method="Other",rpc_grpc_status_code="12"}"#
-            )
-            .as_deref(),
-            Some("1")
-        );
-        assert_eq!(
-            sample(
-                &text,
-                r#"gormic_gateway_upstream_requests_total{rpc_method="Other",http_response_status_code="200",error_type=""}"#
-            )
-            .as_deref(),
-            Some("1")
-        );
+        for route in routes::ALL {
+            let calls = format!(
+                r#"gormic_gateway_calls_total{{rpc_method="{}",rpc_grpc_status_code="0"}}"#,
+                route.rpc
+            );
+            assert_eq!(sample(&text, &calls).as_deref(), Some("1"), "{calls}");
+            let upstream = format!(
+                r#"gormic_gateway_upstream_request_duration_seconds_count{{rpc_method="{}"}}"#,
+                route.rpc
+            );
+            assert_eq!(sample(&text, &upstream).as_deref(), Some("1"), "{upstream}");
+        }
     }
 
     #[test]
     fn upstream_results_label_status_or_error_type() {
         let metrics = Metrics::default();
-        let rpc = "SendInvoice";
+        let rpc = &routes::SEND_INVOICE;
         for result in [
             UpstreamResult::Status(400),
             UpstreamResult::Status(400),
@@ -866,15 +913,16 @@ mod tests {
             metrics_organization_label: true,
         });
         let ok = tonic::Code::Ok;
+        let create = &routes::CREATE_INVOICE;
         for i in 0..MAX_ORGANIZATIONS + 5 {
             let id = format!("org-{i}");
-            metrics.call_finished("CreateInvoice", ok, Duration::ZERO, Some(&id));
+            metrics.call_finished(create, ok, Duration::ZERO, Some(&id));
         }
-        metrics.call_finished("CreateInvoice", ok, Duration::ZERO, Some("org-0"));
-        metrics.call_finished("CreateInvoice", ok, Duration::ZERO, Some("bad\"id"));
-        metrics.call_finished("CreateInvoice", ok, Duration::ZERO, None);
+        metrics.call_finished(create, ok, Duration::ZERO, Some("org-0"));
+        metrics.call_finished(create, ok, Duration::ZERO, Some("bad\"id"));
+        metrics.call_finished(create, ok, Duration::ZERO, None);
         metrics.call_finished(
-            "CreateInvoice",
+            create,
             tonic::Code::Unauthenticated,
             Duration::ZERO,
             Some("org-claimed"),
@@ -938,20 +986,51 @@ mod tests {
     fn handles_travel_between_threads() {
         fn send_sync<T: Send + Sync>() {}
         send_sync::<Metrics>();
-        send_sync::<InFlight<'static>>();
     }
 
     #[test]
-    fn in_flight_follows_the_guards() {
+    fn in_flight_is_the_admission_count() {
         let metrics = Metrics::default();
         let gauge = "gormic_gateway_calls_in_flight";
-        let first = metrics.call_started();
-        let second = metrics.call_started();
+        assert_eq!(sample(&metrics.encode(), gauge).as_deref(), Some("0"));
+        let limit = InFlightLimit::new(10);
+        metrics.count_in_flight(&limit);
+        let first = limit.try_admit().expect("room");
+        let second = limit.try_admit().expect("room");
         assert_eq!(sample(&metrics.encode(), gauge).as_deref(), Some("2"));
         drop(first);
         assert_eq!(sample(&metrics.encode(), gauge).as_deref(), Some("1"));
         drop(second);
         assert_eq!(sample(&metrics.encode(), gauge).as_deref(), Some("0"));
+    }
+
+    #[test]
+    fn the_breaker_state_is_one_hot_and_transitions_are_counted() {
+        let metrics = Metrics::default();
+        let state = |text: &str, s: &str| {
+            sample(
+                text,
+                &format!(r#"gormic_gateway_upstream_breaker_state{{state="{s}"}}"#),
+            )
+        };
+        let text = metrics.encode();
+        assert_eq!(state(&text, "closed").as_deref(), Some("1"));
+        assert_eq!(state(&text, "open").as_deref(), Some("0"));
+        metrics.breaker_state(BreakerState::Open);
+        metrics.breaker_state(BreakerState::HalfOpen);
+        metrics.breaker_state(BreakerState::Open);
+        let text = metrics.encode();
+        assert_eq!(state(&text, "closed").as_deref(), Some("0"));
+        assert_eq!(state(&text, "open").as_deref(), Some("1"));
+        assert_eq!(state(&text, "half_open").as_deref(), Some("0"));
+        assert_eq!(
+            sample(
+                &text,
+                r#"gormic_gateway_upstream_breaker_transitions_total{to="open"}"#
+            )
+            .as_deref(),
+            Some("2")
+        );
     }
 
     #[test]

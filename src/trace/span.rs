@@ -250,13 +250,13 @@ fn finish_call(call: &mut OtelCall, code: tonic::Code, error_code: Option<&str>)
     let span = &mut call.span;
     span.set_attribute(KeyValue::new("rpc.grpc.status_code", code as i64));
     if code != tonic::Code::Ok {
-        span.set_attribute(KeyValue::new("error.type", crate::errors::code_name(code)));
+        span.set_attribute(KeyValue::new("error.type", crate::grpc_code::name(code)));
     }
     if let Some(error_code) = error_code {
         span.set_attribute(KeyValue::new("error.code", bounded(error_code)));
     }
     if is_server_fault(code) {
-        span.set_status(Status::error(crate::errors::code_name(code)));
+        span.set_status(Status::error(crate::grpc_code::name(code)));
     }
     span.end();
 }

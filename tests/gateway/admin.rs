@@ -12,9 +12,12 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use gormic_gateway::admin::{self, Readiness};
+use gormic_gateway::limits::InFlightLimit;
 use gormic_gateway::metrics::{
-    IdempotencyResult, Metrics, MetricsArgs, PoolGauges, ShedReason, UpstreamResult,
+    BreakerState, ConnectionGauges, IdempotencyResult, Metrics, MetricsArgs, ShedReason,
+    UpstreamResult,
 };
+use gormic_gateway::routes::{self, Route};
 
 use crate::support::API_KEY;
 
@@ -109,34 +112,32 @@ fn value(text: &str, series: &str) -> Option<f64> {
         .map(|v| v.parse().expect("numeric sample"))
 }
 
+const CLOSE_ROUTE: &Route = &routes::CLOSE_INVOICE;
 const CLOSE: &str = "CloseInvoice";
 
 /// The three calls of the issue's test, recorded as the call path does: a
 /// success, a functional error (upstream 400 → FAILED_PRECONDITION), and a
-/// call shed at the in-flight limit (never reaches the upstream).
+/// call shed at the in-flight limit (never reaches the upstream: counted
+/// by the shed counter alone).
 fn three_calls(metrics: &Metrics) {
-    {
-        let _in_flight = metrics.call_started();
-        metrics.upstream_request(CLOSE, UpstreamResult::Status(200), Duration::from_millis(2));
-        metrics.call_finished(CLOSE, tonic::Code::Ok, Duration::from_millis(3), None);
-    }
-    {
-        let _in_flight = metrics.call_started();
-        metrics.upstream_request(CLOSE, UpstreamResult::Status(400), Duration::from_millis(4));
-        metrics.call_finished(
-            CLOSE,
-            tonic::Code::FailedPrecondition,
-            Duration::from_millis(5),
-            Some("org-1"),
-        );
-    }
-    metrics.call_shed(ShedReason::InFlightLimit);
-    metrics.call_finished(
-        CLOSE,
-        tonic::Code::ResourceExhausted,
-        Duration::from_micros(20),
-        None,
+    metrics.upstream_request(
+        CLOSE_ROUTE,
+        UpstreamResult::Status(200),
+        Duration::from_millis(2),
     );
+    metrics.call_finished(CLOSE_ROUTE, tonic::Code::Ok, Duration::from_millis(3), None);
+    metrics.upstream_request(
+        CLOSE_ROUTE,
+        UpstreamResult::Status(400),
+        Duration::from_millis(4),
+    );
+    metrics.call_finished(
+        CLOSE_ROUTE,
+        tonic::Code::FailedPrecondition,
+        Duration::from_millis(5),
+        Some("org-1"),
+    );
+    metrics.call_shed(ShedReason::InFlightLimit);
 }
 
 #[tokio::test]
@@ -204,7 +205,9 @@ async fn metrics_count_a_success_a_functional_error_and_a_shed_call() {
     assert_eq!(value(&before, "gormic_gateway_calls_in_flight"), Some(0.0));
 
     three_calls(&metrics);
-    let held = metrics.call_started();
+    let admission = InFlightLimit::new(10);
+    metrics.count_in_flight(&admission);
+    let held = admission.try_admit().expect("room");
     let during = admin.scrape().await;
     assert_eq!(value(&during, "gormic_gateway_calls_in_flight"), Some(1.0));
     drop(held);
@@ -212,25 +215,29 @@ async fn metrics_count_a_success_a_functional_error_and_a_shed_call() {
     let after = admin.scrape().await;
     assert_eq!(value(&after, &calls("0")), Some(1.0));
     assert_eq!(value(&after, &calls("9")), Some(1.0));
-    assert_eq!(value(&after, &calls("8")), Some(1.0));
+    assert_eq!(
+        value(&after, &calls("8")),
+        None,
+        "shed: the shed counter only"
+    );
     assert_eq!(value(&after, shed), Some(1.0));
     assert_eq!(value(&after, &upstream("200")), Some(1.0));
     assert_eq!(value(&after, &upstream("400")), Some(1.0));
-    assert_eq!(value(&after, &duration_count), Some(3.0));
+    assert_eq!(value(&after, &duration_count), Some(2.0));
     assert_eq!(value(&after, &upstream_count), Some(2.0));
     let bucket = |le: &str| {
         format!(r#"gormic_gateway_call_duration_seconds_bucket{{rpc_method="{CLOSE}",le="{le}"}}"#)
     };
-    assert_eq!(value(&after, &bucket("0.0001")), Some(1.0), "the shed call");
-    assert_eq!(value(&after, &bucket("0.0025")), Some(1.0));
-    assert_eq!(value(&after, &bucket("0.005")), Some(3.0));
-    assert_eq!(value(&after, &bucket("+Inf")), Some(3.0));
+    assert_eq!(value(&after, &bucket("0.0001")), Some(0.0));
+    assert_eq!(value(&after, &bucket("0.0025")), Some(0.0));
+    assert_eq!(value(&after, &bucket("0.005")), Some(2.0));
+    assert_eq!(value(&after, &bucket("+Inf")), Some(2.0));
     let sum = value(
         &after,
         &format!(r#"gormic_gateway_call_duration_seconds_sum{{rpc_method="{CLOSE}"}}"#),
     )
     .expect("sum");
-    assert!((sum - 0.008_02).abs() < 1e-9, "{sum}");
+    assert!((sum - 0.008).abs() < 1e-9, "{sum}");
     assert_eq!(value(&after, "gormic_gateway_calls_in_flight"), Some(0.0));
 
     // Scraping does not change the counters.
@@ -238,13 +245,10 @@ async fn metrics_count_a_success_a_functional_error_and_a_shed_call() {
     admin.stop().await;
 }
 
-struct FakePool;
+struct FakeConnections;
 
-impl PoolGauges for FakePool {
-    fn idle(&self) -> u64 {
-        3
-    }
-    fn busy(&self) -> u64 {
+impl ConnectionGauges for FakeConnections {
+    fn active(&self) -> u64 {
         2
     }
     fn pending(&self) -> u64 {
@@ -262,16 +266,21 @@ impl PoolGauges for FakePool {
 fn record_everything(metrics: &Metrics) {
     three_calls(metrics);
     metrics.call_shed(ShedReason::UpstreamQueueFull);
-    metrics.upstream_request(CLOSE, UpstreamResult::Timeout, Duration::from_secs(10));
-    metrics.retry(CLOSE, "connect");
+    metrics.upstream_request(
+        CLOSE_ROUTE,
+        UpstreamResult::Timeout,
+        Duration::from_secs(10),
+    );
+    metrics.retry(CLOSE_ROUTE, "connect");
+    metrics.breaker_state(BreakerState::Open);
     metrics.idempotency(IdempotencyResult::Replayed);
     metrics.reload("credentials", true);
     metrics.reload("tls_certificate", false);
     metrics.log_lines_dropped(4);
     metrics.set_tls_certificate_expiry(UNIX_EPOCH + Duration::from_secs(1_900_000_000));
-    // Two worker pools: the series are their sums.
-    metrics.register_pool(Arc::new(FakePool));
-    metrics.register_pool(Arc::new(FakePool));
+    // Two clients: the series are their sums.
+    metrics.register_connections(Arc::new(FakeConnections));
+    metrics.register_connections(Arc::new(FakeConnections));
 }
 
 /// `(name, type, label names)` of every series in the contract.
@@ -303,9 +312,15 @@ const CONTRACT: &[(&str, &str, &[&str])] = &[
         "histogram",
         &["rpc_method"],
     ),
-    ("gormic_gateway_upstream_connections", "gauge", &["state"]),
-    ("gormic_gateway_upstream_connections_limit", "gauge", &[]),
+    ("gormic_gateway_upstream_requests_active", "gauge", &[]),
+    ("gormic_gateway_upstream_requests_limit", "gauge", &[]),
     ("gormic_gateway_upstream_pending_requests", "gauge", &[]),
+    ("gormic_gateway_upstream_breaker_state", "gauge", &["state"]),
+    (
+        "gormic_gateway_upstream_breaker_transitions_total",
+        "counter",
+        &["to"],
+    ),
     (
         "gormic_gateway_upstream_connections_opened_total",
         "counter",
@@ -398,17 +413,18 @@ async fn every_contract_series_is_exposed_with_its_type_and_labels() {
         }
     }
     let gauge = |series: &str| value(&text, series);
+    assert_eq!(gauge("gormic_gateway_upstream_requests_active"), Some(4.0));
     assert_eq!(
-        gauge(r#"gormic_gateway_upstream_connections{state="idle"}"#),
-        Some(6.0)
-    );
-    assert_eq!(
-        gauge(r#"gormic_gateway_upstream_connections{state="busy"}"#),
-        Some(4.0)
-    );
-    assert_eq!(
-        gauge("gormic_gateway_upstream_connections_limit"),
+        gauge("gormic_gateway_upstream_requests_limit"),
         Some(1024.0)
+    );
+    assert_eq!(
+        gauge(r#"gormic_gateway_upstream_breaker_state{state="open"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        gauge(r#"gormic_gateway_upstream_breaker_transitions_total{to="open"}"#),
+        Some(1.0)
     );
     assert_eq!(gauge("gormic_gateway_upstream_pending_requests"), Some(2.0));
     assert_eq!(
@@ -447,7 +463,7 @@ async fn labels_carry_only_bounded_values() {
     // A caller that put its api-key and an invoice id where an organization
     // id goes: without the organization label, neither may appear.
     metrics.call_finished(
-        "UpdateInvoice",
+        &routes::UPDATE_INVOICE,
         tonic::Code::NotFound,
         Duration::from_millis(1),
         Some(API_KEY),
@@ -484,7 +500,7 @@ async fn labels_carry_only_bounded_values() {
                     ["in_flight_limit", "upstream_queue_full"].contains(&v.as_str())
                 }
                 "reason" => snake_case(v),
-                "state" => ["idle", "busy"].contains(&v.as_str()),
+                "state" | "to" => ["closed", "open", "half_open"].contains(&v.as_str()),
                 "result" if series.starts_with("gormic_gateway_reloads") => {
                     ["success", "failure"].contains(&v.as_str())
                 }

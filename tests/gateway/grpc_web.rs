@@ -82,7 +82,7 @@ fn detail<T: Message + Default>(status: &rpc::Status, type_name: &str) -> T {
 }
 
 fn http1_client() -> reqwest::Client {
-    reqwest::Client::builder()
+    crate::support::http_client()
         .http1_only()
         .timeout(Duration::from_secs(10))
         .build()

@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Request, Response, Status};
 
+use gormic_gateway::deadline::DeadlineArgs;
 use gormic_gateway::idempotency::{
     Idempotency, IdempotencyArgs, MAX_OUTCOME_BYTES, METADATA_KEY, REPLAYED_METADATA_KEY,
     StoreLocation, parse_store,
@@ -95,19 +96,20 @@ async fn redis_store(url: &str, settings: Settings) -> Idempotency {
 
 /// A gateway in front of `upstream_url` keeping its keys in `store`.
 async fn gateway(upstream_url: &str, store: Idempotency) -> TestGateway {
-    gateway_with(upstream_url, store, UpstreamOptions::default()).await
+    gateway_with(upstream_url, store, DeadlineArgs::default()).await
 }
 
 async fn gateway_with(
     upstream_url: &str,
     store: Idempotency,
-    options: UpstreamOptions,
+    deadlines: DeadlineArgs,
 ) -> TestGateway {
     let url = url::Url::parse(upstream_url).expect("upstream URL");
-    let upstream = Upstream::new(&url, options).expect("upstream client");
+    let upstream = Upstream::new(&url, UpstreamOptions::default()).expect("upstream client");
     let gateway = InvoiceGateway::new(upstream)
         .expect("gateway")
-        .with_idempotency(store);
+        .with_idempotency(store)
+        .with_deadlines(deadlines);
     TestGateway::start_with_gateway(gateway, ServerOptions::default()).await
 }
 
@@ -484,7 +486,7 @@ async fn a_call_that_timed_out_after_sending_leaves_its_key_unknown(backend: &im
     upstream.hold_answers();
     // The gateway answers a tenth of the deadline early (200 ms), well
     // before the client's own timer would cancel the call.
-    let options = UpstreamOptions {
+    let options = DeadlineArgs {
         deadline_margin: Duration::from_secs(1),
         ..Default::default()
     };
@@ -558,8 +560,8 @@ async fn a_caller_that_cancels_mid_flight_leaves_its_key_unknown(backend: &impl 
     upstream.hold_answers();
     // A lease far longer than PATIENCE: only the cancelled call's own
     // verdict can turn the key unknown within this test.
-    let options = UpstreamOptions {
-        timeout: Duration::from_secs(300),
+    let options = DeadlineArgs {
+        upstream_timeout: Duration::from_secs(300),
         ..Default::default()
     };
     let gw = gateway_with(

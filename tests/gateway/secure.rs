@@ -901,25 +901,70 @@ async fn an_upstream_negotiating_h2_gets_http2_and_a_burst_of_calls_shares_one_c
 }
 
 #[tokio::test]
-async fn calls_queued_behind_the_only_upstream_connection_are_served_on_it_once_it_speaks_h2() {
+async fn over_http2_the_connection_cap_bounds_the_streams_in_flight() {
     let dir = TestDir::new("secure-upstream-h2-cap");
     let private_ca = Ca::new("private upstream CA");
     let upstream = h2_upstream(&private_ca).await;
-    let gateway = gateway_with_upstream_options(
-        &upstream,
-        &upstream_ca_args(&dir, &private_ca),
+    let tls = UpstreamTls::load(&upstream_ca_args(&dir, &private_ca)).expect("upstream TLS");
+    let url = url::Url::parse(&upstream.url()).expect("URL");
+    let client = Upstream::new(
+        &url,
         UpstreamOptions {
             max_connections: 1,
+            tls: Some(tls.client_config()),
             ..UpstreamOptions::default()
         },
     )
+    .expect("client");
+    let gauges = client.gauges();
+    let gateway = TestGateway::start_with_gateway(
+        InvoiceGateway::new(client).expect("gateway"),
+        ServerOptions::default(),
+    )
     .await;
 
+    // With --upstream-max-connections 1, one request at a time: the other
+    // seven wait for the slot, none is sent meanwhile.
     const CALLS: usize = 8;
-    upstream.hold_answers_until(CALLS);
-    let numbers = concurrent_closes(&gateway, "secure-h2-cap", CALLS).await;
-    assert_eq!(numbers, vec![7; CALLS]);
-    assert_eq!(upstream.connections().accepted, 1);
+    upstream.hold_answers();
+    let calls = tokio::spawn({
+        let gateway_client = gateway.client.clone();
+        async move {
+            let mut handles = Vec::new();
+            for i in 0..CALLS {
+                let mut client = gateway_client.clone();
+                let request = own_key_close(&format!("secure-h2-cap-{i}"));
+                handles.push(tokio::spawn(
+                    async move { client.close_invoice(request).await },
+                ));
+            }
+            let mut numbers = Vec::new();
+            for handle in handles {
+                numbers.push(
+                    handle
+                        .await
+                        .expect("task")
+                        .expect("served")
+                        .into_inner()
+                        .invoice_number,
+                );
+            }
+            numbers
+        }
+    });
+    upstream.wait_for_requests(1).await;
+    while gauges.pending.load(std::sync::atomic::Ordering::Relaxed) < (CALLS - 1) as u64 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(upstream.requests().len(), 1, "the others wait for the slot");
+    upstream.release_answers();
+    assert_eq!(calls.await.expect("calls"), vec![7; CALLS]);
+    let requests = upstream.requests();
+    assert!(requests.iter().all(|r| r.version == http::Version::HTTP_2));
+    // The first call learnt that the upstream speaks HTTP/2 on its
+    // connection; the worker then moved to its HTTP/2-only client (one
+    // connection for any burst), whose first call opened the second.
+    assert_eq!(upstream.connections().accepted, 2);
 }
 
 #[tokio::test]

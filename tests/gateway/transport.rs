@@ -9,7 +9,7 @@ use tonic::Code;
 use gormic_gateway::errors::GATEWAY_DOMAIN;
 use gormic_gateway::proto::v1 as pb;
 
-use gormic_gateway::upstream::UpstreamOptions;
+use gormic_gateway::deadline::DeadlineArgs;
 
 use crate::support::{
     FakeUpstream, GatewayConfig, Scripted, TestGateway, authed, error_info, spawn_app,
@@ -97,13 +97,13 @@ async fn a_slow_upstream_hits_the_upstream_timeout_and_the_request_is_dropped() 
 async fn the_callers_deadline_bounds_the_upstream_call() {
     let upstream = FakeUpstream::start().await;
     upstream.respond(Scripted::ok(CLOSED()).delayed(Duration::from_secs(30)));
-    // A 500 ms margin (the default 100 ms is unit-tested in upstream.rs):
+    // A 500 ms margin (the default 100 ms is unit-tested in deadline.rs):
     // the gateway's answer must beat the client's own timer even on a
     // loaded machine.
     let mut gateway = TestGateway::start_configured(
         &upstream.url(),
         GatewayConfig {
-            upstream: UpstreamOptions {
+            deadlines: DeadlineArgs {
                 deadline_margin: Duration::from_millis(500),
                 ..Default::default()
             },

@@ -135,7 +135,7 @@ fn bounded(series: &str, label: &str, value: &str) -> bool {
         ]
         .contains(&value),
         "reason" | "result" | "file" => snake_case(value),
-        "state" => ["idle", "busy"].contains(&value),
+        "state" | "to" => ["closed", "open", "half_open"].contains(&value),
         "le" => value == "+Inf" || value.parse::<f64>().is_ok(),
         "version" => value == env!("CARGO_PKG_VERSION"),
         "git_commit" => value.chars().all(|c| c.is_ascii_alphanumeric()),

@@ -92,13 +92,10 @@ async fn metrics_count_exactly_one_success_one_functional_error_and_one_shed_cal
     assert_eq!(shedding.value(IN_FLIGHT), Some(1.0), "only the held call");
     assert_eq!(shedding.delta(&before, SHED_IN_FLIGHT), 1.0);
     assert_eq!(
-        shedding.delta(&before, &calls(CLOSE, Code::ResourceExhausted)),
-        1.0
-    );
-    assert_eq!(
         total_delta(&shedding, &before, "gormic_gateway_calls_total"),
-        1.0,
-        "the held call is counted when it is answered, not before"
+        0.0,
+        "a shed call is counted by the shed counter alone; the held call \
+         when it is answered"
     );
 
     upstream.release_answers();
@@ -121,11 +118,11 @@ async fn metrics_count_exactly_one_success_one_functional_error_and_one_shed_cal
     );
     assert_eq!(
         after.delta(&before, &calls(CLOSE, Code::ResourceExhausted)),
-        1.0
+        0.0
     );
     assert_eq!(
         total_delta(&after, &before, "gormic_gateway_calls_total"),
-        3.0
+        2.0
     );
     assert_eq!(after.delta(&before, &upstream_requests(CLOSE, 200)), 1.0);
     assert_eq!(after.delta(&before, &upstream_requests(CLOSE, 400)), 1.0);
@@ -136,21 +133,22 @@ async fn metrics_count_exactly_one_success_one_functional_error_and_one_shed_cal
     );
     assert_eq!(after.delta(&before, SHED_IN_FLIGHT), 1.0);
     assert_eq!(after.delta(&before, SHED_QUEUE), 0.0);
-    assert_eq!(after.delta(&before, &call_latency_count(CLOSE)), 3.0);
+    assert_eq!(after.delta(&before, &call_latency_count(CLOSE)), 2.0);
     assert_eq!(after.delta(&before, &upstream_latency_count(CLOSE)), 2.0);
     assert_eq!(
         total_delta(&after, &before, "gormic_gateway_upstream_retries_total"),
         0.0
     );
     assert_eq!(after.value(IN_FLIGHT), Some(0.0));
-    // The pool the gateway used is the one on /metrics.
+    // The client the gateway used is the one on /metrics: one connection,
+    // reused, and nothing in flight now.
     assert_eq!(
         after.value("gormic_gateway_upstream_connections_opened_total"),
         Some(1.0)
     );
     assert_eq!(
-        after.value(r#"gormic_gateway_upstream_connections{state="idle"}"#),
-        Some(1.0)
+        after.value("gormic_gateway_upstream_requests_active"),
+        Some(0.0)
     );
     assert_eq!(upstream.requests().len(), 2);
 }
@@ -298,9 +296,9 @@ async fn the_binarys_metrics_count_its_calls_and_its_upstream_pool() {
     assert_eq!(after.delta(&before, &call_latency_count(create)), 2.0);
     assert_eq!(after.delta(&before, &upstream_latency_count(create)), 2.0);
     assert_eq!(after.value(IN_FLIGHT), Some(0.0));
-    // The pool of the real binary: both calls on one connection.
+    // The client of the real binary: both calls on one connection.
     assert_eq!(
-        after.value("gormic_gateway_upstream_connections_limit"),
+        after.value("gormic_gateway_upstream_requests_limit"),
         Some(8.0)
     );
     assert_eq!(
@@ -308,8 +306,8 @@ async fn the_binarys_metrics_count_its_calls_and_its_upstream_pool() {
         Some(1.0)
     );
     assert_eq!(
-        after.value(r#"gormic_gateway_upstream_connections{state="idle"}"#),
-        Some(1.0)
+        after.value("gormic_gateway_upstream_requests_active"),
+        Some(0.0)
     );
     assert!(after.value("process_resident_memory_bytes").unwrap_or(0.0) > 0.0);
 

@@ -35,7 +35,7 @@ pub(super) const UPDATE: &str = "UpdateInvoice";
 // ---- the gateway under test ----------------------------------------------
 
 /// A gateway in front of `upstream` wired as `main` wires it: recording in
-/// `metrics` (with its pool's gauges), tracing with `tracer`.
+/// `metrics` (with its connection gauges), tracing with `tracer`.
 pub(super) async fn observed_gateway(
     upstream: &FakeUpstream,
     metrics: &Metrics,
@@ -44,7 +44,7 @@ pub(super) async fn observed_gateway(
 ) -> TestGateway {
     let url = url::Url::parse(&upstream.url()).expect("upstream URL");
     let client = Upstream::new(&url, UpstreamOptions::default()).expect("HTTP client");
-    metrics.register_pool(client.pool_gauges());
+    metrics.register_connections(client.gauges());
     let gateway = InvoiceGateway::new(client)
         .expect("in-memory idempotency store")
         .with_in_flight_limit(InFlightLimit::new(max_in_flight))

@@ -6,7 +6,11 @@ use serde_json::{Value, json};
 use gormic_gateway::sandbox::{self, Fixture};
 
 async fn post(url: &str, headers: &[(&str, &str)], body: &str) -> (u16, Value) {
-    let mut request = reqwest::Client::new().post(url).body(body.to_owned());
+    let mut request = crate::support::http_client()
+        .build()
+        .expect("HTTP client")
+        .post(url)
+        .body(body.to_owned());
     for (name, value) in headers {
         request = request.header(*name, *value);
     }

@@ -95,7 +95,7 @@ mod tests {
     #[tokio::test]
     async fn an_http_client_times_out_connecting_to_the_blackhole_url() {
         let blackhole = Blackhole::start().await;
-        let client = reqwest::Client::builder()
+        let client = crate::support::http_client()
             .connect_timeout(Duration::from_millis(300))
             .build()
             .expect("HTTP client");

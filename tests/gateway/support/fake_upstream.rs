@@ -528,7 +528,7 @@ mod tests {
     async fn the_h2c_upstream_records_http2_requests_over_one_connection() {
         let upstream = FakeUpstream::start_h2c().await;
         upstream.respond(Scripted::raw(200, "h2"));
-        let client = reqwest::Client::builder()
+        let client = crate::support::http_client()
             .http2_prior_knowledge()
             .build()
             .expect("HTTP/2 client");
@@ -560,7 +560,7 @@ mod tests {
         let upstream = FakeUpstream::start_h2c().await;
         upstream.respond(Scripted::raw(200, "h2"));
 
-        let refused = reqwest::Client::builder()
+        let refused = crate::support::http_client()
             .http1_only()
             .build()
             .expect("HTTP/1.1 client")

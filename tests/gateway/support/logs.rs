@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use gormic_gateway::config::LogLevel;
+use gormic_gateway::logging::LogLevel;
 
 #[derive(Clone, Default)]
 pub struct Logs(Arc<Mutex<Vec<u8>>>, Arc<Notify>);

@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic_types::{ErrorDetails, StatusExt};
 
+use gormic_gateway::deadline::DeadlineArgs;
 use gormic_gateway::limits::InFlightLimit;
 use gormic_gateway::proto::v1::invoice_service_client::InvoiceServiceClient;
 use gormic_gateway::server::ServerOptions;
@@ -70,15 +71,14 @@ impl TestGateway {
         options: gormic_gateway::server::ServerOptions,
     ) -> Self {
         let url = url::Url::parse(upstream_url).expect("test upstream URL");
-        let upstream = Upstream::new(
-            &url,
-            UpstreamOptions {
-                timeout: upstream_timeout,
+        let upstream = Upstream::new(&url, UpstreamOptions::default()).expect("HTTP client");
+        let gateway = InvoiceGateway::new(upstream)
+            .expect("in-memory idempotency store")
+            .with_deadlines(DeadlineArgs {
+                upstream_timeout,
                 ..Default::default()
-            },
-        )
-        .expect("HTTP client");
-        Self::start_with_upstream(upstream, options).await
+            });
+        Self::start_with_gateway(gateway, options).await
     }
 
     /// Starts a gateway in front of `upstream_url` with every knob chosen by
@@ -88,20 +88,9 @@ impl TestGateway {
         let upstream = Upstream::new(&url, config.upstream).expect("HTTP client");
         let gateway = InvoiceGateway::new(upstream)
             .expect("in-memory idempotency store")
-            .with_in_flight_limit(InFlightLimit::new(config.max_in_flight));
+            .with_in_flight_limit(InFlightLimit::new(config.max_in_flight))
+            .with_deadlines(config.deadlines);
         Self::start_with_gateway(gateway, config.server).await
-    }
-
-    /// Starts a gateway around an `Upstream` configured by the test.
-    pub async fn start_with_upstream(
-        upstream: Upstream,
-        options: gormic_gateway::server::ServerOptions,
-    ) -> Self {
-        Self::start_with_gateway(
-            InvoiceGateway::new(upstream).expect("in-memory idempotency store"),
-            options,
-        )
-        .await
     }
 
     /// Starts a server around a gateway configured by the test.
@@ -152,6 +141,7 @@ impl TestGateway {
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
     pub upstream: UpstreamOptions,
+    pub deadlines: DeadlineArgs,
     pub server: ServerOptions,
     pub max_in_flight: usize,
 }
@@ -160,10 +150,19 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
             upstream: UpstreamOptions::default(),
+            deadlines: DeadlineArgs::default(),
             server: ServerOptions::default(),
             max_in_flight: gormic_gateway::limits::DEFAULT_MAX_IN_FLIGHT,
         }
     }
+}
+
+/// A reqwest client builder for test clients. The crate builds reqwest
+/// without a default TLS provider (the gateway hands it its own rustls
+/// configuration), so tests install ring, the project's provider, first.
+pub fn http_client() -> reqwest::ClientBuilder {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
 }
 
 /// The fake upstream and a gateway in front of it (10 s upstream timeout).

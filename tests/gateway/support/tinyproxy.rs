@@ -272,7 +272,7 @@ mod tests {
     use crate::support::{FakeUpstream, Scripted};
 
     fn client_through(proxy: &str) -> reqwest::Client {
-        reqwest::Client::builder()
+        crate::support::http_client()
             .proxy(reqwest::Proxy::all(proxy).expect("proxy URL"))
             .build()
             .expect("HTTP client")

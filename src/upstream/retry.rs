@@ -2,9 +2,12 @@
 //! tried again, after how long, and how many retries the upstream is spared.
 //!
 //! - A request that provably never reached the upstream (connection refused,
-//!   name not resolved, TLS handshake failed, every pooled connection found
-//!   closed before it was written) is retried for every operation: nothing
-//!   happened upstream.
+//!   name not resolved, TLS handshake failed, a pooled connection found
+//!   closed before it was written, an HTTP/2 stream refused unprocessed) is
+//!   retried for every operation: nothing happened upstream. A connection
+//!   attempt that timed out is not: the next would most likely wait as long
+//!   (`--upstream-connect-timeout` per call, not per attempt), and the
+//!   circuit breaker handles an upstream that stays away.
 //! - A request that went out is retried only for operations whose
 //!   repetition is harmless (`Operation::REPEATABLE`: update, delete), and
 //!   only when the answer was 502, 503 or 504 or the connection broke.
@@ -14,24 +17,27 @@
 //! - Timeouts are not retried: the attempt used the time the call had.
 //!
 //! Waits are exponential with full jitter (25 ms doubling to 1 s), at least
-//! the upstream's `Retry-After`, and never past the caller's deadline. A
-//! retry budget (like Linkerd's and Finagle's) caps retries at
-//! `--retry-budget-ratio` of the calls over the last 10 s, plus a floor of
-//! `--retry-budget-min-per-second`, so that a failing upstream is not
-//! hammered by the gateway multiplying its load.
+//! the upstream's `Retry-After`, and never past the call's deadline. A
+//! retry budget (like Linkerd's and Finagle's: tower's `TpsBudget`) caps
+//! retries at `--retry-budget-ratio` of the calls over the last 10 s, plus
+//! a floor of `--retry-budget-min-per-second`, so that a failing upstream
+//! is not hammered by the gateway multiplying its load. Each worker thread
+//! keeps its own budget (`super::client`): `TpsBudget` takes a mutex on
+//! every deposit, and a budget shared by the workers would make every call
+//! take a shared lock; a worker's own is never contended.
 
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Args;
+use tower::retry::budget::{Budget, TpsBudget};
 
-use crate::upstream::{RetryAfter, UpstreamError};
+use super::error::{Fault, RetryAfter, UpstreamError};
 
 /// First backoff step; each retry doubles it, up to [`MAX_BACKOFF`].
 const BASE_BACKOFF: Duration = Duration::from_millis(25);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
-/// The retry budget's sliding window, in one-second buckets.
-const WINDOW_SECONDS: usize = 10;
+/// The retry budget's sliding window.
+const WINDOW: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Retries")]
@@ -43,12 +49,13 @@ pub struct RetryArgs {
     pub max_attempts: u32,
 
     /// Retries allowed, as a fraction of the calls of the last 10 s
-    /// (0.2 = at most 20 % extra upstream requests), on top of the floor.
+    /// (0.2 = at most 20 % extra upstream requests), on top of the floor;
+    /// kept per worker thread.
     #[arg(long, env = "GORMIC_RETRY_BUDGET_RATIO", default_value_t = 0.2, value_parser = parse_ratio)]
     pub retry_budget_ratio: f64,
 
-    /// Retries always allowed per second whatever the ratio, so that a
-    /// quiet gateway can still retry a stale connection.
+    /// Retries always allowed per second (per worker thread) whatever the
+    /// ratio, so that a quiet gateway can still retry a stale connection.
     #[arg(long, env = "GORMIC_RETRY_BUDGET_MIN_PER_SECOND", default_value_t = 10)]
     pub retry_budget_min_per_second: u32,
 }
@@ -85,41 +92,41 @@ pub enum Decision {
     Stop,
 }
 
-/// The retry rules of one gateway, shared by all calls.
+/// The retry rules of one gateway, shared by all calls; the budgets they
+/// draw on are per worker ([`RetryPolicy::budget`]).
 #[derive(Debug)]
 pub struct RetryPolicy {
     max_attempts: u32,
-    budget: Mutex<Budget>,
-    ratio: f64,
-    floor: u64,
+    ratio: f32,
+    floor: u32,
 }
 
 impl RetryPolicy {
     pub fn new(args: &RetryArgs) -> Self {
         Self {
             max_attempts: args.max_attempts.max(1),
-            budget: Mutex::new(Budget::default()),
-            ratio: args.retry_budget_ratio,
-            floor: u64::from(args.retry_budget_min_per_second) * WINDOW_SECONDS as u64,
+            ratio: args.retry_budget_ratio as f32,
+            floor: args.retry_budget_min_per_second,
         }
     }
 
-    /// Counts a call's first attempt in the budget.
-    pub fn record_call(&self) {
-        if let Ok(mut budget) = self.budget.lock() {
-            budget.add(Instant::now(), 1, 0);
-        }
+    /// A new budget for one worker thread.
+    pub fn budget(&self) -> TpsBudget {
+        // The flags are range-checked (ratio 0..=10, the floor a u32), well
+        // inside what TpsBudget asserts (0..=1000, below i32::MAX).
+        TpsBudget::new(WINDOW, self.floor.min(i32::MAX as u32 - 1), self.ratio)
     }
 
     /// Whether attempt number `attempt` (1-based), which failed with
     /// `failure`, is tried again; `remaining` is what is left of the call's
-    /// time (`None`: no caller deadline).
+    /// time. A retry is withdrawn from `budget`, where each call deposited.
     pub fn decide(
         &self,
+        budget: &TpsBudget,
         repeatable: bool,
         failure: &UpstreamError,
         attempt: u32,
-        remaining: Option<Duration>,
+        remaining: Duration,
     ) -> Decision {
         let Some((reason, retry_after)) = retryable(repeatable, failure) else {
             return Decision::Stop;
@@ -128,28 +135,14 @@ impl RetryPolicy {
             return Decision::Stop;
         }
         let delay = backoff(attempt).max(retry_after.unwrap_or_default());
-        if remaining.is_some_and(|left| delay >= left) {
+        if delay >= remaining {
             return Decision::Stop;
         }
-        if !self.withdraw() {
+        if !budget.withdraw() {
             tracing::debug!(reason, "retry budget exhausted: not retrying");
             return Decision::Stop;
         }
         Decision::Retry { delay, reason }
-    }
-
-    fn withdraw(&self) -> bool {
-        let Ok(mut budget) = self.budget.lock() else {
-            return false;
-        };
-        let now = Instant::now();
-        let (calls, retries) = budget.totals(now);
-        let allowed = self.floor + (self.ratio * calls as f64) as u64;
-        if retries >= allowed {
-            return false;
-        }
-        budget.add(now, 0, 1);
-        true
     }
 }
 
@@ -163,8 +156,14 @@ fn retryable(
         // Nothing reached the upstream: any operation.
         UpstreamError::Unreachable {
             request_sent: false,
+            fault: Fault::Connect,
             ..
         } => Some(("connect", None)),
+        UpstreamError::Unreachable {
+            request_sent: false,
+            fault: Fault::NotProcessed,
+            ..
+        } => Some(("refused_stream", None)),
         // The request may have been processed: repeatable operations only.
         UpstreamError::Unreachable {
             request_sent: true, ..
@@ -195,45 +194,12 @@ fn backoff(attempt: u32) -> Duration {
     ceiling.mul_f64(fastrand::f64())
 }
 
-/// Calls and retries per second over the last [`WINDOW_SECONDS`].
-#[derive(Debug, Default)]
-struct Budget {
-    /// `(second, calls, retries)`, indexed by second modulo the window.
-    buckets: [(u64, u64, u64); WINDOW_SECONDS],
-    epoch: Option<Instant>,
-}
-
-impl Budget {
-    fn second(&mut self, now: Instant) -> u64 {
-        let epoch = *self.epoch.get_or_insert(now);
-        now.saturating_duration_since(epoch).as_secs()
-    }
-
-    fn add(&mut self, now: Instant, calls: u64, retries: u64) {
-        let second = self.second(now);
-        let bucket = &mut self.buckets[second as usize % WINDOW_SECONDS];
-        if bucket.0 != second {
-            *bucket = (second, 0, 0);
-        }
-        bucket.1 += calls;
-        bucket.2 += retries;
-    }
-
-    fn totals(&mut self, now: Instant) -> (u64, u64) {
-        let second = self.second(now);
-        self.buckets
-            .iter()
-            .filter(|(at, _, _)| second.saturating_sub(*at) < WINDOW_SECONDS as u64)
-            .fold((0, 0), |(c, r), (_, calls, retries)| {
-                (c + calls, r + retries)
-            })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::upstream::Rejection;
+
+    const LONG: Duration = Duration::from_secs(3600);
 
     fn policy(max_attempts: u32, ratio: f64, floor: u32) -> RetryPolicy {
         RetryPolicy::new(&RetryArgs {
@@ -246,6 +212,7 @@ mod tests {
     fn refused() -> UpstreamError {
         UpstreamError::Unreachable {
             detail: "refused".into(),
+            fault: Fault::Connect,
             request_sent: false,
         }
     }
@@ -258,44 +225,77 @@ mod tests {
     }
 
     #[test]
-    fn unsent_requests_are_retried_for_every_operation() {
+    fn unsent_requests_are_retried_for_every_operation_but_a_connect_timeout() {
         let policy = policy(3, 0.2, 10);
+        let budget = policy.budget();
         assert!(matches!(
-            policy.decide(false, &refused(), 1, None),
+            policy.decide(&budget, false, &refused(), 1, LONG),
             Decision::Retry {
                 reason: "connect",
                 ..
             }
         ));
-        assert_eq!(policy.decide(false, &refused(), 3, None), Decision::Stop);
+        assert_eq!(
+            policy.decide(&budget, false, &refused(), 3, LONG),
+            Decision::Stop
+        );
+        let refused_stream = UpstreamError::Unreachable {
+            detail: "refused stream".into(),
+            fault: Fault::NotProcessed,
+            request_sent: false,
+        };
+        assert!(matches!(
+            policy.decide(&budget, false, &refused_stream, 1, LONG),
+            Decision::Retry {
+                reason: "refused_stream",
+                ..
+            }
+        ));
+        for fault in [Fault::ConnectTimeout, Fault::Deadline] {
+            let unsent = UpstreamError::Unreachable {
+                detail: "waited".into(),
+                fault,
+                request_sent: false,
+            };
+            assert_eq!(
+                policy.decide(&budget, true, &unsent, 1, LONG),
+                Decision::Stop,
+                "{fault:?}"
+            );
+        }
     }
 
     #[test]
     fn sent_requests_are_retried_only_when_repeatable_and_only_for_gateway_errors() {
         let policy = policy(3, 0.2, 10);
+        let budget = policy.budget();
         for status in [502, 503, 504] {
             assert_eq!(
-                policy.decide(false, &answered(status), 1, None),
+                policy.decide(&budget, false, &answered(status), 1, LONG),
                 Decision::Stop
             );
             assert!(matches!(
-                policy.decide(true, &answered(status), 1, None),
+                policy.decide(&budget, true, &answered(status), 1, LONG),
                 Decision::Retry { .. }
             ));
         }
         for status in [400, 429, 500] {
             assert_eq!(
-                policy.decide(true, &answered(status), 1, None),
+                policy.decide(&budget, true, &answered(status), 1, LONG),
                 Decision::Stop
             );
         }
         let broken = UpstreamError::Unreachable {
             detail: "reset".into(),
+            fault: Fault::Broken,
             request_sent: true,
         };
-        assert_eq!(policy.decide(false, &broken, 1, None), Decision::Stop);
+        assert_eq!(
+            policy.decide(&budget, false, &broken, 1, LONG),
+            Decision::Stop
+        );
         assert!(matches!(
-            policy.decide(true, &broken, 1, None),
+            policy.decide(&budget, true, &broken, 1, LONG),
             Decision::Retry {
                 reason: "connection",
                 ..
@@ -306,6 +306,7 @@ mod tests {
     #[test]
     fn retry_after_is_honoured_and_the_deadline_wins() {
         let policy = policy(3, 0.2, 10);
+        let budget = policy.budget();
         let mut rejection = Rejection {
             http_status: 503,
             ..Default::default()
@@ -313,14 +314,14 @@ mod tests {
         rejection.retry_after = Some(RetryAfter::Delay(Duration::from_secs(2)));
         let busy = UpstreamError::Rejected(Box::new(rejection));
         assert_eq!(
-            policy.decide(true, &busy, 1, None),
+            policy.decide(&budget, true, &busy, 1, LONG),
             Decision::Retry {
                 delay: Duration::from_secs(2),
                 reason: "http_503"
             }
         );
         assert_eq!(
-            policy.decide(true, &busy, 1, Some(Duration::from_secs(1))),
+            policy.decide(&budget, true, &busy, 1, Duration::from_secs(1)),
             Decision::Stop,
             "a wait past the deadline is no retry"
         );
@@ -335,17 +336,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_budget_allows_the_floor_plus_the_ratio_of_calls() {
+    #[tokio::test]
+    async fn the_budget_allows_the_floor_plus_the_ratio_of_calls() {
         // Floor 1/s over 10 s = 10 retries, plus 20 % of 100 calls = 20.
         let policy = policy(10, 0.2, 1);
+        let budget = policy.budget();
         for _ in 0..100 {
-            policy.record_call();
+            budget.deposit();
         }
         let granted = (0..100)
             .filter(|_| {
                 matches!(
-                    policy.decide(false, &refused(), 1, None),
+                    policy.decide(&budget, false, &refused(), 1, LONG),
                     Decision::Retry { .. }
                 )
             })

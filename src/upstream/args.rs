@@ -1,0 +1,303 @@
+//! The upstream client's flags ([`UpstreamArgs`]) and the options they
+//! become ([`UpstreamOptions`], which tests build directly).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::ArgAction;
+use clap::Args;
+use clap::builder::{BoolishValueParser, TypedValueParser};
+use url::Url;
+
+use super::breaker::BreakerArgs;
+use super::retry::RetryArgs;
+use crate::units::parse_duration;
+
+/// Default of `--upstream-max-connections`: Envoy's default circuit-breaker
+/// value; at ~20 KiB per HTTP/1.1 connection it is 20 MiB at most.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default of `--upstream-max-pending`: as many as may be in flight, so that
+/// every admitted call may wait for a connection within its own deadline.
+pub const DEFAULT_MAX_PENDING: usize = crate::limits::DEFAULT_MAX_IN_FLIGHT;
+/// Default of `--upstream-idle-timeout`.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default of `--upstream-connect-timeout` (justified there).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Upstream")]
+pub struct UpstreamArgs {
+    /// Upstream requests in flight at once, process-wide: with HTTP/1.1 the
+    /// most connections busy, with HTTP/2 the most streams. 1024 is Envoy's
+    /// default; a call past it waits for a slot (--upstream-max-pending).
+    #[arg(long, env = "GORMIC_UPSTREAM_MAX_CONNECTIONS", value_name = "N", default_value_t = DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
+    pub upstream_max_connections: usize,
+
+    /// Calls waiting for an upstream slot, process-wide (a hard bound); past
+    /// it a call is refused with RESOURCE_EXHAUSTED (reason
+    /// UPSTREAM_QUEUE_FULL). Default: --max-in-flight's default, so that
+    /// every admitted call may wait within its own deadline; lower it to
+    /// fail fast instead.
+    #[arg(long, env = "GORMIC_UPSTREAM_MAX_PENDING", value_name = "N", default_value_t = DEFAULT_MAX_PENDING, value_parser = clap::value_parser!(u32).map(|n| n as usize))]
+    pub upstream_max_pending: usize,
+
+    /// How long an idle upstream connection is kept for reuse.
+    #[arg(long, env = "GORMIC_UPSTREAM_IDLE_TIMEOUT", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub upstream_idle_timeout: Duration,
+
+    /// Longest time to open one upstream connection (TCP, the proxy tunnel
+    /// and TLS), shared between the addresses of the upstream's name, so a
+    /// dead address costs its share before the next is tried. 2s: room for
+    /// one lost SYN (TCP retries after 1 s) and a TLS handshake over a slow
+    /// path, between Linkerd's 1s and Envoy's 5s. A timed-out connection is
+    /// not retried within the call.
+    #[arg(long, env = "GORMIC_UPSTREAM_CONNECT_TIMEOUT", value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    pub upstream_connect_timeout: Duration,
+
+    /// Speak HTTP/2 only: with prior knowledge to an http:// upstream (h2c),
+    /// by ALPN h2 alone to an https:// one. Default: HTTP/1.1 to http://,
+    /// ALPN (h2, then http/1.1) to https://.
+    #[arg(long, env = "GORMIC_UPSTREAM_HTTP2", action = ArgAction::SetTrue, value_parser = BoolishValueParser::new())]
+    pub upstream_http2: bool,
+
+    /// Forward proxy for upstream requests: `http://[user:password@]host:port`,
+    /// or `none`. An https:// upstream is reached through it with CONNECT
+    /// (TLS end to end, the upstream's certificate verified). Default: the
+    /// HTTPS_PROXY, HTTP_PROXY, ALL_PROXY and NO_PROXY variables (either
+    /// case); a loopback upstream never goes through them.
+    // A plain string, checked by `options()`: clap would quote a refused
+    // value, password included, in its error, and show the variable's value
+    // in --help.
+    #[arg(
+        long,
+        env = "GORMIC_UPSTREAM_PROXY",
+        value_name = "URL|none",
+        hide_env_values = true
+    )]
+    pub upstream_proxy: Option<String>,
+
+    #[command(flatten)]
+    pub retry: RetryArgs,
+
+    #[command(flatten)]
+    pub breaker: BreakerArgs,
+}
+
+impl UpstreamArgs {
+    /// The options of the client (TLS is loaded separately, from files). An
+    /// unusable `--upstream-proxy` is an error naming the flag, never its
+    /// value.
+    pub fn options(&self) -> Result<UpstreamOptions, String> {
+        let proxy = match self.upstream_proxy.as_deref() {
+            None => ProxySetting::Environment,
+            Some(value) => ProxySetting::parse(value)
+                .map_err(|problem| format!("--upstream-proxy: {problem}"))?,
+        };
+        Ok(UpstreamOptions {
+            max_connections: self.upstream_max_connections,
+            max_pending: self.upstream_max_pending,
+            idle_timeout: self.upstream_idle_timeout,
+            connect_timeout: self.upstream_connect_timeout,
+            http2: self.upstream_http2,
+            proxy,
+            retry: self.retry.clone(),
+            breaker: self.breaker.clone(),
+            tls: None,
+            resolve: Vec::new(),
+        })
+    }
+}
+
+/// How the upstream client behaves.
+#[derive(Debug, Clone)]
+pub struct UpstreamOptions {
+    pub max_connections: usize,
+    pub max_pending: usize,
+    pub idle_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// HTTP/2 only (`--upstream-http2`).
+    pub http2: bool,
+    pub proxy: ProxySetting,
+    pub retry: RetryArgs,
+    pub breaker: BreakerArgs,
+    /// TLS client configuration for an `https://` upstream
+    /// (`crate::tls::UpstreamTls::client_config`); `None` uses the
+    /// compiled-in public roots.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Names resolved to these addresses instead of by DNS, in this order
+    /// (as curl's `--resolve`; for tests and pinned set-ups).
+    pub resolve: Vec<(String, Vec<SocketAddr>)>,
+}
+
+impl Default for UpstreamOptions {
+    /// The command line's defaults.
+    fn default() -> Self {
+        Self {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_pending: DEFAULT_MAX_PENDING,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            http2: false,
+            proxy: ProxySetting::Environment,
+            retry: RetryArgs::default(),
+            breaker: BreakerArgs::default(),
+            tls: None,
+            resolve: Vec::new(),
+        }
+    }
+}
+
+/// `--upstream-proxy`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ProxySetting {
+    /// The proxy variables of the environment (the default).
+    #[default]
+    Environment,
+    /// `none`: never a proxy, whatever the environment says.
+    Off,
+    /// This proxy for every request.
+    Url(ProxyUrl),
+}
+
+impl ProxySetting {
+    pub fn parse(value: &str) -> Result<Self, String> {
+        if value.eq_ignore_ascii_case("none") {
+            return Ok(Self::Off);
+        }
+        ProxyUrl::parse(value).map(Self::Url)
+    }
+}
+
+/// A forward proxy's URL, which may carry credentials: shown only without
+/// its password (`Display`, `Debug`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProxyUrl(Url);
+
+impl ProxyUrl {
+    pub fn parse(value: &str) -> Result<Self, String> {
+        // The error text never repeats the value: it may hold a password.
+        let url = Url::parse(value)
+            .map_err(|e| format!("not a URL ({e}); expected http://host:port or none"))?;
+        if url.scheme() != "http" {
+            return Err(format!(
+                "the proxy scheme must be http (CONNECT tunnels carry TLS end to end), not {}",
+                url.scheme()
+            ));
+        }
+        if url.host().is_none() {
+            return Err("the proxy URL has no host".into());
+        }
+        if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
+            return Err("the proxy URL must be scheme://host:port, without a path".into());
+        }
+        Ok(Self(url))
+    }
+
+    /// The URL with its credentials, for the client only.
+    pub(super) fn expose(&self) -> &str {
+        self.0.as_str()
+    }
+
+    /// The password as written and percent-decoded, to cut out of texts.
+    pub(super) fn secrets(&self) -> Vec<String> {
+        secrets_of(&self.0)
+    }
+}
+
+/// A password of a URL, as written and percent-decoded.
+pub(super) fn secrets_of(url: &Url) -> Vec<String> {
+    let Some(password) = url.password() else {
+        return Vec::new();
+    };
+    let decoded = percent_encoding::percent_decode_str(password)
+        .decode_utf8_lossy()
+        .into_owned();
+    vec![password.to_owned(), decoded]
+}
+
+/// `scheme://[user@]host:port`, never the password.
+pub(super) fn redacted(url: &Url) -> String {
+    let host = url.host_str().unwrap_or_default();
+    let port = url
+        .port_or_known_default()
+        .map(|p| format!(":{p}"))
+        .unwrap_or_default();
+    let user = match url.username() {
+        "" => String::new(),
+        user => format!("{user}:***@"),
+    };
+    format!("{}://{user}{host}{port}", url.scheme())
+}
+
+impl std::fmt::Display for ProxyUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&redacted(&self.0))
+    }
+}
+
+impl std::fmt::Debug for ProxyUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ProxyUrl({self})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        upstream: UpstreamArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<UpstreamOptions, String> {
+        Cli::try_parse_from(std::iter::once("gw").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?
+            .upstream
+            .options()
+    }
+
+    #[test]
+    fn defaults() {
+        let options = parse(&[]).expect("defaults parse");
+        assert_eq!(options.connect_timeout, Duration::from_secs(2));
+        assert_eq!(options.max_connections, 1024);
+        assert_eq!(options.idle_timeout, Duration::from_secs(60));
+        assert!(!options.http2);
+        assert_eq!(options.proxy, ProxySetting::Environment);
+        assert_eq!(options.breaker.upstream_breaker_failures, 5);
+        assert_eq!(options.retry.max_attempts, 3);
+    }
+
+    #[test]
+    fn the_proxy_flag_takes_a_url_or_none_and_never_echoes_a_password() {
+        let options = parse(&["--upstream-proxy", "none"]).expect("none");
+        assert_eq!(options.proxy, ProxySetting::Off);
+        let options = parse(&["--upstream-proxy", "http://u:p%40ss@proxy.corp:3128"]).expect("url");
+        let ProxySetting::Url(url) = options.proxy else {
+            panic!("a URL");
+        };
+        assert_eq!(url.to_string(), "http://u:***@proxy.corp:3128");
+        assert_eq!(format!("{url:?}"), "ProxyUrl(http://u:***@proxy.corp:3128)");
+        assert_eq!(url.secrets(), vec!["p%40ss".to_owned(), "p@ss".to_owned()]);
+        for bad in [
+            "socks5://u:hunter2@p:1080",
+            "https://u:hunter2@p:443",
+            "http://u:hunter2@p:3128/path",
+            "not a url hunter2",
+        ] {
+            let error = parse(&["--upstream-proxy", bad]).expect_err(bad);
+            assert!(error.contains("--upstream-proxy"), "{error}");
+            assert!(!error.contains("hunter2"), "{error}");
+        }
+    }
+
+    #[test]
+    fn a_zero_connect_timeout_is_refused() {
+        let error = parse(&["--upstream-connect-timeout", "0s"]).expect_err("zero");
+        assert!(error.contains("greater than zero"), "{error}");
+    }
+}

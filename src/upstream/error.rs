@@ -1,0 +1,327 @@
+//! Why an upstream exchange did not produce a response message, and how a
+//! transport error of the HTTP client becomes one: whether the request may
+//! have reached the upstream (`request_sent`) is the fact everything after
+//! depends on (retries, the idempotency verdict, the caller's status).
+
+use std::error::Error as _;
+use std::time::Duration;
+
+use crate::deadline::TimeoutBound;
+
+/// Characters of an upstream body quoted in an error when it carries no code.
+const EXCERPT_CHARS: usize = 256;
+
+/// Why an upstream call did not produce a response message.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The upstream answered with an error: a non-2xx status, or a body
+    /// carrying `{"error": {"code": …}}`.
+    #[error("upstream answered HTTP {}", .0.http_status)]
+    Rejected(Box<Rejection>),
+    /// A 2xx answer the gateway cannot read (bad JSON, a missing field).
+    #[error("malformed upstream answer: {detail}")]
+    Malformed {
+        http_status: u16,
+        detail: String,
+        request_id: Option<String>,
+    },
+    /// The call's deadline passed: after the request went out (no complete
+    /// answer came), or while the call waited for its turn at the connection
+    /// cap (`request_sent: false`). The request, if any, was dropped.
+    #[error("upstream did not answer within {after:?}")]
+    Timeout {
+        /// The call's whole budget ([`crate::deadline::Deadline::budget`]).
+        after: Duration,
+        bound: TimeoutBound,
+        request_sent: bool,
+    },
+    /// The upstream could not be reached, or the connection broke.
+    #[error("upstream unreachable: {detail}")]
+    Unreachable {
+        detail: String,
+        fault: Fault,
+        /// False when no attempt's request left the gateway, so that a retry
+        /// cannot repeat a side effect.
+        request_sent: bool,
+    },
+    /// Every slot of `--upstream-max-connections` was taken and the queue
+    /// for one (`--upstream-max-pending`) was full; nothing was sent.
+    #[error("upstream connection queue full")]
+    QueueFull,
+    /// The circuit breaker is open: the upstream was unreachable for the
+    /// last calls, so this one fails at once; nothing was sent.
+    #[error("upstream unreachable (circuit breaker open)")]
+    CircuitOpen {
+        /// Until the breaker lets its next probe through.
+        retry_after: Duration,
+    },
+    /// The gateway could not build the request (a bug, not a fault of the
+    /// caller or the upstream); nothing was sent.
+    #[error("cannot build the upstream request: {detail}")]
+    Internal { detail: String },
+}
+
+/// What kind of transport failure an [`UpstreamError::Unreachable`] is: it
+/// decides whether the gateway tries again and whether the circuit breaker
+/// counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// No connection: refused, name not resolved, TLS handshake or proxy
+    /// failed, or a fresh connection closed before taking the request.
+    /// Nothing was sent; retried, and counted by the breaker.
+    Connect,
+    /// `--upstream-connect-timeout` passed on every address. Nothing was
+    /// sent; counted by the breaker, not retried (another attempt would
+    /// most likely wait as long).
+    ConnectTimeout,
+    /// The call's deadline passed before a connection carried the request.
+    /// Nothing was sent; neither retried nor counted (the caller's own
+    /// deadline says nothing about the upstream).
+    Deadline,
+    /// The upstream refused the request unprocessed (HTTP/2 `REFUSED_STREAM`
+    /// or a graceful `GOAWAY`, RFC 9113 §8.7). Nothing was done; retried.
+    NotProcessed,
+    /// The connection failed after the request was handed to it.
+    Broken,
+}
+
+/// An error answer of the upstream, with everything it said.
+#[derive(Debug, Clone, Default)]
+pub struct Rejection {
+    pub http_status: u16,
+    /// `error.code`, verbatim, when the body has one.
+    pub code: Option<String>,
+    /// `error.message`, when the body has one.
+    pub message: Option<String>,
+    /// `requestId` of the body, or the `x-request-id` response header.
+    pub request_id: Option<String>,
+    /// The `Retry-After` header.
+    pub retry_after: Option<RetryAfter>,
+    /// The start of a body that carries no code (an HTML error page, say).
+    pub body_excerpt: Option<String>,
+}
+
+/// A `Retry-After` header: delay seconds, or a form the gateway keeps verbatim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RetryAfter {
+    Delay(Duration),
+    Other(String),
+}
+
+impl UpstreamError {
+    /// The HTTP status of the upstream answer, when there was one.
+    pub fn http_status(&self) -> Option<u16> {
+        match self {
+            Self::Rejected(rejection) => Some(rejection.http_status),
+            Self::Malformed { http_status, .. } => Some(*http_status),
+            Self::Timeout { .. }
+            | Self::Unreachable { .. }
+            | Self::QueueFull
+            | Self::CircuitOpen { .. }
+            | Self::Internal { .. } => None,
+        }
+    }
+
+    /// Whether the request may have reached the upstream.
+    pub fn request_sent(&self) -> bool {
+        match self {
+            Self::Rejected(_) | Self::Malformed { .. } => true,
+            Self::Timeout { request_sent, .. } | Self::Unreachable { request_sent, .. } => {
+                *request_sent
+            }
+            Self::QueueFull | Self::CircuitOpen { .. } | Self::Internal { .. } => false,
+        }
+    }
+
+    /// This failure, but saying the request may have been sent when an
+    /// earlier attempt's may have: the caller must learn about the whole
+    /// exchange, not only its last attempt.
+    pub(super) fn sent_earlier(self, sent: bool) -> Self {
+        match self {
+            Self::Unreachable {
+                detail,
+                fault,
+                request_sent,
+            } => Self::Unreachable {
+                detail,
+                fault,
+                request_sent: request_sent || sent,
+            },
+            Self::Timeout {
+                after,
+                bound,
+                request_sent,
+            } => Self::Timeout {
+                after,
+                bound,
+                request_sent: request_sent || sent,
+            },
+            other => other,
+        }
+    }
+}
+
+/// A transport error of the HTTP client as an [`UpstreamError`]. `sent`:
+/// whether a connection took the request (`super::sent`); `secrets`
+/// (proxy credentials) are cut out of the text.
+pub(super) fn transport(error: &reqwest::Error, sent: bool, secrets: &[String]) -> UpstreamError {
+    let (fault, request_sent) = if error.is_connect() {
+        if error.is_timeout() {
+            (Fault::ConnectTimeout, false)
+        } else {
+            (Fault::Connect, false)
+        }
+    } else if not_processed(error) {
+        (Fault::NotProcessed, false)
+    } else if sent {
+        (Fault::Broken, true)
+    } else {
+        // No connection took it (a fresh one closed at once): unsent.
+        (Fault::Connect, false)
+    };
+    let mut detail = describe(error);
+    if fault == Fault::ConnectTimeout {
+        detail = format!("connecting timed out (--upstream-connect-timeout): {detail}");
+    }
+    UpstreamError::Unreachable {
+        detail: scrub(detail, secrets),
+        fault,
+        request_sent,
+    }
+}
+
+/// A body that broke off mid-answer: the request was sent.
+pub(super) fn body_broken(error: &reqwest::Error, secrets: &[String]) -> UpstreamError {
+    UpstreamError::Unreachable {
+        detail: scrub(describe(error), secrets),
+        fault: Fault::Broken,
+        request_sent: true,
+    }
+}
+
+/// HTTP/2 says the request was not processed: the server refused the
+/// stream, or went away gracefully before it (both safe to send again,
+/// RFC 9113 §8.7).
+fn not_processed(error: &reqwest::Error) -> bool {
+    let mut source = error.source();
+    while let Some(cause) = source {
+        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
+            let reason = h2.reason();
+            return h2.is_remote()
+                && ((h2.is_reset() && reason == Some(h2::Reason::REFUSED_STREAM))
+                    || (h2.is_go_away() && reason == Some(h2::Reason::NO_ERROR)));
+        }
+        source = cause.source();
+    }
+    false
+}
+
+/// The causes of a transport error, for the caller: the fault, not the
+/// client's layers (`client error (Connect)`) nor the URL (the invoice id).
+fn describe(error: &reqwest::Error) -> String {
+    let mut detail = String::new();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let mut text = cause.to_string();
+        if is_tls(cause) {
+            text = format!("TLS handshake with the upstream failed: {text}");
+        }
+        if !text.starts_with("client error (") && !detail.ends_with(&text) {
+            if !detail.is_empty() {
+                detail.push_str(": ");
+            }
+            detail.push_str(&text);
+        }
+        source = cause.source();
+    }
+    if detail.is_empty() {
+        detail = error.to_string();
+        if let Some(url) = error.url() {
+            detail = detail.replace(url.as_str(), "the upstream");
+        }
+    }
+    detail
+}
+
+/// Whether `cause` is rustls refusing the handshake (carried in an
+/// `io::Error`, whose `source` skips it).
+fn is_tls(cause: &(dyn std::error::Error + 'static)) -> bool {
+    if cause.is::<rustls::Error>() {
+        return true;
+    }
+    // io::Errors nest (`Other` around `InvalidData` around rustls's).
+    let mut io = cause.downcast_ref::<std::io::Error>();
+    while let Some(inner) = io.and_then(std::io::Error::get_ref) {
+        if inner.is::<rustls::Error>() {
+            return true;
+        }
+        io = inner.downcast_ref::<std::io::Error>();
+    }
+    false
+}
+
+/// `text` with every secret replaced by `***`.
+pub(super) fn scrub(mut text: String, secrets: &[String]) -> String {
+    for secret in secrets.iter().filter(|s| !s.is_empty()) {
+        if text.contains(secret.as_str()) {
+            text = text.replace(secret.as_str(), "***");
+        }
+    }
+    text
+}
+
+pub(super) fn parse_retry_after(value: &[u8]) -> RetryAfter {
+    let text = String::from_utf8_lossy(value).trim().to_owned();
+    match text.parse::<u64>() {
+        Ok(seconds) => RetryAfter::Delay(Duration::from_secs(seconds)),
+        Err(_) => RetryAfter::Other(text),
+    }
+}
+
+pub(super) fn excerpt(bytes: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(bytes);
+    let text = text.trim();
+    if text.is_empty() {
+        return None;
+    }
+    Some(text.chars().take(EXCERPT_CHARS).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_seconds_and_other_forms() {
+        assert_eq!(
+            parse_retry_after(b" 7 "),
+            RetryAfter::Delay(Duration::from_secs(7))
+        );
+        assert_eq!(
+            parse_retry_after(b"Wed, 21 Oct 2015 07:28:00 GMT"),
+            RetryAfter::Other("Wed, 21 Oct 2015 07:28:00 GMT".into())
+        );
+    }
+
+    #[test]
+    fn secrets_are_cut_out() {
+        let secrets = vec!["s3cr3t".to_owned(), String::new()];
+        assert_eq!(
+            scrub("proxy http://u:s3cr3t@p refused".into(), &secrets),
+            "proxy http://u:***@p refused"
+        );
+        assert_eq!(scrub("nothing here".into(), &secrets), "nothing here");
+    }
+
+    #[test]
+    fn an_earlier_attempt_that_was_sent_marks_the_whole_exchange_sent() {
+        let refused = UpstreamError::Unreachable {
+            detail: "refused".into(),
+            fault: Fault::Connect,
+            request_sent: false,
+        };
+        assert!(!refused.request_sent());
+        assert!(refused.sent_earlier(true).request_sent());
+        assert!(!UpstreamError::QueueFull.sent_earlier(true).request_sent());
+    }
+}

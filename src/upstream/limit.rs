@@ -1,0 +1,175 @@
+//! The cap on what the gateway asks of the upstream at once:
+//! `--upstream-max-connections` requests in flight, process-wide (with
+//! HTTP/1.1 that is also the most connections busy; with HTTP/2, the most
+//! streams), and a hard bound on the calls waiting for a slot
+//! (`--upstream-max-pending`). A slot is held from before the connection is
+//! looked for until the answer is read whole, so a slow or unreachable
+//! upstream makes calls wait (first come, first served) or fail fast; it
+//! never makes the gateway open more.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use tokio::sync::{Semaphore, SemaphorePermit, TryAcquireError};
+use tokio::time::Instant;
+
+/// The state of the cap and of the connections, read by the metrics.
+#[derive(Debug, Default)]
+pub struct UpstreamGauges {
+    /// `--upstream-max-connections`.
+    pub limit: u64,
+    /// Slots in use: requests connecting, in flight or being read.
+    pub active: AtomicU64,
+    /// Calls waiting for a slot.
+    pub pending: AtomicU64,
+    /// Connections opened since start (TCP, and TLS or proxy tunnel).
+    pub opened_total: AtomicU64,
+}
+
+/// Why no slot was granted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Refused {
+    /// Every slot is taken and `--upstream-max-pending` calls already wait.
+    QueueFull,
+    /// The deadline passed while waiting.
+    Deadline,
+}
+
+pub(super) struct ConnectionLimit {
+    slots: Semaphore,
+    max_pending: usize,
+    /// Calls waiting: counted before they check the bound, so that the
+    /// bound is exact under concurrency.
+    pending: AtomicUsize,
+    gauges: Arc<UpstreamGauges>,
+}
+
+/// One slot; given back when dropped.
+pub(super) struct Slot<'a> {
+    _permit: SemaphorePermit<'a>,
+    gauges: &'a UpstreamGauges,
+}
+
+impl ConnectionLimit {
+    pub(super) fn new(max_connections: usize, max_pending: usize) -> Self {
+        let max_connections = max_connections.clamp(1, Semaphore::MAX_PERMITS);
+        Self {
+            slots: Semaphore::new(max_connections),
+            max_pending,
+            pending: AtomicUsize::new(0),
+            gauges: Arc::new(UpstreamGauges {
+                limit: max_connections as u64,
+                ..UpstreamGauges::default()
+            }),
+        }
+    }
+
+    pub(super) fn gauges(&self) -> Arc<UpstreamGauges> {
+        self.gauges.clone()
+    }
+
+    /// A slot now, or after waiting in line until `deadline`.
+    pub(super) async fn acquire(&self, deadline: Instant) -> Result<Slot<'_>, Refused> {
+        // The queue is FIFO: a free permit with callers waiting is theirs,
+        // so this cannot jump the line.
+        let permit = match self.slots.try_acquire() {
+            Ok(permit) => permit,
+            Err(TryAcquireError::Closed) => return Err(Refused::QueueFull),
+            Err(TryAcquireError::NoPermits) => {
+                let waiting = Waiting::enter(self).ok_or(Refused::QueueFull)?;
+                let permit = tokio::time::timeout_at(deadline, self.slots.acquire())
+                    .await
+                    .map_err(|_| Refused::Deadline)?
+                    .map_err(|_| Refused::QueueFull)?;
+                drop(waiting);
+                permit
+            }
+        };
+        self.gauges.active.fetch_add(1, Ordering::Relaxed);
+        Ok(Slot {
+            _permit: permit,
+            gauges: &self.gauges,
+        })
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.gauges.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A call counted among those waiting, while it waits.
+struct Waiting<'a>(&'a ConnectionLimit);
+
+impl<'a> Waiting<'a> {
+    fn enter(limit: &'a ConnectionLimit) -> Option<Self> {
+        let before = limit.pending.fetch_add(1, Ordering::AcqRel);
+        if before >= limit.max_pending {
+            limit.pending.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        limit.gauges.pending.fetch_add(1, Ordering::Relaxed);
+        Some(Self(limit))
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::AcqRel);
+        self.0.gauges.pending.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_millis(50)
+    }
+
+    #[tokio::test]
+    async fn slots_are_capped_and_the_queue_is_a_hard_bound() {
+        let limit = Arc::new(ConnectionLimit::new(1, 1));
+        let held = limit.acquire(soon()).await.expect("a free slot");
+        assert_eq!(limit.gauges().active.load(Ordering::Relaxed), 1);
+
+        // One waits (the queue's only place)...
+        let queued = {
+            let limit = limit.clone();
+            tokio::spawn(async move {
+                limit
+                    .acquire(Instant::now() + Duration::from_secs(5))
+                    .await
+                    .is_ok()
+            })
+        };
+        while limit.gauges().pending.load(Ordering::Relaxed) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // ... the next is refused at once.
+        assert_eq!(limit.acquire(soon()).await.err(), Some(Refused::QueueFull));
+        drop(held);
+        assert!(queued.await.expect("task"), "the waiter got the slot");
+        assert_eq!(limit.gauges().pending.load(Ordering::Relaxed), 0);
+        assert_eq!(limit.gauges().active.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_gives_up_at_its_deadline() {
+        let limit = ConnectionLimit::new(1, 10);
+        let _held = limit.acquire(soon()).await.expect("a free slot");
+        assert_eq!(limit.acquire(soon()).await.err(), Some(Refused::Deadline));
+        assert_eq!(limit.gauges().pending.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn no_queue_means_refusal_when_full() {
+        let limit = ConnectionLimit::new(2, 0);
+        let _a = limit.acquire(soon()).await.expect("slot 1");
+        let _b = limit.acquire(soon()).await.expect("slot 2");
+        assert_eq!(limit.acquire(soon()).await.err(), Some(Refused::QueueFull));
+    }
+}
