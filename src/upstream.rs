@@ -203,9 +203,9 @@ impl Upstream {
     /// Builds the client. `base` may carry a path prefix
     /// (`http://host/api/gormic` → `/api/gormic/v1/om/invoices`).
     pub fn new(base: &Url, options: UpstreamOptions) -> Result<Self, BuildError> {
-        let host = base
-            .host()
-            .ok_or_else(|| BuildError::Url("has no host".into()))?;
+        if base.host().is_none() {
+            return Err(BuildError::Url("has no host".into()));
+        }
         let https = base.scheme() == "https";
         let tls = match &options.tls {
             Some(config) => (**config).clone(),
@@ -218,7 +218,7 @@ impl Upstream {
             (false, true) => Protocol::Negotiated,
             (false, false) => Protocol::Http1,
         };
-        let (proxy, secrets, shown) = proxying(&options.proxy, base, &host)?;
+        let (proxy, secrets, shown) = proxying(&options.proxy, base)?;
         let limit = ConnectionLimit::new(options.max_connections, options.max_pending);
         let retry = RetryPolicy::new(&options.retry);
         let budgets = RetryPolicy::new(&options.retry);
@@ -553,7 +553,6 @@ impl Upstream {
 fn proxying(
     setting: &ProxySetting,
     base: &Url,
-    host: &url::Host<&str>,
 ) -> Result<(Proxying, Vec<String>, Option<String>), BuildError> {
     match setting {
         ProxySetting::Off => Ok((Proxying::Off, Vec::new(), None)),
@@ -567,9 +566,6 @@ fn proxying(
                 Some(url.to_string()),
             ))
         }
-        // As Go's net/http: the environment's proxies are for the outside
-        // world, not for a sidecar or the sandbox on this host.
-        ProxySetting::Environment if is_loopback(host) => Ok((Proxying::Off, Vec::new(), None)),
         ProxySetting::Environment => {
             // reqwest reads the same variables with the same matcher
             // (hyper-util's); read here only to log it and learn its secret.
@@ -595,14 +591,6 @@ fn proxying(
                 .unwrap_or_default();
             Ok((Proxying::Environment, secrets, Some(shown)))
         }
-    }
-}
-
-fn is_loopback(host: &url::Host<&str>) -> bool {
-    match host {
-        url::Host::Ipv4(ip) => ip.is_loopback(),
-        url::Host::Ipv6(ip) => ip.is_loopback(),
-        url::Host::Domain(name) => name.trim_end_matches('.').eq_ignore_ascii_case("localhost"),
     }
 }
 
@@ -778,21 +766,10 @@ mod tests {
     }
 
     #[test]
-    fn loopback_upstreams_never_take_the_environments_proxy() {
-        for host in ["127.0.0.1", "[::1]", "localhost", "LOCALHOST."] {
-            let url = Url::parse(&format!("http://{host}:8080")).unwrap();
-            let (proxying, secrets, shown) =
-                proxying(&ProxySetting::Environment, &url, &url.host().unwrap()).unwrap();
-            assert!(matches!(proxying, Proxying::Off), "{host}");
-            assert!(secrets.is_empty() && shown.is_none());
-        }
-    }
-
-    #[test]
     fn an_explicit_proxy_is_shown_without_its_password() {
         let url = Url::parse("https://api.example.com").unwrap();
         let setting = ProxySetting::parse("http://me:hunter2@proxy:3128").unwrap();
-        let (proxying, secrets, shown) = proxying(&setting, &url, &url.host().unwrap()).unwrap();
+        let (proxying, secrets, shown) = proxying(&setting, &url).unwrap();
         assert!(matches!(proxying, Proxying::Through(_)));
         assert!(secrets.contains(&"hunter2".to_owned()));
         assert_eq!(shown.as_deref(), Some("http://me:***@proxy:3128"));

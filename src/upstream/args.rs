@@ -65,7 +65,7 @@ pub struct UpstreamArgs {
     /// or `none`. An https:// upstream is reached through it with CONNECT
     /// (TLS end to end, the upstream's certificate verified). Default: the
     /// HTTPS_PROXY, HTTP_PROXY, ALL_PROXY and NO_PROXY variables (either
-    /// case); a loopback upstream never goes through them.
+    /// case), as curl and reqwest read them.
     // A plain string, checked by `options()`: clap would quote a refused
     // value, password included, in its error, and show the variable's value
     // in --help.

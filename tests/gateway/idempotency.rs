@@ -21,7 +21,7 @@ use gormic_gateway::idempotency::{
 use gormic_gateway::proto::v1 as pb;
 use gormic_gateway::server::ServerOptions;
 use gormic_gateway::service::InvoiceGateway;
-use gormic_gateway::upstream::{Upstream, UpstreamOptions};
+use gormic_gateway::upstream::Upstream;
 
 use crate::support::fake_upstream::envelope;
 use crate::support::hanging_up::HangingUpUpstream;
@@ -105,7 +105,7 @@ async fn gateway_with(
     deadlines: DeadlineArgs,
 ) -> TestGateway {
     let url = url::Url::parse(upstream_url).expect("upstream URL");
-    let upstream = Upstream::new(&url, UpstreamOptions::default()).expect("upstream client");
+    let upstream = Upstream::new(&url, crate::support::no_proxy()).expect("upstream client");
     let gateway = InvoiceGateway::new(upstream)
         .expect("gateway")
         .with_idempotency(store)

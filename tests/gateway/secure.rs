@@ -97,7 +97,7 @@ async fn answering_upstream() -> FakeUpstream {
 /// A gateway in front of `upstream` whose callers bring their own api-key.
 fn gateway_to(upstream: &FakeUpstream) -> InvoiceGateway {
     let url = url::Url::parse(&upstream.url()).expect("upstream URL");
-    let upstream = Upstream::new(&url, UpstreamOptions::default()).expect("upstream client");
+    let upstream = Upstream::new(&url, crate::support::no_proxy()).expect("upstream client");
     InvoiceGateway::new(upstream).expect("in-memory idempotency store")
 }
 
@@ -752,7 +752,7 @@ async fn grpc_web_over_https_carries_the_mtls_identity_to_the_credentials() {
 /// A gateway (plaintext, callers' own keys) in front of `upstream` with the
 /// upstream TLS of `args`.
 async fn gateway_with_upstream_tls(upstream: &FakeUpstream, args: &TlsArgs) -> TestGateway {
-    gateway_with_upstream_options(upstream, args, UpstreamOptions::default()).await
+    gateway_with_upstream_options(upstream, args, crate::support::no_proxy()).await
 }
 
 /// As [`gateway_with_upstream_tls`], with other upstream options.
@@ -912,7 +912,7 @@ async fn over_http2_the_connection_cap_bounds_the_streams_in_flight() {
         UpstreamOptions {
             max_connections: 1,
             tls: Some(tls.client_config()),
-            ..UpstreamOptions::default()
+            ..crate::support::no_proxy()
         },
     )
     .expect("client");

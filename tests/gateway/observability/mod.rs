@@ -23,7 +23,7 @@ use gormic_gateway::proto::v1 as pb;
 use gormic_gateway::server::ServerOptions;
 use gormic_gateway::service::InvoiceGateway;
 use gormic_gateway::trace::Tracer;
-use gormic_gateway::upstream::{Upstream, UpstreamOptions};
+use gormic_gateway::upstream::Upstream;
 
 use crate::support::logs::Logs;
 use crate::support::{FakeUpstream, TestGateway};
@@ -43,7 +43,7 @@ pub(super) async fn observed_gateway(
     max_in_flight: usize,
 ) -> TestGateway {
     let url = url::Url::parse(&upstream.url()).expect("upstream URL");
-    let client = Upstream::new(&url, UpstreamOptions::default()).expect("HTTP client");
+    let client = Upstream::new(&url, crate::support::no_proxy()).expect("HTTP client");
     metrics.register_connections(client.gauges());
     let gateway = InvoiceGateway::new(client)
         .expect("in-memory idempotency store")

@@ -13,7 +13,7 @@ use gormic_gateway::metrics::Metrics;
 use gormic_gateway::proto::v1::invoice_service_client::InvoiceServiceClient;
 use gormic_gateway::server::{self, Hooks, ServerOptions};
 use gormic_gateway::service::InvoiceGateway;
-use gormic_gateway::upstream::{Upstream, UpstreamOptions};
+use gormic_gateway::upstream::Upstream;
 
 use super::{SERVICE, close, closed, connect, ready_invoice};
 use crate::support::admin::{AdminServer, get};
@@ -111,7 +111,7 @@ async fn readiness_is_down_by_the_time_health_reports_not_serving() {
     upstream.respond(Scripted::ok(closed()));
     let url = url::Url::parse(&upstream.url()).expect("upstream URL");
     let gateway =
-        InvoiceGateway::new(Upstream::new(&url, UpstreamOptions::default()).expect("client"))
+        InvoiceGateway::new(Upstream::new(&url, crate::support::no_proxy()).expect("client"))
             .expect("in-memory idempotency store");
     let listener = server::bind("127.0.0.1:0".parse().expect("address")).expect("bind");
     let addr = listener.local_addr().expect("addr");

@@ -26,7 +26,12 @@ fn command(args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_gormic-gateway"));
     command.args(args).kill_on_drop(true);
     for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("GORMIC_") {
+        let name_text = name.to_string_lossy();
+        let proxy = matches!(
+            name_text.to_ascii_lowercase().as_str(),
+            "http_proxy" | "https_proxy" | "all_proxy" | "no_proxy"
+        );
+        if name_text.starts_with("GORMIC_") || proxy {
             command.env_remove(name);
         }
     }

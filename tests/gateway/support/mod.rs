@@ -30,7 +30,7 @@ use gormic_gateway::limits::InFlightLimit;
 use gormic_gateway::proto::v1::invoice_service_client::InvoiceServiceClient;
 use gormic_gateway::server::ServerOptions;
 use gormic_gateway::service::InvoiceGateway;
-use gormic_gateway::upstream::{Upstream, UpstreamOptions};
+use gormic_gateway::upstream::{ProxySetting, Upstream, UpstreamOptions};
 
 pub use fake_upstream::{FakeUpstream, Scripted};
 pub use logs::logs;
@@ -71,7 +71,7 @@ impl TestGateway {
         options: gormic_gateway::server::ServerOptions,
     ) -> Self {
         let url = url::Url::parse(upstream_url).expect("test upstream URL");
-        let upstream = Upstream::new(&url, UpstreamOptions::default()).expect("HTTP client");
+        let upstream = Upstream::new(&url, no_proxy()).expect("HTTP client");
         let gateway = InvoiceGateway::new(upstream)
             .expect("in-memory idempotency store")
             .with_deadlines(DeadlineArgs {
@@ -149,11 +149,21 @@ pub struct GatewayConfig {
 impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
-            upstream: UpstreamOptions::default(),
+            upstream: no_proxy(),
             deadlines: DeadlineArgs::default(),
             server: ServerOptions::default(),
             max_in_flight: gormic_gateway::limits::DEFAULT_MAX_IN_FLIGHT,
         }
+    }
+}
+
+/// The command line's upstream options, but never through a proxy the
+/// developer's environment names (`HTTP_PROXY` and the like): tests that
+/// need a proxy say so.
+pub fn no_proxy() -> UpstreamOptions {
+    UpstreamOptions {
+        proxy: ProxySetting::Off,
+        ..UpstreamOptions::default()
     }
 }
 
