@@ -251,17 +251,6 @@ impl TraceContext {
         Self::from_values(traceparent, states.iter().map(|v| v.as_bytes()))
     }
 
-    /// From HTTP headers (the same rules as [`TraceContext::from_metadata`]).
-    pub fn from_headers(headers: &http::HeaderMap) -> Self {
-        let mut parents = headers.get_all("traceparent").iter();
-        let traceparent = match (parents.next(), parents.next()) {
-            (Some(one), None) => Some(one.as_bytes()),
-            _ => None,
-        };
-        let states = headers.get_all("tracestate");
-        Self::from_values(traceparent, states.iter().map(HeaderValue::as_bytes))
-    }
-
     /// From the raw values; several `tracestate` values join with `,` (HTTP
     /// list semantics).
     pub fn from_values<'a>(
