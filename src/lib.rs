@@ -21,6 +21,7 @@ pub mod logging;
 pub mod metrics;
 pub mod proto;
 pub mod reload;
+pub mod request_id;
 pub mod retry;
 pub mod routes;
 pub mod runtime;
