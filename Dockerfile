@@ -50,9 +50,9 @@ COPY --from=build /gormic-gateway /gormic-gateway
 # The :nonroot tag already runs as 65532; said again so that no base image
 # change can make the gateway run as root.
 USER 65532:65532
-# gRPC (and gRPC-Web) on 50051; admin HTTP (/metrics, /livez, /readyz) on 9090,
+# gRPC (and gRPC-Web) on 50051; admin HTTP (/metrics, /livez, /readyz) on 20051,
 # which listens on 127.0.0.1 unless GORMIC_ADMIN_LISTEN says otherwise
-# (Kubernetes sets 0.0.0.0:9090 so that the kubelet and Prometheus reach it).
-EXPOSE 50051 9090
+# (Kubernetes sets 0.0.0.0:20051 so that the kubelet and Prometheus reach it).
+EXPOSE 50051 20051
 # checkov:skip=CKV_DOCKER_2:No HEALTHCHECK: it would need a program inside the image to run (there is no shell or curl), and Kubernetes ignores it; the kubelet probes /livez and /readyz over HTTP instead (deploy/kubernetes/deployment.yaml).
 ENTRYPOINT ["/gormic-gateway"]

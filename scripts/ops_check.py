@@ -107,7 +107,7 @@ ALLOWED_SKIPS = {
     ("deploy/kubernetes/deployment.yaml", "CKV_K8S_35"),
 }
 
-PORTS = {"grpc": 50051, "admin": 9090}
+PORTS = {"grpc": 50051, "admin": 20051}
 
 problems = []
 
@@ -213,8 +213,8 @@ def check_deployment(root):
     if ports != PORTS:
         problem(where, f"container ports {ports}, expected {PORTS}")
     env = {e["name"]: e for e in c.get("env", [])}
-    if env.get("GORMIC_ADMIN_LISTEN", {}).get("value") != "0.0.0.0:9090":
-        problem(where, "GORMIC_ADMIN_LISTEN must be 0.0.0.0:9090 (probes and scraping come from outside the pod)")
+    if env.get("GORMIC_ADMIN_LISTEN", {}).get("value") != "0.0.0.0:20051":
+        problem(where, "GORMIC_ADMIN_LISTEN must be 0.0.0.0:20051 (probes and scraping come from outside the pod)")
     if env.get("GORMIC_LISTEN", {}).get("value", "0.0.0.0:50051") != "0.0.0.0:50051":
         problem(where, "GORMIC_LISTEN must be 0.0.0.0:50051")
     for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/livez")):
@@ -320,8 +320,8 @@ def check_dockerfile(root):
     run_lines = dict((w, r) for w, r in run["lines"] if w != "LABEL")
     if run_lines.get("USER") != "65532:65532":
         problem(where, "run stage must be USER 65532:65532")
-    if sorted(run_lines.get("EXPOSE", "").split()) != ["50051", "9090"]:
-        problem(where, "run stage must EXPOSE 50051 9090")
+    if sorted(run_lines.get("EXPOSE", "").split()) != ["20051", "50051"]:
+        problem(where, "run stage must EXPOSE 50051 20051")
     if run_lines.get("ENTRYPOINT") != '["/gormic-gateway"]':
         problem(where, 'ENTRYPOINT must be ["/gormic-gateway"]')
     copies = [r for w, r in run["lines"] if w == "COPY"]

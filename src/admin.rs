@@ -17,8 +17,11 @@ use tokio::net::TcpListener;
 
 use crate::metrics::{self, Metrics};
 
+/// Port of the default `--admin-listen` (see [`AdminArgs::admin_listen`] for
+/// why this one).
+pub const DEFAULT_ADMIN_PORT: u16 = 20051;
 /// Default of `--admin-listen`.
-pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:20051";
 
 /// Admin listener flags, flattened into the command line.
 #[derive(Debug, Clone, clap::Args)]
@@ -26,8 +29,16 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 pub struct AdminArgs {
     /// Address of the admin HTTP listener (`/metrics`, `/livez`, `/readyz`),
     /// or `off` for none. Loopback by default so that metrics are not
-    /// exposed to the network by accident; in Kubernetes set `0.0.0.0:9090`
+    /// exposed to the network by accident; in Kubernetes set `0.0.0.0:20051`
     /// so that Prometheus and the kubelet's probes reach it.
+    ///
+    /// Port 20051, not 9090: 9090 is Prometheus's own port, so a gateway
+    /// beside a Prometheus could not start. Prometheus's registry of default
+    /// ports gives 9090-9094 to its own servers and 9100-9999 (now full,
+    /// continued from 10000 up) to exporters, and asks internal applications
+    /// to stay outside it; 20051 is outside it, below the Kubernetes NodePort
+    /// and Linux ephemeral ranges, registered with IANA to nobody, and ends
+    /// like the gRPC port 50051 (docs/operations.md, "Ports and endpoints").
     #[arg(
         long,
         env = "GORMIC_ADMIN_LISTEN",
@@ -40,7 +51,7 @@ pub struct AdminArgs {
 impl Default for AdminArgs {
     fn default() -> Self {
         Self {
-            admin_listen: AdminListen::Addr(SocketAddr::from(([127, 0, 0, 1], 9090))),
+            admin_listen: AdminListen::Addr(SocketAddr::from(([127, 0, 0, 1], DEFAULT_ADMIN_PORT))),
         }
     }
 }
@@ -70,7 +81,7 @@ impl FromStr for AdminListen {
             return Ok(Self::Off);
         }
         s.parse().map(Self::Addr).map_err(|_| {
-            format!("{s:?} is neither `off` nor an address such as 127.0.0.1:9090 or [::]:9090")
+            format!("{s:?} is neither `off` nor an address such as 127.0.0.1:20051 or [::]:20051")
         })
     }
 }
@@ -171,7 +182,12 @@ mod tests {
         let parse = |args: &[&str]| Cli::try_parse_from(args).map(|c| c.admin.addr());
         assert_eq!(
             parse(&["gw"]).ok(),
-            Some(Some(SocketAddr::from(([127, 0, 0, 1], 9090))))
+            Some(Some(SocketAddr::from(([127, 0, 0, 1], 20051))))
+        );
+        assert_eq!(
+            AdminArgs::default().addr(),
+            Some(SocketAddr::from(([127, 0, 0, 1], 20051))),
+            "Default agrees with the flag's default"
         );
         assert_eq!(
             parse(&["gw", "--admin-listen", "0.0.0.0:9100"]).ok(),

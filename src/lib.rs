@@ -30,6 +30,7 @@ pub mod logging;
 pub mod metrics;
 pub mod proto;
 pub mod reload;
+pub mod request_id;
 pub mod routes;
 pub mod runtime;
 pub mod sandbox;

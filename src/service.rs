@@ -30,6 +30,7 @@ use crate::limits::{Admitted, InFlightLimit, RequestTooLarge};
 use crate::metrics::{Metrics, ShedReason};
 use crate::proto::v1 as pb;
 use crate::proto::v1::invoice_service_server::InvoiceService;
+use crate::request_id::RequestId;
 use crate::tls::CallerIdentity;
 use crate::trace::{CallSpan, TraceContext, Tracer};
 use crate::upstream::{
@@ -454,75 +455,9 @@ impl InvoiceService for InvoiceGateway {
     }
 }
 
-/// Longest `x-request-id` kept; a longer one is replaced by a generated id
-/// (it travels to the upstream, the logs and every error).
-const MAX_REQUEST_ID_BYTES: usize = 128;
-
-/// The call's `x-request-id`: the caller's when it sent a usable one, else
-/// generated, so that every call can be found in the gateway's and in
-/// Gormic's logs. Returned to the caller in the response metadata.
-struct RequestId {
-    value: HeaderValue,
-}
-
-impl RequestId {
-    fn read(metadata: &MetadataMap) -> Self {
-        let given = metadata
-            .get("x-request-id")
-            .map(|v| v.as_bytes())
-            .filter(|v| !v.is_empty() && v.len() <= MAX_REQUEST_ID_BYTES)
-            .filter(|v| v.iter().all(|b| b.is_ascii_graphic()))
-            .and_then(|v| HeaderValue::from_bytes(v).ok());
-        Self {
-            value: given.unwrap_or_else(generated_request_id),
-        }
-    }
-
-    fn as_str(&self) -> &str {
-        // Only visible ASCII gets in (above), so this never falls back.
-        self.value.to_str().unwrap_or_default()
-    }
-
-    fn header(&self) -> HeaderValue {
-        self.value.clone()
-    }
-
-    fn set_on(&self, metadata: &mut MetadataMap) {
-        // A valid HeaderValue is valid ASCII metadata.
-        if let Ok(value) = MetadataValue::try_from(self.value.as_bytes()) {
-            metadata.insert("x-request-id", value);
-        }
-    }
-}
-
-/// A random version-4 UUID, the usual shape of a request id (written by
-/// hand: `format!` cost 3k instructions per call).
-fn generated_request_id() -> HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let bits = fastrand::u128(..);
-    let bits = (bits & !(0xf_u128 << 76) | (0x4_u128 << 76)) & !(0x3_u128 << 62) | (0x2_u128 << 62);
-    let mut text = [0u8; 36];
-    let mut nibble = 32;
-    for (i, byte) in text.iter_mut().enumerate() {
-        if matches!(i, 8 | 13 | 18 | 23) {
-            *byte = b'-';
-        } else {
-            nibble -= 1;
-            *byte = HEX[((bits >> (nibble * 4)) & 0xf) as usize];
-        }
-    }
-    HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static("unknown"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn with(key: &'static str, value: &str) -> MetadataMap {
-        let mut metadata = MetadataMap::new();
-        metadata.insert(key, value.parse().unwrap());
-        metadata
-    }
 
     /// tonic boxes every call's future, copying all of it: rare paths
     /// (connecting, the idempotency store) are boxed on their own so that
@@ -536,32 +471,5 @@ mod tests {
         let call = gateway.call::<CloseInvoice>(request);
         let size = std::mem::size_of_val(&call);
         assert!(size < 4096, "the call future is {size} bytes");
-    }
-
-    #[test]
-    fn the_callers_request_id_is_kept_else_one_is_generated() {
-        assert_eq!(
-            RequestId::read(&with("x-request-id", "abc-1")).as_str(),
-            "abc-1"
-        );
-        let generated = RequestId::read(&MetadataMap::new());
-        let id = generated.as_str();
-        assert_eq!(id.len(), 36, "{id}");
-        assert_eq!(&id[14..15], "4", "version 4: {id}");
-        assert!(
-            matches!(&id[19..20], "8" | "9" | "a" | "b"),
-            "variant: {id}"
-        );
-        let too_long = "x".repeat(MAX_REQUEST_ID_BYTES + 1);
-        assert_eq!(
-            RequestId::read(&with("x-request-id", &too_long))
-                .as_str()
-                .len(),
-            36
-        );
-        assert_ne!(
-            RequestId::read(&MetadataMap::new()).as_str(),
-            RequestId::read(&MetadataMap::new()).as_str()
-        );
     }
 }

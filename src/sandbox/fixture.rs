@@ -284,11 +284,6 @@ impl Fixture {
     pub fn order_count(&self) -> usize {
         self.orders.len()
     }
-
-    /// How many invoices each organization starts with.
-    pub fn invoice_count(&self) -> usize {
-        self.invoices.len()
-    }
 }
 
 /// serde_json appends " at line L column C"; the error reports them apart.
