@@ -4,6 +4,7 @@
 mod support;
 
 mod admin;
+mod call_path;
 mod credentials;
 mod forwarding;
 mod grpc_web;
