@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::builder::{BoolishValueParser, TypedValueParser};
+use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Args, Parser, Subcommand};
 use url::Url;
 
@@ -19,12 +19,13 @@ use crate::cors::CorsOrigins;
 use crate::credentials::CredentialsArgs;
 use crate::deadline::DeadlineArgs;
 use crate::idempotency::IdempotencyArgs;
+use crate::limits::LimitArgs;
 use crate::logging::LogArgs;
 use crate::metrics::MetricsArgs;
 use crate::server::{ConnectionLimits, ServerOptions};
 use crate::tls::TlsArgs;
 use crate::trace::{TraceArgs, TraceConfig};
-use crate::units::{parse_duration, parse_size};
+use crate::units::parse_duration;
 use crate::upstream::{UpstreamArgs, UpstreamOptions};
 
 /// gRPC gateway for the Gormic Order Management invoices REST API.
@@ -114,67 +115,6 @@ pub struct Cli {
 
     #[command(subcommand)]
     pub command: Option<Command>,
-}
-
-/// Hard limits on memory and load (docs/operations.md justifies each default).
-#[derive(Debug, Clone, Args)]
-#[command(next_help_heading = "Limits")]
-pub struct LimitArgs {
-    /// Calls served at once, process-wide; past it a call is refused at
-    /// once with RESOURCE_EXHAUSTED (reason OVERLOADED) and never forwarded.
-    /// 10000 calls waiting on a slow upstream take ~140 MiB (~9 KiB each,
-    /// BENCHMARKS.md): size the container for it, or lower this.
-    #[arg(long, env = "GORMIC_MAX_IN_FLIGHT", value_name = "N", default_value_t = crate::limits::DEFAULT_MAX_IN_FLIGHT, value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
-    pub max_in_flight: usize,
-
-    /// Largest request message accepted; a larger one is refused with
-    /// RESOURCE_EXHAUSTED (reason REQUEST_TOO_LARGE) before it is read. The
-    /// largest real request is well under 4 KiB.
-    #[arg(long, env = "GORMIC_MAX_REQUEST_BYTES", value_name = "BYTES", default_value = "64KiB", value_parser = parse_size)]
-    pub max_request_bytes: usize,
-
-    /// Largest request header list (all metadata); a call over it is refused
-    /// by HTTP/2 (status 431) without affecting other calls on the
-    /// connection. 16 KiB is nginx's and Envoy's order of magnitude.
-    #[arg(long, env = "GORMIC_MAX_HEADER_BYTES", value_name = "BYTES", default_value = "16KiB", value_parser = parse_size)]
-    pub max_header_bytes: usize,
-
-    /// HTTP/2 calls one client connection may have open at once; more wait
-    /// in the client. 256 is ample for one caller (nginx's default is 128)
-    /// and bounds what one connection can pin in memory during a burst
-    /// (256 × ~9 KiB), refused calls included.
-    #[arg(
-        long,
-        env = "GORMIC_HTTP2_MAX_CONCURRENT_STREAMS",
-        value_name = "N",
-        default_value_t = crate::server::DEFAULT_MAX_CONCURRENT_STREAMS
-    )]
-    pub http2_max_concurrent_streams: u32,
-
-    /// Interval of HTTP/2 PINGs on a quiet connection, to find dead peers.
-    #[arg(long, env = "GORMIC_HTTP2_KEEPALIVE_INTERVAL", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
-    pub http2_keepalive_interval: Duration,
-
-    /// How long a PING may go unanswered before the connection is closed.
-    #[arg(long, env = "GORMIC_HTTP2_KEEPALIVE_TIMEOUT", value_name = "DURATION", default_value = "20s", value_parser = parse_duration)]
-    pub http2_keepalive_timeout: Duration,
-
-    /// After this age (±10 %) a client connection is asked to reconnect
-    /// (GOAWAY), so that long-lived connections rebalance across replicas
-    /// after a scale-up; `0s` turns it off. 30m costs one reconnect per
-    /// client connection per half hour.
-    #[arg(long, env = "GORMIC_MAX_CONNECTION_AGE", value_name = "DURATION", default_value = "30m", value_parser = humantime::parse_duration)]
-    pub max_connection_age: Duration,
-
-    /// How long calls on a connection past its age may take to finish;
-    /// longer than --upstream-timeout.
-    #[arg(long, env = "GORMIC_MAX_CONNECTION_AGE_GRACE", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
-    pub max_connection_age_grace: Duration,
-
-    /// HTTP/1.1 (gRPC-Web): how long a request's headers may take to
-    /// arrive; hyper also closes a keep-alive connection idle this long.
-    #[arg(long, env = "GORMIC_HTTP1_HEADER_READ_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
-    pub http1_header_read_timeout: Duration,
 }
 
 /// Other things the binary can run instead of the gateway.

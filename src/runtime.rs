@@ -4,7 +4,7 @@
 //! current-thread tokio runtime. An accepted connection is handed to one
 //! worker (the one serving the fewest connections) and is served wholly
 //! there: TLS handshake, HTTP/2 streams, the call, the upstream request on
-//! that worker's own connection pool, the log line. No call ever hops
+//! that worker's own HTTP client (`upstream::client`), the log line. No call ever hops
 //! between threads, so none pays for a cross-thread wake-up; on this
 //! project's 2-core VM a work-stealing runtime spent more CPU waking threads
 //! than serving calls (BENCHMARKS.md).
@@ -15,7 +15,6 @@
 //! BENCHMARKS.md); `--max-connection-age` makes long-lived clients reconnect
 //! and spread out.
 
-use std::cell::Cell;
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
@@ -27,17 +26,6 @@ use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
 use crate::logging;
-
-thread_local! {
-    static WORKER_INDEX: Cell<Option<usize>> = const { Cell::new(None) };
-}
-
-/// The index of the worker thread running the caller, `None` off the workers
-/// (the main thread, a test's runtime). Per-worker state (the upstream
-/// connection pools) is picked with it.
-pub fn current_worker() -> Option<usize> {
-    WORKER_INDEX.with(Cell::get)
-}
 
 /// How long a stopping worker waits for its blocking tasks (DNS look-ups).
 const STOP_TIMEOUT: Duration = Duration::from_secs(1);
@@ -70,7 +58,6 @@ impl Workers {
             let thread = thread::Builder::new()
                 .name(format!("gormic-worker-{index}"))
                 .spawn(move || {
-                    WORKER_INDEX.with(|cell| cell.set(Some(index)));
                     logging::batch_this_thread();
                     runtime.block_on(async {
                         let flusher = tokio::spawn(logging::flush_periodically());
@@ -89,15 +76,6 @@ impl Workers {
             });
         }
         Ok(Self { workers })
-    }
-
-    /// How many worker threads there are.
-    pub fn len(&self) -> usize {
-        self.workers.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.workers.is_empty()
     }
 
     /// Runs `task` on the worker serving the fewest connections; it counts
@@ -172,7 +150,7 @@ mod tests {
             let tx = tx.clone();
             let mut released = released.clone();
             workers.spawn(async move {
-                let _ = tx.send(current_worker());
+                let _ = tx.send(std::thread::current().name().map(str::to_owned));
                 let _ = released.wait_for(|r| *r).await;
             });
         }
@@ -182,8 +160,8 @@ mod tests {
         }
         seen.sort();
         // Each task stays counted while it waits, so the four alternate.
-        assert_eq!(seen, vec![Some(0), Some(0), Some(1), Some(1)]);
-        assert_eq!(current_worker(), None, "the test's own thread is no worker");
+        let worker = |i: usize| Some(format!("gormic-worker-{i}"));
+        assert_eq!(seen, vec![worker(0), worker(0), worker(1), worker(1)]);
         let _ = release.send(true);
         tokio::task::spawn_blocking(move || workers.stop())
             .await

@@ -24,7 +24,7 @@ use tonic::service::Routes;
 use tower::ServiceBuilder;
 
 use crate::cors::CorsOrigins;
-use crate::limits::check_request_size;
+use crate::limits::{DEFAULT_MAX_CONCURRENT_STREAMS, check_request_size};
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::v1::invoice_service_server::InvoiceServiceServer;
 use crate::runtime::Workers;
@@ -47,9 +47,6 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
 }
-
-/// Default of `--http2-max-concurrent-streams` (justified there).
-pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
 
 /// The path prefix of the invoice service's calls.
 pub const SERVICE_PREFIX: &str = "/gormic.om.v1.InvoiceService/";

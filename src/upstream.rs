@@ -374,11 +374,8 @@ impl Upstream {
             }
         };
         let Some((client, learner)) = worker.choose(deadline.at()).await else {
-            return Attempted {
-                result: Err(connection_not_in_time(deadline)),
-                made: true,
-                sent: false,
-            };
+            // Waited for another call's connection past the deadline.
+            return not_made(connection_not_in_time(deadline));
         };
         let sent = SentFlag::probing(learner.as_ref().and_then(Learner::probe));
         let mut attempt = AttemptGuard {

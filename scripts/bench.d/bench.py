@@ -94,6 +94,10 @@ def settings():
         "rpcs": words("BENCH_RPCS", ALL_RPCS, allowed=ALL_RPCS),
         "paths": [p for p in ALL_PATHS if p in words("BENCH_PATHS", ALL_PATHS, allowed=ALL_PATHS)],
         "gateway_args": shlex.split(os.environ.get("BENCH_GATEWAY_ARGS", "")),
+        # The gateway's upstream hop over HTTP/2 with prior knowledge (h2c,
+        # --upstream-http2) to the upstream's HTTP/2 port, instead of
+        # HTTP/1.1: one multiplexed connection per worker.
+        "upstream_http2": os.environ.get("BENCH_UPSTREAM_HTTP2", "") == "1",
     }
     config["concurrency"].sort()
     # Calibration runs a fixed count to estimate each run's rate; the count
@@ -509,9 +513,13 @@ def main():
         help_text = subprocess.run([str(args.gateway_bin), "--help"], capture_output=True, text=True, check=False).stdout
         admin_flag = "--admin-listen" in help_text
         gateway_log = work / "gateway.log"
-        gateway = procs.start_gateway(
-            args.gateway_bin, f"http://127.0.0.1:{upstream.ports[2]}", config["gateway_args"], admin_flag, gateway_log
-        )
+        if config["upstream_http2"]:
+            gateway_upstream = f"http://127.0.0.1:{upstream.ports[1]}"
+            gateway_args = [*config["gateway_args"], "--upstream-http2"]
+        else:
+            gateway_upstream = f"http://127.0.0.1:{upstream.ports[2]}"
+            gateway_args = config["gateway_args"]
+        gateway = procs.start_gateway(args.gateway_bin, gateway_upstream, gateway_args, admin_flag, gateway_log)
         services.append(gateway)
         meta["gateway_command"] = shlex.join(gateway.args)
         meta["listen_backlog"] = {
