@@ -410,7 +410,13 @@ impl Upstream {
         }
         drop(slot);
         attempt.finish(&result);
-        let sent = sent.is_set();
+        // A connection took the request, unless the failure proves it went
+        // no further (an HTTP/2 stream refused unprocessed).
+        let sent = sent.is_set()
+            && result
+                .as_ref()
+                .err()
+                .is_none_or(UpstreamError::request_sent);
         Attempted {
             result,
             made: true,
