@@ -10,6 +10,7 @@ mod grpc_web;
 mod idempotency;
 mod idempotency_store;
 mod limits;
+mod network;
 mod observability;
 mod operations;
 mod otlp;
