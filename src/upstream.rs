@@ -114,6 +114,9 @@ struct Shared {
     secrets: Vec<String>,
     /// The proxy requests go through, without its password (start-up log).
     proxy: Option<String>,
+    /// Plain-HTTP requests go through `proxy`, which answers them itself
+    /// when it refuses them (`407`); over TLS it can only refuse the tunnel.
+    proxied_in_clear: bool,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -244,6 +247,7 @@ impl Upstream {
                 breaker: Breaker::new(&options.breaker),
                 retry,
                 secrets,
+                proxied_in_clear: shown.is_some() && !https,
                 proxy: shown,
             }),
             metrics: Metrics::default(),
@@ -407,7 +411,13 @@ impl Upstream {
         }
         drop(slot);
         attempt.finish(&result);
-        let sent = sent.is_set();
+        // A connection took the request, unless the failure proves it went
+        // no further (a proxy's 407, an HTTP/2 stream refused unprocessed).
+        let sent = sent.is_set()
+            && result
+                .as_ref()
+                .err()
+                .is_none_or(UpstreamError::request_sent);
         Attempted {
             result,
             made: true,
@@ -451,6 +461,11 @@ impl Upstream {
             .execute(request)
             .await
             .map_err(|e| error::transport(&e, sent.is_set(), secrets))?;
+        if response.status() == http::StatusCode::PROXY_AUTHENTICATION_REQUIRED
+            && self.shared.proxied_in_clear
+        {
+            return Err(proxy_refused(self.shared.proxy.as_deref()));
+        }
         if let Some(learner) = learner {
             learner.answered(response.version());
         }
@@ -702,6 +717,21 @@ async fn read_body(
         bytes.extend_from_slice(&chunk);
     }
     Ok(bytes)
+}
+
+/// The proxy of a plain-HTTP request answered it `407 Proxy Authentication
+/// Required`: the proxy's refusal (RFC 9110 §15.5.8), so the request went
+/// no further and the upstream never saw it.
+fn proxy_refused(proxy: Option<&str>) -> UpstreamError {
+    UpstreamError::Unreachable {
+        detail: format!(
+            "the proxy {} refused the request: HTTP 407 Proxy Authentication Required \
+             (check the credentials of --upstream-proxy or of the proxy variables)",
+            proxy.unwrap_or("(unknown)")
+        ),
+        fault: Fault::Connect,
+        request_sent: false,
+    }
 }
 
 /// The call's deadline passed before a connection took the request.

@@ -11,6 +11,7 @@ mod grpc_web;
 mod idempotency;
 mod idempotency_store;
 mod limits;
+mod network;
 mod observability;
 mod operations;
 mod otlp;

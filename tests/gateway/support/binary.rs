@@ -1,6 +1,7 @@
 //! The built binary run as an operator runs it, with a clean `GORMIC_*`
-//! environment: to a refusal at start-up ([`run_to_exit`], with a deadline),
-//! or to its "serving" log line and then SIGTERM ([`Serving`]).
+//! environment (no proxy variables either, unless the test passes some): to
+//! a refusal at start-up ([`run_to_exit`], with a deadline), or to its
+//! "serving" log line and then SIGTERM ([`Serving`]).
 
 use std::process::{ExitStatus, Output, Stdio};
 use std::time::Duration;
@@ -19,10 +20,11 @@ pub const SERVING: &str = "serving gormic.om.v1.InvoiceService";
 /// What the gateway logs once its admin listener is bound.
 pub const ADMIN_SERVING: &str = "serving /metrics, /livez, /readyz";
 
-/// The binary with `args`, a clean `GORMIC_*` environment, and its admin
-/// listener on an ephemeral port (tests run binaries in parallel; a test
-/// that passes `--admin-listen` wins over the variable).
-fn command(args: &[&str]) -> Command {
+/// The binary with `args`, a clean `GORMIC_*` environment without proxy
+/// variables, then `env` (a test's own variables), and its admin listener
+/// on an ephemeral port (tests run binaries in parallel; a test that passes
+/// `--admin-listen` wins over the variable).
+fn command(args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_gormic-gateway"));
     command.args(args).kill_on_drop(true);
     for (name, _) in std::env::vars_os() {
@@ -36,12 +38,18 @@ fn command(args: &[&str]) -> Command {
         }
     }
     command.env("GORMIC_ADMIN_LISTEN", "127.0.0.1:0");
+    command.envs(env.iter().copied());
     command
 }
 
 /// Runs the binary with `args`; it must exit on its own within the deadline.
 pub async fn run_to_exit(args: &[&str]) -> Output {
-    tokio::time::timeout(DEADLINE, command(args).output())
+    run_to_exit_with_env(args, &[]).await
+}
+
+/// [`run_to_exit`] with these environment variables set.
+pub async fn run_to_exit_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    tokio::time::timeout(DEADLINE, command(args, env).output())
         .await
         .unwrap_or_else(|_| panic!("the binary exits instead of serving: {args:?}"))
         .expect("the binary runs")
@@ -59,7 +67,13 @@ impl Serving {
     /// Starts the binary and waits for its [`SERVING`] line; fails the test
     /// with everything it printed if it exits first.
     pub async fn start(args: &[&str]) -> Serving {
-        let mut child = command(args)
+        Self::start_with_env(args, &[]).await
+    }
+
+    /// [`Serving::start`] with these environment variables set (after the
+    /// clean-up: a test's `HTTP_PROXY` is kept).
+    pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Serving {
+        let mut child = command(args, env)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
