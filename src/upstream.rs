@@ -457,10 +457,10 @@ impl Upstream {
             sent.clone(),
         )));
 
-        let mut response = client
-            .execute(request)
-            .await
-            .map_err(|e| error::transport(&e, sent.is_set(), secrets))?;
+        let mut response = client.execute(request).await.map_err(|e| {
+            let proxy = self.shared.proxy.as_deref();
+            error::transport(&e, sent.is_set(), proxy, secrets)
+        })?;
         if response.status() == http::StatusCode::PROXY_AUTHENTICATION_REQUIRED
             && self.shared.proxied_in_clear
         {

@@ -164,7 +164,12 @@ impl UpstreamError {
 /// A transport error of the HTTP client as an [`UpstreamError`]. `sent`:
 /// whether a connection took the request (`super::sent`); `secrets`
 /// (proxy credentials) are cut out of the text.
-pub(super) fn transport(error: &reqwest::Error, sent: bool, secrets: &[String]) -> UpstreamError {
+pub(super) fn transport(
+    error: &reqwest::Error,
+    sent: bool,
+    proxy: Option<&str>,
+    secrets: &[String],
+) -> UpstreamError {
     let (fault, request_sent) = if error.is_connect() {
         if error.is_timeout() {
             (Fault::ConnectTimeout, false)
@@ -180,6 +185,10 @@ pub(super) fn transport(error: &reqwest::Error, sent: bool, secrets: &[String]) 
         (Fault::Connect, false)
     };
     let mut detail = describe(error);
+    if let Some(proxy) = proxy.filter(|_| detail.starts_with("tunnel error")) {
+        // hyper-util says only "unsuccessful": name who refused.
+        detail = format!("the proxy {proxy} refused the CONNECT tunnel ({detail})");
+    }
     if fault == Fault::ConnectTimeout {
         detail = format!("connecting timed out (--upstream-connect-timeout): {detail}");
     }
