@@ -35,8 +35,11 @@
 #      to a temporary directory, pass `cargo check --locked` there (a source
 #      the Dockerfile forgets to copy fails here, not in the operator's build)
 #
-# OPS_CHECK_BINARY=target/debug/gormic-gateway also checks that every GORMIC_*
-# variable the manifests set is one that the binary's --help lists.
+# OPS_CHECK_BINARY=target/debug/gormic-gateway also checks the lists of
+# scripts/ops_check.py against that binary: every GORMIC_* variable the
+# manifests set is one its --help lists and every flag it has is listed, and
+# every metric family its /metrics exposes (run with --sandbox on loopback
+# ports) is listed with its type, none of the removed ones among them.
 # Fails (exit 1) on the first failing step, naming it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -111,6 +114,8 @@ step "consistency (scripts/ops_check.py)"
 if [[ -n "${OPS_CHECK_BINARY:-}" ]]; then
     step "flags known to $OPS_CHECK_BINARY"
     "$venv/bin/python" scripts/ops_check.py binary-env . "$OPS_CHECK_BINARY" || fail "variables unknown to $OPS_CHECK_BINARY"
+    step "metrics exposed by $OPS_CHECK_BINARY --sandbox"
+    "$venv/bin/python" scripts/ops_check.py binary-metrics . "$OPS_CHECK_BINARY" || fail "metrics of $OPS_CHECK_BINARY"
 fi
 
 # ---- 5. Prometheus rules and dashboard queries

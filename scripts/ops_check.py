@@ -18,7 +18,13 @@ Run by scripts/ops-check.sh with the ops venv's Python (it needs PyYAML):
         line (scripts/ops-check.sh rebuilds the build context from them).
     ops_check.py binary-env ROOT BINARY
         checks that every GORMIC_* variable the manifests set is one that
-        `BINARY --help` lists (opt-in: OPS_CHECK_BINARY).
+        `BINARY --help` lists, and that FLAGS holds every flag the binary
+        has (opt-in: OPS_CHECK_BINARY).
+    ops_check.py binary-metrics ROOT BINARY
+        starts `BINARY --sandbox` on loopback ports, reads its /metrics and
+        checks that every family it exposes is in the lists below with its
+        type, and that those exposed from the start are there (opt-in:
+        OPS_CHECK_BINARY).
 
 Every problem is printed, then the exit status is 1.
 """
@@ -31,8 +37,9 @@ from pathlib import Path
 
 import yaml
 
-# ---- What the gateway exposes (the team contract, "Planned flags" and
-# "Planned metrics"). OPS_CHECK_BINARY checks the flags against the real binary.
+# ---- What the gateway exposes. OPS_CHECK_BINARY checks both lists against
+# the real binary (its --help, and the /metrics of a --sandbox run); the docs
+# (docs/operations.md, and README.md for the flags) must name every entry.
 
 FLAGS = [
     # existing
@@ -42,10 +49,14 @@ FLAGS = [
     # runtime, limits, HTTP/2, retries
     "worker-threads", "shutdown-delay", "max-in-flight",
     "upstream-max-connections", "upstream-max-pending", "upstream-idle-timeout",
+    "upstream-connect-timeout", "upstream-http2", "upstream-proxy",
     "max-request-bytes", "max-header-bytes", "http2-max-concurrent-streams",
     "http2-keepalive-interval", "http2-keepalive-timeout", "max-connection-age",
     "max-connection-age-grace", "http1-header-read-timeout", "max-attempts",
     "retry-budget-ratio", "retry-budget-min-per-second",
+    # upstream circuit breaker
+    "upstream-breaker-failures", "upstream-breaker-gateway-errors",
+    "upstream-breaker-backoff", "upstream-breaker-max-backoff",
     # TLS and credentials
     "tls-cert", "tls-key", "tls-client-ca", "tls-handshake-timeout",
     "reload-interval", "upstream-ca", "upstream-client-cert",
@@ -74,6 +85,7 @@ COUNTERS = [
     "gormic_gateway_upstream_requests_total",
     "gormic_gateway_upstream_connections_opened_total",
     "gormic_gateway_upstream_retries_total",
+    "gormic_gateway_upstream_breaker_transitions_total",
     "gormic_gateway_idempotency_requests_total",
     "gormic_gateway_reloads_total",
     "gormic_gateway_log_lines_dropped_total",
@@ -82,9 +94,10 @@ COUNTERS = [
 GAUGES = [
     "gormic_gateway_build_info",
     "gormic_gateway_calls_in_flight",
-    "gormic_gateway_upstream_connections",
-    "gormic_gateway_upstream_connections_limit",
+    "gormic_gateway_upstream_requests_active",
+    "gormic_gateway_upstream_requests_limit",
     "gormic_gateway_upstream_pending_requests",
+    "gormic_gateway_upstream_breaker_state",
     "gormic_gateway_tls_certificate_expiry_timestamp_seconds",
     "process_resident_memory_bytes",
     "process_open_fds",
@@ -96,6 +109,29 @@ HISTOGRAMS = [
     "gormic_gateway_upstream_request_duration_seconds",
 ]
 METRICS = COUNTERS + GAUGES + HISTOGRAMS
+# Exposed from the start by a gateway without --tls-cert (the others appear
+# with their first value; the certificate expiry only with --tls-cert).
+EXPOSED_AT_START = {
+    "gormic_gateway_build_info",
+    "gormic_gateway_calls_in_flight",
+    "gormic_gateway_upstream_requests_active",
+    "gormic_gateway_upstream_requests_limit",
+    "gormic_gateway_upstream_pending_requests",
+    "gormic_gateway_upstream_connections_opened_total",
+    "gormic_gateway_upstream_breaker_state",
+    "gormic_gateway_log_lines_dropped_total",
+    "process_cpu_seconds_total",
+    "process_resident_memory_bytes",
+    "process_open_fds",
+    "process_max_fds",
+    "process_start_time_seconds",
+}
+# Series the gateway no longer exposes: a dashboard, an alert or the docs'
+# list of metrics that still used one would show nothing.
+REMOVED = {
+    "gormic_gateway_upstream_connections": "gormic_gateway_upstream_requests_active",
+    "gormic_gateway_upstream_connections_limit": "gormic_gateway_upstream_requests_limit",
+}
 SERIES = set(COUNTERS + GAUGES) | {
     h + suffix for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")
 }
@@ -387,7 +423,9 @@ def metric_names(expr):
 
 def check_names(where, expr, extra=()):
     for name in sorted(metric_names(expr)):
-        if name not in SERIES and name not in extra:
+        if name in REMOVED:
+            problem(where, f"{name} was removed: use {REMOVED[name]}")
+        elif name not in SERIES and name not in extra:
             problem(where, f"{name} is not a gormic-gateway metric (contract list in scripts/ops_check.py)")
 
 
@@ -536,6 +574,16 @@ def check_docs(root, env_used):
     for name in sorted(env_used):
         if name not in docs:
             problem(where, f"does not mention {name}, which deploy/kubernetes sets")
+    # The table of every metric: one row per series the gateway exposes.
+    rows = {m.group(1) for m in re.finditer(r"^\| `([a-z_:]+)(?:\{[^`]*\})?` \|", docs, re.M)}
+    for name in sorted(set(REMOVED) & rows):
+        problem(where, f"the metrics table still lists {name}, which was removed (now {REMOVED[name]})")
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    for flag in FLAGS:
+        if not re.search(rf"`--{re.escape(flag)}[ `]", readme):
+            problem("README.md", f"does not document --{flag}")
+        if env_of(flag) not in readme:
+            problem("README.md", f"does not document {env_of(flag)}")
     anchors = github_anchors(docs)
     for m in re.finditer(r"\]\(#([^)]+)\)", docs):
         if m.group(1) not in anchors:
@@ -558,6 +606,59 @@ def check_binary_env(root, binary, env_used):
         problem("scripts/ops_check.py", f"FLAGS lacks the binary's {name}: add it (and to docs)")
 
 
+def check_binary_metrics(binary):
+    """Runs the binary with --sandbox on loopback and reads its /metrics."""
+    import os
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        admin = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items()
+           if k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+           and not k.startswith("GORMIC_")}
+    gateway = subprocess.Popen(
+        [binary, "--sandbox", "--listen", "127.0.0.1:0", "--admin-listen", f"127.0.0.1:{admin}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    text = None
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and gateway.poll() is None:
+            try:
+                # No proxy for loopback, whatever the environment says.
+                opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+                with opener.open(f"http://127.0.0.1:{admin}/metrics", timeout=2) as r:
+                    text = r.read().decode("utf-8")
+                break
+            except OSError:
+                time.sleep(0.1)
+    finally:
+        gateway.terminate()
+        try:
+            _, err = gateway.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            gateway.kill()
+            _, err = gateway.communicate()
+    if text is None:
+        problem(binary, "no /metrics from `--sandbox` within 20 s: "
+                + err.decode("utf-8", "replace").strip()[-500:])
+        return
+    kinds = {**{n: "counter" for n in COUNTERS}, **{n: "gauge" for n in GAUGES},
+             **{n: "histogram" for n in HISTOGRAMS}}
+    exposed = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))
+    for name, kind in sorted(exposed.items()):
+        if name in REMOVED:
+            problem(binary, f"still exposes {name}, listed as removed in scripts/ops_check.py")
+        elif name not in kinds:
+            problem("scripts/ops_check.py", f"the binary exposes {name} ({kind}): add it to the lists (and to the docs)")
+        elif kinds[name] != kind:
+            problem("scripts/ops_check.py", f"{name} is a {kind}, not a {kinds[name]}")
+    for name in sorted(EXPOSED_AT_START - set(exposed)):
+        problem(binary, f"does not expose {name} at start")
+
+
 def main(argv):
     if len(argv) >= 3 and argv[1] == "copy-sources":
         print("\n".join(copy_sources(Path(argv[2]))))
@@ -578,6 +679,8 @@ def main(argv):
         for c in deployment["spec"]["template"]["spec"]["containers"]:
             env_used.update(e["name"] for e in c.get("env", []))
         check_binary_env(root, argv[3], env_used)
+    elif len(argv) == 4 and argv[1] == "binary-metrics":
+        check_binary_metrics(argv[3])
     else:
         print(__doc__, file=sys.stderr)
         return 2
