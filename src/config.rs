@@ -201,10 +201,13 @@ impl Cli {
             trace: self.trace.resolve()?,
             upstream,
             // TLS is loaded from the files by main, after parsing.
-            upstream_options: self
-                .upstream_client
-                .options()
-                .map_err(ConfigError::Upstream)?,
+            upstream_options: UpstreamOptions {
+                workers,
+                ..self
+                    .upstream_client
+                    .options()
+                    .map_err(ConfigError::Upstream)?
+            },
             deadlines: self.deadlines.clone(),
             server: ServerOptions {
                 grace: self.shutdown_grace,

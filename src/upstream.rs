@@ -222,7 +222,11 @@ impl Upstream {
             (false, false) => Protocol::Http1,
         };
         let (proxy, secrets, shown) = proxying(&options.proxy, base)?;
-        let limit = ConnectionLimit::new(options.max_connections, options.max_pending);
+        let limit = ConnectionLimit::new(
+            options.max_connections,
+            options.max_pending,
+            options.workers,
+        );
         let retry = RetryPolicy::new(&options.retry);
         let budgets = RetryPolicy::new(&options.retry);
         let clients = Clients::new(
@@ -366,7 +370,7 @@ impl Upstream {
             made: false,
             sent: false,
         };
-        let slot = match self.shared.limit.acquire(deadline.at()).await {
+        let slot = match self.shared.limit.acquire(worker.share, deadline.at()).await {
             Ok(slot) => slot,
             Err(Refused::QueueFull) => return not_made(UpstreamError::QueueFull),
             Err(Refused::Deadline) => {
@@ -592,18 +596,27 @@ fn proxying(
             let shown = Url::parse(&intercept.uri().to_string())
                 .map(|u| args::redacted(&u))
                 .unwrap_or_else(|_| "(unreadable proxy URL)".into());
-            let secrets = intercept
-                .raw_auth()
-                .map(|(_, password)| {
-                    let decoded = percent_encoding::percent_decode_str(password)
-                        .decode_utf8_lossy()
-                        .into_owned();
-                    vec![password.to_owned(), decoded]
-                })
-                .unwrap_or_default();
-            Ok((Proxying::Environment, secrets, Some(shown)))
+            Ok((Proxying::Environment, environment_secrets(), Some(shown)))
         }
     }
+}
+
+/// The passwords of every proxy variable set (the matcher keeps an HTTP
+/// proxy's credentials as a ready-made header, not as text to scrub).
+fn environment_secrets() -> Vec<String> {
+    [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ]
+    .into_iter()
+    .filter_map(|name| std::env::var(name).ok())
+    .filter_map(|value| Url::parse(&value).ok())
+    .flat_map(|url| args::secrets_of(&url))
+    .collect()
 }
 
 /// How the breaker should see a call's exchange: an answer, 502-504, no

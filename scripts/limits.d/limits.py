@@ -174,6 +174,15 @@ def gauge(text, name):
     return sum(values.values()) if values else None
 
 
+def upstream_busy(text):
+    """Upstream requests in flight: `gormic_gateway_upstream_requests_active`,
+    or, from a build before it, the pool's busy connections."""
+    active = gauge(text, "gormic_gateway_upstream_requests_active")
+    if active is not None:
+        return active
+    return metric_values(text, "gormic_gateway_upstream_connections").get('state="busy"')
+
+
 def shed_counts(text):
     out = {}
     for labels, value in metric_values(text, "gormic_gateway_calls_shed_total").items():
@@ -249,7 +258,7 @@ class Sampler(threading.Thread):
                     text = ""  # a scrape that failed under load: a gap in the timeline
                 in_flight = gauge(text, "gormic_gateway_calls_in_flight")
                 pending = gauge(text, "gormic_gateway_upstream_pending_requests")
-                busy = metric_values(text, "gormic_gateway_upstream_connections").get('state="busy"')
+                busy = upstream_busy(text)
                 row.update(in_flight=in_flight, pending=pending, busy=busy)
                 self.max_in_flight = max(self.max_in_flight, in_flight or 0)
                 self.max_pending = max(self.max_pending, pending or 0)
@@ -345,7 +354,7 @@ class Limits:
             text = metrics_text(self.gateway)
             in_flight = gauge(text, "gormic_gateway_calls_in_flight")
             pending = gauge(text, "gormic_gateway_upstream_pending_requests")
-            busy = metric_values(text, "gormic_gateway_upstream_connections").get('state="busy"')
+            busy = upstream_busy(text)
             if not in_flight and not pending and not busy:
                 return
             if time.monotonic() > deadline:
@@ -509,7 +518,12 @@ class Limits:
         log_counts, warn, overloaded = self.log_counts(self.gateway)
         self.stop(self.upstream)
         ok = burst.get(f"{RPC}/0", 0)
-        refused = burst.get(f"{RPC}/{RESOURCE_EXHAUSTED}", 0)
+        # Calls refused at admission are counted only by the shed counter
+        # (issue 14); a build before that also counted them in calls_total.
+        admitted_refused = burst.get(f"{RPC}/{RESOURCE_EXHAUSTED}", 0)
+        shed_at_admission = shed.get("in_flight_limit", 0)
+        counted_twice = admitted_refused >= shed_at_admission + shed.get("upstream_queue_full", 0)
+        refused = admitted_refused if counted_twice else admitted_refused + shed_at_admission
         other = {k: v for k, v in burst.items() if k not in (f"{RPC}/0", f"{RPC}/{RESOURCE_EXHAUSTED}")}
         forwarded = up_burst["requests_received"]
         self.results[name] = {
@@ -562,7 +576,7 @@ class Limits:
         # Shed calls (in-flight cap) write no call line of their own: they
         # are counted by the rate-limited `overloaded` lines checked below.
         expected_lines = dict(_merge(burst, after))
-        shed_calls = shed.get("in_flight_limit", 0)
+        shed_calls = shed.get("in_flight_limit", 0) if counted_twice else 0
         key = f"{RPC}/8"
         if key in expected_lines:
             expected_lines[key] -= shed_calls

@@ -28,9 +28,11 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Upstream")]
 pub struct UpstreamArgs {
-    /// Upstream requests in flight at once, process-wide: with HTTP/1.1 the
-    /// most connections busy, with HTTP/2 the most streams. 1024 is Envoy's
-    /// default; a call past it waits for a slot (--upstream-max-pending).
+    /// Upstream requests in flight at once: with HTTP/1.1 the most
+    /// connections open, with HTTP/2 the most streams; split between the
+    /// worker threads (each has its own connections), at least one each.
+    /// 1024 is Envoy's default; a call past it waits for a slot
+    /// (--upstream-max-pending).
     #[arg(long, env = "GORMIC_UPSTREAM_MAX_CONNECTIONS", value_name = "N", default_value_t = DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
     pub upstream_max_connections: usize,
 
@@ -105,6 +107,7 @@ impl UpstreamArgs {
             breaker: self.breaker.clone(),
             tls: None,
             resolve: Vec::new(),
+            workers: 1,
         })
     }
 }
@@ -128,6 +131,9 @@ pub struct UpstreamOptions {
     /// Names resolved to these addresses instead of by DNS, in this order
     /// (as curl's `--resolve`; for tests and pinned set-ups).
     pub resolve: Vec<(String, Vec<SocketAddr>)>,
+    /// The worker threads that call it (`--worker-threads`): the connection
+    /// cap is split between them (`limit`).
+    pub workers: usize,
 }
 
 impl Default for UpstreamOptions {
@@ -144,6 +150,7 @@ impl Default for UpstreamOptions {
             breaker: BreakerArgs::default(),
             tls: None,
             resolve: Vec::new(),
+            workers: 1,
         }
     }
 }

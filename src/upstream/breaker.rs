@@ -193,6 +193,12 @@ impl Breaker {
     }
 
     fn record(&self, probe: bool, outcome: Outcome, metrics: &Metrics) {
+        // Without --upstream-breaker-gateway-errors a 502-504 is an answer
+        // like any other: it shows the upstream is there.
+        let outcome = match outcome {
+            Outcome::GatewayError if self.gateway_errors_to_open == 0 => Outcome::Answered,
+            other => other,
+        };
         match outcome {
             Outcome::Answered => {
                 if self.failures.load(Ordering::Relaxed) != 0 {
@@ -404,6 +410,14 @@ mod tests {
         for _ in 0..10 {
             call(&off, Outcome::GatewayError).expect("never opens on 5xx by default");
         }
+        // A probe answered 503 closes it when gateway errors do not count.
+        let metrics = Metrics::default();
+        let b = breaker(1, 0);
+        call(&b, Outcome::Unreachable).expect("trips");
+        tokio::time::advance(Duration::from_millis(1300)).await;
+        let probe = b.admit(&metrics).expect("the probe");
+        probe.record(Outcome::GatewayError, &metrics);
+        call(&b, Outcome::Unreachable).expect("closed by the probe's answer");
         let on = breaker(0, 2);
         call(&on, Outcome::GatewayError).expect("closed");
         call(&on, Outcome::Unreachable).expect("counts as a gateway failure too");

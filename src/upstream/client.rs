@@ -85,12 +85,17 @@ pub(super) struct Worker {
     alpn: Option<Arc<Alpn>>,
     /// The worker's own retry budget (see `super::retry`).
     pub budget: TpsBudget,
+    /// Its share of the connection cap (`super::limit`), by the order in
+    /// which the worker threads first called.
+    pub share: usize,
 }
 
 /// The per-thread clients of one upstream.
 pub(super) struct Clients {
     settings: Settings,
     budget: Box<dyn Fn() -> TpsBudget + Send + Sync>,
+    /// Workers built so far: the next one's share.
+    workers: std::sync::atomic::AtomicUsize,
 }
 
 thread_local! {
@@ -109,6 +114,7 @@ impl Clients {
         let clients = Self {
             settings,
             budget: Box::new(budget),
+            workers: std::sync::atomic::AtomicUsize::new(0),
         };
         clients.build(clients.settings.protocol)?;
         Ok(Arc::new(clients))
@@ -132,6 +138,7 @@ impl Clients {
                 },
                 alpn: negotiated.then(|| Arc::new(Alpn::new())),
                 budget: (self.budget)(),
+                share: self.workers.fetch_add(1, Ordering::Relaxed),
             });
             workers.push((Arc::downgrade(self), worker.clone()));
             Ok(worker)

@@ -1,11 +1,23 @@
 //! The cap on what the gateway asks of the upstream at once:
-//! `--upstream-max-connections` requests in flight, process-wide (with
-//! HTTP/1.1 that is also the most connections busy; with HTTP/2, the most
-//! streams), and a hard bound on the calls waiting for a slot
+//! `--upstream-max-connections` requests in flight (with HTTP/1.1 that is
+//! also the most connections open; with HTTP/2, the most streams), and a
+//! hard, process-wide bound on the calls waiting for a slot
 //! (`--upstream-max-pending`). A slot is held from before the connection is
 //! looked for until the answer is read whole, so a slow or unreachable
 //! upstream makes calls wait (first come, first served) or fail fast; it
 //! never makes the gateway open more.
+//!
+//! The slots are split between the worker threads: each worker has its own
+//! HTTP client and connection pool (`super::client`), and a connection idle
+//! in one worker's pool cannot serve another's call. With one process-wide
+//! set of slots, a slot freed on one worker let another open a connection
+//! while the first kept its idle one: under a burst of 10,000 calls the
+//! upstream saw 1,720 connections for a cap of 1,024 (`scripts/limits`,
+//! BENCHMARKS.md). Split exactly (the remainder to the first workers), the
+//! cap holds: each worker opens at most its share. The cost: a worker whose
+//! share is busy queues its calls even when another worker has room. A
+//! worker's share is at least one slot, so with fewer slots than workers
+//! the cap is the number of workers.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -36,7 +48,8 @@ pub(super) enum Refused {
 }
 
 pub(super) struct ConnectionLimit {
-    slots: Semaphore,
+    /// One share of the slots per worker thread.
+    shares: Box<[Semaphore]>,
     max_pending: usize,
     /// Calls waiting: counted before they check the bound, so that the
     /// bound is exact under concurrency.
@@ -51,14 +64,26 @@ pub(super) struct Slot<'a> {
 }
 
 impl ConnectionLimit {
-    pub(super) fn new(max_connections: usize, max_pending: usize) -> Self {
-        let max_connections = max_connections.clamp(1, Semaphore::MAX_PERMITS);
+    /// `max_connections` slots split between `workers` shares.
+    pub(super) fn new(max_connections: usize, max_pending: usize, workers: usize) -> Self {
+        let workers = workers.max(1);
+        let max_connections = max_connections.min(Semaphore::MAX_PERMITS);
+        let shares: Box<[Semaphore]> = (0..workers)
+            .map(|i| {
+                let share = max_connections / workers + usize::from(i < max_connections % workers);
+                Semaphore::new(share.max(1))
+            })
+            .collect();
+        let limit = shares
+            .iter()
+            .map(Semaphore::available_permits)
+            .sum::<usize>();
         Self {
-            slots: Semaphore::new(max_connections),
+            shares,
             max_pending,
             pending: AtomicUsize::new(0),
             gauges: Arc::new(UpstreamGauges {
-                limit: max_connections as u64,
+                limit: limit as u64,
                 ..UpstreamGauges::default()
             }),
         }
@@ -68,16 +93,21 @@ impl ConnectionLimit {
         self.gauges.clone()
     }
 
-    /// A slot now, or after waiting in line until `deadline`.
-    pub(super) async fn acquire(&self, deadline: Instant) -> Result<Slot<'_>, Refused> {
+    /// A slot of `share` now, or after waiting in line until `deadline`.
+    pub(super) async fn acquire(
+        &self,
+        share: usize,
+        deadline: Instant,
+    ) -> Result<Slot<'_>, Refused> {
+        let slots = &self.shares[share % self.shares.len()];
         // The queue is FIFO: a free permit with callers waiting is theirs,
         // so this cannot jump the line.
-        let permit = match self.slots.try_acquire() {
+        let permit = match slots.try_acquire() {
             Ok(permit) => permit,
             Err(TryAcquireError::Closed) => return Err(Refused::QueueFull),
             Err(TryAcquireError::NoPermits) => {
                 let waiting = Waiting::enter(self).ok_or(Refused::QueueFull)?;
-                let permit = tokio::time::timeout_at(deadline, self.slots.acquire())
+                let permit = tokio::time::timeout_at(deadline, slots.acquire())
                     .await
                     .map_err(|_| Refused::Deadline)?
                     .map_err(|_| Refused::QueueFull)?;
@@ -132,8 +162,8 @@ mod tests {
 
     #[tokio::test]
     async fn slots_are_capped_and_the_queue_is_a_hard_bound() {
-        let limit = Arc::new(ConnectionLimit::new(1, 1));
-        let held = limit.acquire(soon()).await.expect("a free slot");
+        let limit = Arc::new(ConnectionLimit::new(1, 1, 1));
+        let held = limit.acquire(0, soon()).await.expect("a free slot");
         assert_eq!(limit.gauges().active.load(Ordering::Relaxed), 1);
 
         // One waits (the queue's only place)...
@@ -141,7 +171,7 @@ mod tests {
             let limit = limit.clone();
             tokio::spawn(async move {
                 limit
-                    .acquire(Instant::now() + Duration::from_secs(5))
+                    .acquire(0, Instant::now() + Duration::from_secs(5))
                     .await
                     .is_ok()
             })
@@ -150,7 +180,10 @@ mod tests {
             tokio::task::yield_now().await;
         }
         // ... the next is refused at once.
-        assert_eq!(limit.acquire(soon()).await.err(), Some(Refused::QueueFull));
+        assert_eq!(
+            limit.acquire(0, soon()).await.err(),
+            Some(Refused::QueueFull)
+        );
         drop(held);
         assert!(queued.await.expect("task"), "the waiter got the slot");
         assert_eq!(limit.gauges().pending.load(Ordering::Relaxed), 0);
@@ -159,17 +192,45 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiter_gives_up_at_its_deadline() {
-        let limit = ConnectionLimit::new(1, 10);
-        let _held = limit.acquire(soon()).await.expect("a free slot");
-        assert_eq!(limit.acquire(soon()).await.err(), Some(Refused::Deadline));
+        let limit = ConnectionLimit::new(1, 10, 1);
+        let _held = limit.acquire(0, soon()).await.expect("a free slot");
+        assert_eq!(
+            limit.acquire(0, soon()).await.err(),
+            Some(Refused::Deadline)
+        );
         assert_eq!(limit.gauges().pending.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]
     async fn no_queue_means_refusal_when_full() {
-        let limit = ConnectionLimit::new(2, 0);
-        let _a = limit.acquire(soon()).await.expect("slot 1");
-        let _b = limit.acquire(soon()).await.expect("slot 2");
-        assert_eq!(limit.acquire(soon()).await.err(), Some(Refused::QueueFull));
+        let limit = ConnectionLimit::new(2, 0, 1);
+        let _a = limit.acquire(0, soon()).await.expect("slot 1");
+        let _b = limit.acquire(0, soon()).await.expect("slot 2");
+        assert_eq!(
+            limit.acquire(0, soon()).await.err(),
+            Some(Refused::QueueFull)
+        );
+    }
+
+    #[tokio::test]
+    async fn the_slots_are_split_exactly_between_the_workers() {
+        let limit = ConnectionLimit::new(1024, 0, 3);
+        let sizes: Vec<usize> = limit
+            .shares
+            .iter()
+            .map(Semaphore::available_permits)
+            .collect();
+        assert_eq!(sizes, vec![342, 341, 341]);
+        assert_eq!(limit.gauges().limit, 1024);
+        // A worker's share is its own: worker 1 full does not take worker 0's.
+        let _one = limit.acquire(1, soon()).await.expect("worker 1's slot");
+        let few = ConnectionLimit::new(2, 0, 1);
+        assert_eq!(few.gauges().limit, 2);
+        let fewer_than_workers = ConnectionLimit::new(1, 0, 2);
+        assert_eq!(
+            fewer_than_workers.gauges().limit,
+            2,
+            "at least one per worker"
+        );
     }
 }
