@@ -20,7 +20,7 @@ use crate::units::{parse_duration, parse_size};
 
 /// Default of `--max-in-flight`: a call waiting on a slow upstream holds
 /// ~9 KiB (measured by scripts/limits, BENCHMARKS.md), so 10 000 of them
-/// with 1024 busy upstream connections peak at ~140 MiB; far more than one
+/// with 1024 busy upstream requests peak at ~148 MiB; far more than one
 /// replica should ever serve at once, and a bound an operator can size a
 /// container for.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 10_000;
@@ -37,7 +37,7 @@ pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
 pub struct LimitArgs {
     /// Calls served at once, process-wide; past it a call is refused at
     /// once with RESOURCE_EXHAUSTED (reason OVERLOADED) and never forwarded.
-    /// 10000 calls waiting on a slow upstream take ~140 MiB (~9 KiB each,
+    /// 10000 calls waiting on a slow upstream take ~148 MiB (~9 KiB each,
     /// BENCHMARKS.md): size the container for it, or lower this.
     #[arg(long, env = "GORMIC_MAX_IN_FLIGHT", value_name = "N", default_value_t = DEFAULT_MAX_IN_FLIGHT, value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
     pub max_in_flight: usize,
