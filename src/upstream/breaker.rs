@@ -246,17 +246,10 @@ impl Breaker {
 
     /// Closed → open, once.
     fn trip(&self, metrics: &Metrics, consecutive: u32, what: &str) {
-        let mut open = self.lock();
-        if self.state.load(Ordering::Acquire) != CLOSED {
+        let Some(wait) = self.open_for(metrics, |_| self.min_backoff, |state| state == CLOSED)
+        else {
             return;
-        }
-        open.backoff = self.min_backoff;
-        open.probing = false;
-        let wait = jittered(open.backoff);
-        open.next_probe = Instant::now() + wait;
-        self.state.store(OPEN, Ordering::Release);
-        drop(open);
-        metrics.breaker_state(BreakerState::Open);
+        };
         tracing::warn!(
             consecutive,
             first_probe_in_ms = wait.as_millis() as u64,
@@ -267,21 +260,37 @@ impl Breaker {
 
     /// A failed probe: open again, backing off further.
     fn reopen(&self, metrics: &Metrics) {
+        // Unless another call's answer closed it meanwhile.
+        let doubled = |backoff: Duration| (backoff * 2).min(self.max_backoff);
+        let Some(wait) = self.open_for(metrics, doubled, |state| state != CLOSED) else {
+            return;
+        };
+        tracing::warn!(
+            next_probe_in_ms = wait.as_millis() as u64,
+            "upstream circuit breaker probe failed: open again"
+        );
+    }
+
+    /// Opens the breaker with the backoff `backoff(current)`, if its state
+    /// passes `from`; returns the wait before the next probe.
+    fn open_for(
+        &self,
+        metrics: &Metrics,
+        backoff: impl FnOnce(Duration) -> Duration,
+        from: impl FnOnce(u8) -> bool,
+    ) -> Option<Duration> {
         let mut open = self.lock();
-        if self.state.load(Ordering::Acquire) == CLOSED {
-            return; // another call's answer closed it meanwhile
+        if !from(self.state.load(Ordering::Acquire)) {
+            return None;
         }
-        open.backoff = (open.backoff * 2).min(self.max_backoff);
+        open.backoff = backoff(open.backoff);
         open.probing = false;
         let wait = jittered(open.backoff);
         open.next_probe = Instant::now() + wait;
         self.state.store(OPEN, Ordering::Release);
         drop(open);
         metrics.breaker_state(BreakerState::Open);
-        tracing::warn!(
-            next_probe_in_ms = wait.as_millis() as u64,
-            "upstream circuit breaker probe failed: open again"
-        );
+        Some(wait)
     }
 
     fn close(&self, metrics: &Metrics) {
