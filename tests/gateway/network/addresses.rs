@@ -1,6 +1,7 @@
 //! Connections: a name with a dead first address, HTTP/2 with prior
 //! knowledge (and its streams refused unprocessed), and keep-alive
-//! connections the upstream closes under the gateway.
+//! connections the upstream closes under the gateway, and a slow link
+//! (25 ms each way) under 200 calls at once.
 
 use std::time::Duration;
 
@@ -202,5 +203,41 @@ async fn closes_spaced_around_the_upstreams_keep_alive_timeout_never_lose_a_call
     assert_eq!(
         observed.scrape().value(CONNECTIONS_OPENED),
         Some(upstream.connections() as f64)
+    );
+}
+
+#[tokio::test]
+async fn over_a_link_of_25_ms_each_way_2000_calls_at_200_at_once_all_succeed_and_none_is_sent_twice()
+ {
+    use crate::support::delay_proxy::DelayProxy;
+    const CALLS: usize = 2_000;
+    const AT_ONCE: usize = 200;
+    let upstream = FakeUpstream::start().await;
+    upstream.respond(Scripted::ok(closed()));
+    let link = DelayProxy::start(upstream.addr(), Duration::from_millis(25)).await;
+    let observed = Observed::start(&format!("http://{}", link.addr()), no_proxy()).await;
+
+    let turns = std::sync::Arc::new(tokio::sync::Semaphore::new(AT_ONCE));
+    let calls: Vec<_> = (0..CALLS)
+        .map(|_| {
+            let mut client = observed.client();
+            let turns = turns.clone();
+            tokio::spawn(async move {
+                let _turn = turns.acquire_owned().await.expect("open semaphore");
+                client
+                    .close_invoice(crate::support::authed(super::close()))
+                    .await
+            })
+        })
+        .collect();
+    for call in calls {
+        let response = call.await.expect("task").expect("every call succeeds");
+        assert_eq!(response.into_inner().invoice_number, 1);
+    }
+    assert_eq!(upstream.requests().len(), CALLS, "each call sent once");
+    assert!(
+        link.connections() <= AT_ONCE,
+        "connections are reused: {}",
+        link.connections()
     );
 }
