@@ -615,7 +615,7 @@ fn http_reason(status: u16) -> Option<&'static str> {
 }
 
 fn millis(duration: Duration) -> String {
-    humantime::format_duration(Duration::from_millis(duration.as_millis() as u64)).to_string()
+    crate::units::format_millis(duration)
 }
 
 #[cfg(test)]

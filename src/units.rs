@@ -43,9 +43,21 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
+/// A duration as the messages show it: humantime, to the millisecond
+/// (`1s 500ms`, never `1s 500ms 12us 7ns`).
+pub fn format_millis(duration: Duration) -> String {
+    humantime::format_duration(Duration::from_millis(duration.as_millis() as u64)).to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_are_shown_to_the_millisecond() {
+        assert_eq!(format_millis(Duration::from_micros(1_500_012)), "1s 500ms");
+        assert_eq!(format_millis(Duration::from_micros(900)), "0s");
+    }
 
     #[test]
     fn sizes_take_binary_units_and_zero_is_refused() {

@@ -228,7 +228,7 @@ impl Upstream {
             options.workers,
         );
         let retry = RetryPolicy::new(&options.retry);
-        let budgets = RetryPolicy::new(&options.retry);
+        let budgets = retry.clone();
         let clients = Clients::new(
             Settings {
                 tls,
@@ -752,7 +752,7 @@ fn connection_not_in_time(deadline: &Deadline) -> UpstreamError {
     UpstreamError::Unreachable {
         detail: format!(
             "no connection to the upstream took the request within the call's {} ({})",
-            humantime::format_duration(millis(deadline.budget())),
+            crate::units::format_millis(deadline.budget()),
             match deadline.bound() {
                 crate::deadline::TimeoutBound::CallerDeadline => "deadline",
                 crate::deadline::TimeoutBound::UpstreamTimeout => "--upstream-timeout",
@@ -761,10 +761,6 @@ fn connection_not_in_time(deadline: &Deadline) -> UpstreamError {
         fault: Fault::Deadline,
         request_sent: false,
     }
-}
-
-fn millis(duration: Duration) -> Duration {
-    Duration::from_millis(duration.as_millis() as u64)
 }
 
 #[cfg(test)]

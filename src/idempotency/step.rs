@@ -123,9 +123,7 @@ pub(crate) async fn start(
         .map_err(|_| {
             Refusal::StoreUnavailable(format!(
                 "no answer within the call's deadline ({} in all)",
-                humantime::format_duration(Duration::from_millis(
-                    deadline.budget().as_millis() as u64
-                ))
+                crate::units::format_millis(deadline.budget())
             ))
         })?;
     match begun {

@@ -20,7 +20,7 @@
 //! the cap is the number of workers.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::{Semaphore, SemaphorePermit, TryAcquireError};
 use tokio::time::Instant;
@@ -50,10 +50,9 @@ pub(super) enum Refused {
 pub(super) struct ConnectionLimit {
     /// One share of the slots per worker thread.
     shares: Box<[Semaphore]>,
-    max_pending: usize,
-    /// Calls waiting: counted before they check the bound, so that the
-    /// bound is exact under concurrency.
-    pending: AtomicUsize,
+    max_pending: u64,
+    /// `pending` counts the calls waiting: each is counted before it checks
+    /// the bound, so that the bound is exact under concurrency.
     gauges: Arc<UpstreamGauges>,
 }
 
@@ -80,8 +79,7 @@ impl ConnectionLimit {
             .sum::<usize>();
         Self {
             shares,
-            max_pending,
-            pending: AtomicUsize::new(0),
+            max_pending: max_pending as u64,
             gauges: Arc::new(UpstreamGauges {
                 limit: limit as u64,
                 ..UpstreamGauges::default()
@@ -134,20 +132,18 @@ struct Waiting<'a>(&'a ConnectionLimit);
 
 impl<'a> Waiting<'a> {
     fn enter(limit: &'a ConnectionLimit) -> Option<Self> {
-        let before = limit.pending.fetch_add(1, Ordering::AcqRel);
-        if before >= limit.max_pending {
-            limit.pending.fetch_sub(1, Ordering::AcqRel);
+        let pending = &limit.gauges.pending;
+        if pending.fetch_add(1, Ordering::AcqRel) >= limit.max_pending {
+            pending.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
-        limit.gauges.pending.fetch_add(1, Ordering::Relaxed);
         Some(Self(limit))
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.pending.fetch_sub(1, Ordering::AcqRel);
-        self.0.gauges.pending.fetch_sub(1, Ordering::Relaxed);
+        self.0.gauges.pending.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -94,7 +94,7 @@ pub enum Decision {
 
 /// The retry rules of one gateway, shared by all calls; the budgets they
 /// draw on are per worker ([`RetryPolicy::budget`]).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct RetryPolicy {
     max_attempts: u32,
     ratio: f32,
