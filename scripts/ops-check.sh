@@ -27,8 +27,10 @@
 #      grace; ports, probes, security context; every GORMIC_* variable is a
 #      flag's; Dockerfile shape; dashboard and alerts use only the gateway's
 #      metric names and no hard-coded datasource; runbook links resolve to
-#      headings of docs/operations.md; the docs name every flag and metric,
-#      and their links resolve)
+#      headings of docs/operations.md; docs/operations.md names every flag
+#      and metric; docs/configuration.md has a row for every flag with its
+#      variable and default; every relative link of README.md and docs/*.md
+#      resolves, to a heading where it names one)
 #   5. promtool: check rules and test rules for deploy/prometheus, and every
 #      dashboard query parsed as PromQL
 #   6. the Docker build context: the build stage's COPY sources, copied alone
@@ -37,8 +39,9 @@
 #
 # OPS_CHECK_BINARY=target/debug/gormic-gateway also checks the lists of
 # scripts/ops_check.py against that binary: every GORMIC_* variable the
-# manifests set is one its --help lists and every flag it has is listed, and
-# every metric family its /metrics exposes (run with --sandbox on loopback
+# manifests set is one its --help lists and every flag it has is listed, that
+# docs/configuration.md writes each flag with the placeholder --help shows,
+# and every metric family its /metrics exposes (run with --sandbox on loopback
 # ports) is listed with its type, none of the removed ones among them.
 # Fails (exit 1) on the first failing step, naming it.
 set -euo pipefail

@@ -8,8 +8,10 @@ Run by scripts/ops-check.sh with the ops venv's Python (it needs PyYAML):
         Dockerfile agree with each other and with the gateway's ports and
         flags; checkov skips are the documented ones; dashboard and alert
         rules use only the gateway's metric names; runbook links resolve to
-        headings of docs/operations.md; the docs name every flag and metric,
-        and their own links resolve.
+        headings of docs/operations.md; docs/operations.md names every flag
+        and metric; docs/configuration.md has a row for every flag (and none
+        other) with its variable and a default; every relative link of
+        README.md and docs/*.md resolves, to a heading where it names one.
         Writes every dashboard query, with Grafana's variables replaced, as a
         Prometheus recording rule file, so that `promtool check rules`
         parses them.
@@ -18,8 +20,10 @@ Run by scripts/ops-check.sh with the ops venv's Python (it needs PyYAML):
         line (scripts/ops-check.sh rebuilds the build context from them).
     ops_check.py binary-env ROOT BINARY
         checks that every GORMIC_* variable the manifests set is one that
-        `BINARY --help` lists, and that FLAGS holds every flag the binary
-        has (opt-in: OPS_CHECK_BINARY).
+        `BINARY --help` lists, that FLAGS holds every flag the binary has,
+        and that docs/configuration.md writes each flag with the placeholder
+        `--help` shows (`--listen ADDR` for `--listen <ADDR>`) (opt-in:
+        OPS_CHECK_BINARY).
     ops_check.py binary-metrics ROOT BINARY
         starts `BINARY --sandbox` on loopback ports, reads its /metrics and
         checks that every family it exposes is in the lists below with its
@@ -39,7 +43,8 @@ import yaml
 
 # ---- What the gateway exposes. OPS_CHECK_BINARY checks both lists against
 # the real binary (its --help, and the /metrics of a --sandbox run); the docs
-# (docs/operations.md, and README.md for the flags) must name every entry.
+# (docs/operations.md, and docs/configuration.md for the flags) must name
+# every entry.
 
 FLAGS = [
     # existing
@@ -578,19 +583,82 @@ def check_docs(root, env_used):
     rows = {m.group(1) for m in re.finditer(r"^\| `([a-z_:]+)(?:\{[^`]*\})?` \|", docs, re.M)}
     for name in sorted(set(REMOVED) & rows):
         problem(where, f"the metrics table still lists {name}, which was removed (now {REMOVED[name]})")
-    readme = (root / "README.md").read_text(encoding="utf-8")
+    check_configuration(root)
+    check_links(root)
+
+
+# A row of docs/configuration.md's flag tables:
+# | `--flag PLACEHOLDER` | `GORMIC_FLAG` | default | meaning |
+# (a `|` inside a placeholder is escaped: `--admin-listen ADDR\|off`).
+FLAG_ROW = re.compile(
+    r"^\| `--([a-z0-9-]+)(?: ((?:[^`|\\]|\\\|)+))?` \| ((?:[^|\\]|\\\|)*)\| ((?:[^|\\]|\\\|)*)\| (.*)\|\s*$",
+    re.M)
+
+
+def configuration_rows(root):
+    """{flag: (placeholder or None, env cell, default cell, meaning)} of
+    docs/configuration.md; a flag documented twice is a problem."""
+    where = "docs/configuration.md"
+    text = (root / where).read_text(encoding="utf-8")
+    rows = {}
+    for m in FLAG_ROW.finditer(text):
+        flag, placeholder, env, default, meaning = m.groups()
+        if flag in rows:
+            problem(where, f"--{flag} has two rows")
+        placeholder = placeholder.replace("\\|", "|") if placeholder else None
+        rows[flag] = (placeholder, env.strip(), default.strip(), meaning.strip())
+    return rows
+
+
+def check_configuration(root):
+    """Every flag has its row in docs/configuration.md, with its variable, a
+    default and a meaning; no row is of a flag the gateway does not have."""
+    where = "docs/configuration.md"
+    rows = configuration_rows(root)
     for flag in FLAGS:
-        if not re.search(rf"`--{re.escape(flag)}[ `]", readme):
-            problem("README.md", f"does not document --{flag}")
-        if env_of(flag) not in readme:
-            problem("README.md", f"does not document {env_of(flag)}")
-    anchors = github_anchors(docs)
-    for m in re.finditer(r"\]\(#([^)]+)\)", docs):
-        if m.group(1) not in anchors:
-            problem(where, f"link to #{m.group(1)}, which is no heading here")
-    for m in re.finditer(r"\]\((\.\./[^)#]+)", docs):
-        if not (root / "docs" / m.group(1)).exists():
-            problem(where, f"link to {m.group(1)}, which does not exist")
+        if flag not in rows:
+            problem(where, f"no row for --{flag} (| `--{flag} ...` | `{env_of(flag)}` | default | meaning |)")
+            continue
+        _, env, default, meaning = rows[flag]
+        if f"`{env_of(flag)}`" not in env:
+            problem(where, f"--{flag}: its variable is {env_of(flag)}, the row says {env!r}")
+        if not default:
+            problem(where, f"--{flag}: no default")
+        if not meaning:
+            problem(where, f"--{flag}: no meaning")
+    for flag in sorted(set(rows) - set(FLAGS)):
+        problem(where, f"a row for --{flag}, which is no flag of the gateway (FLAGS in scripts/ops_check.py)")
+
+
+def check_links(root):
+    """Every relative link of README.md and docs/*.md names a file or
+    directory of the repository and, with a #fragment, a heading of that
+    Markdown file (or of the page itself, for a bare #fragment)."""
+    pages = [root / "README.md"] + sorted((root / "docs").glob("*.md"))
+    anchors = {}
+    for page in pages:
+        rel = page.relative_to(root)
+        text = page.read_text(encoding="utf-8")
+        # Links in fenced code are code, not links.
+        prose = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+        for m in re.finditer(r"\]\(([^)\s]+)\)", prose):
+            target = m.group(1)
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):
+                continue  # https:, mailto:
+            path, _, fragment = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page.resolve()
+            if path and not dest.exists():
+                problem(str(rel), f"link to {path}, which does not exist")
+                continue
+            if not fragment:
+                continue
+            if dest.suffix != ".md" or dest.is_dir():
+                problem(str(rel), f"link to {target}: a #fragment needs a Markdown file")
+                continue
+            if dest not in anchors:
+                anchors[dest] = github_anchors(dest.read_text(encoding="utf-8"))
+            if fragment not in anchors[dest]:
+                problem(str(rel), f"link to {target}, which is no heading of {path or rel}")
 
 
 def check_binary_env(root, binary, env_used):
@@ -604,6 +672,18 @@ def check_binary_env(root, binary, env_used):
             problem("deploy/kubernetes", f"{name} is not a variable `{binary} --help` lists")
     for name in sorted(known - ENV_VARS - {"OTEL_EXPORTER_OTLP_ENDPOINT"}):
         problem("scripts/ops_check.py", f"FLAGS lacks the binary's {name}: add it (and to docs)")
+    # Each flag is written in docs/configuration.md as --help writes it:
+    # `--listen ADDR` for `--listen <ADDR>`, a switch without a placeholder.
+    shown = {}
+    for m in re.finditer(r"^ +(?:-\w, )?--([a-z0-9-]+)(?: <([^>]+)>)?\s*$", out.stdout, re.M):
+        shown[m.group(1)] = m.group(2)
+    for flag, (placeholder, *_rest) in sorted(configuration_rows(root).items()):
+        if flag not in shown:
+            problem("docs/configuration.md", f"documents --{flag}, which `{binary} --help` does not show")
+        elif shown[flag] != placeholder:
+            want = f"--{flag} {shown[flag]}" if shown[flag] else f"--{flag}"
+            have = f"--{flag} {placeholder}" if placeholder else f"--{flag}"
+            problem("docs/configuration.md", f"writes `{have}`, --help shows `{want}`")
 
 
 def check_binary_metrics(binary):

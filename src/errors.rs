@@ -3,7 +3,7 @@
 //! `RetryInfo`, `BadRequest` when they apply). The steps of the call path
 //! refuse with errors of their own (`credentials::Refusal`,
 //! `idempotency::step::Refusal`, `UpstreamError`, ...), converted here
-//! (`From`), so that no step depends on this table. The README reproduces
+//! (`From`), so that no step depends on this table. docs/errors.md reproduces
 //! these tables; keep both in step.
 
 use std::collections::HashMap;
