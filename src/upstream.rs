@@ -30,6 +30,7 @@ mod client;
 mod error;
 mod exchange;
 mod limit;
+mod metrics;
 mod operation;
 mod proxy;
 mod request;
@@ -52,26 +53,12 @@ pub use args::{
 pub use breaker::BreakerArgs;
 pub use error::{Fault, Rejection, RetryAfter, UpstreamError};
 pub use limit::UpstreamGauges;
+pub use metrics::{BreakerState, UpstreamMetrics, UpstreamResult};
 pub use operation::{
     CloseInvoice, CreateInvoice, DeleteInvoice, Operation, SendInvoice, Undecodable, UpdateInvoice,
 };
 pub use proxy::{ProxySetting, ProxyUrl};
 pub use retry::RetryArgs;
-
-impl crate::metrics::ConnectionGauges for UpstreamGauges {
-    fn active(&self) -> u64 {
-        self.active.load(std::sync::atomic::Ordering::Relaxed)
-    }
-    fn pending(&self) -> u64 {
-        self.pending.load(std::sync::atomic::Ordering::Relaxed)
-    }
-    fn limit(&self) -> u64 {
-        self.limit
-    }
-    fn opened_total(&self) -> u64 {
-        self.opened_total.load(std::sync::atomic::Ordering::Relaxed)
-    }
-}
 
 use breaker::Breaker;
 use client::{Clients, Protocol, Settings};
@@ -94,7 +81,7 @@ pub const UNREACHABLE_RETRY_DELAY: Duration = Duration::from_secs(1);
 pub struct Upstream {
     shared: Arc<Shared>,
     /// Each attempt, retry and breaker transition is counted here.
-    metrics: Metrics,
+    metrics: Arc<UpstreamMetrics>,
 }
 
 struct Shared {
@@ -217,13 +204,13 @@ impl Upstream {
                 retry,
                 proxy,
             }),
-            metrics: Metrics::default(),
+            metrics: Metrics::default().series(),
         })
     }
 
     /// Counts attempts, retries and breaker transitions in `metrics`.
     pub fn with_metrics(mut self, metrics: Metrics) -> Self {
-        self.metrics = metrics;
+        self.metrics = metrics.series();
         self
     }
 

@@ -11,13 +11,13 @@ use super::answer;
 use super::client::{Learner, Worker};
 use super::error::{Fault, UpstreamError};
 use super::limit::Refused;
+use super::metrics::{UpstreamMetrics, UpstreamResult};
 use super::operation::Operation;
 use super::request::Prepared;
 use super::sent::SentFlag;
 use super::transport;
 use super::{CallContext, Reply, Upstream};
 use crate::deadline::{Deadline, TimeoutBound};
-use crate::metrics::{Metrics, UpstreamResult};
 use crate::routes::Route;
 use crate::trace::UpstreamSpan;
 
@@ -140,7 +140,7 @@ impl Upstream {
 /// when the call is dropped mid-attempt (the caller went away) while the
 /// request may have been with the upstream, counted as cancelled.
 struct AttemptGuard<'a> {
-    metrics: &'a Metrics,
+    metrics: &'a UpstreamMetrics,
     route: &'static Route,
     started: Instant,
     /// Taken by `finish`; a span dropped unfinished ends as cancelled.
