@@ -260,11 +260,11 @@ pub struct StatusContext<'a> {
 
 impl CallError {
     /// Why the call counts as shed (refused for lack of capacity), if it does.
-    pub fn shed_reason(&self) -> Option<crate::metrics::ShedReason> {
+    pub fn shed_reason(&self) -> Option<crate::limits::ShedReason> {
         match self {
-            Self::Overloaded { .. } => Some(crate::metrics::ShedReason::InFlightLimit),
+            Self::Overloaded { .. } => Some(crate::limits::ShedReason::InFlightLimit),
             Self::Upstream(UpstreamError::QueueFull) => {
-                Some(crate::metrics::ShedReason::UpstreamQueueFull)
+                Some(crate::limits::ShedReason::UpstreamQueueFull)
             }
             _ => None,
         }

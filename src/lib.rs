@@ -17,7 +17,7 @@
 //! [`deadline`], [`validation`], [`grpc_code`]) import nothing above them.
 
 pub mod admin;
-mod call_end;
+pub mod call_end;
 pub mod config;
 pub mod cors;
 pub mod credentials;

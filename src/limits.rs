@@ -2,7 +2,10 @@
 //! (admission) and the cap on request message size, and the flags of every
 //! per-connection protection ([`LimitArgs`]; the server applies those). The
 //! upstream's cap on requests in flight and its queue live in
-//! `upstream::limit`.
+//! `upstream::limit`. `metrics` declares the shed calls' series and lets
+//! `gormic_gateway_calls_in_flight` read the admission cap.
+
+mod metrics;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -17,6 +20,8 @@ use http_body_util::BodyExt;
 use tonic::body::Body;
 
 use crate::units::{parse_duration, parse_size};
+
+pub use metrics::{ShedMetrics, ShedReason};
 
 /// Default of `--max-in-flight`: a call waiting on a slow upstream holds
 /// ~9 KiB (measured by scripts/limits, BENCHMARKS.md), so 10 000 of them

@@ -130,16 +130,16 @@ impl Files {
                 let _ = stop.wait_for(|stopped| *stopped).await;
             }
         };
-        let count = |metrics: &Metrics| {
-            let metrics = metrics.clone();
-            move |file: &'static str, outcome: reload::Outcome| {
-                metrics.reload(file, outcome == reload::Outcome::Success);
-            }
+        // Registered now, whatever is reloaded: the series is exposed from the start.
+        let reloads = metrics.series::<reload::ReloadMetrics>();
+        let count = || {
+            let reloads = reloads.clone();
+            move |file: &'static str, outcome: reload::Outcome| reloads.reload(file, outcome)
         };
         if let Some(server_tls) = self.server_tls.clone() {
             metrics.set_tls_certificate_expiry(server_tls.not_after());
             let expiry = metrics.clone();
-            let counted = count(metrics);
+            let counted = count();
             let tls = server_tls.clone();
             tokio::spawn(reload::watch(
                 interval,
@@ -159,7 +159,7 @@ impl Files {
                 until(stop),
                 "upstream_tls",
                 move || upstream_tls.reload(),
-                count(metrics),
+                count(),
             ));
         }
         if let Some(credentials) = self.credentials.clone() {
@@ -168,7 +168,7 @@ impl Files {
                 until(stop),
                 "credentials",
                 move || credentials.reload(),
-                count(metrics),
+                count(),
             ));
         }
     }
@@ -209,7 +209,9 @@ async fn serve(
         }
     };
     let metrics = Metrics::new(&cli.metrics);
-    let upstream = Upstream::new(&upstream_url, upstream_options).map_err(|e| e.to_string())?;
+    let upstream = Upstream::new(&upstream_url, upstream_options)
+        .map_err(|e| e.to_string())?
+        .with_metrics(metrics.clone());
     metrics.register_connections(upstream.gauges());
     metrics.count_log_lines_dropped_from(logging::dropped_lines);
     let tracer = Tracer::start(

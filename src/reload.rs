@@ -1,7 +1,8 @@
 //! Picking up files that change under a running gateway: the TLS certificate,
 //! key and client CA, and the credentials file. One polling task per
-//! reloadable thing ([`watch`]), and the "has anything changed since it was
-//! last judged" bookkeeping ([`Snapshot`], [`ChangeGate`]) its `reload()` uses.
+//! reloadable thing ([`watch`]), the "has anything changed since it was
+//! last judged" bookkeeping ([`Snapshot`], [`ChangeGate`]) its `reload()`
+//! uses, and the count of reloads ([`ReloadMetrics`]).
 //!
 //! Polling compares file *content*, not modification times: Kubernetes
 //! Secret volumes publish an update by swapping a `..data` symlink (the file's
@@ -17,7 +18,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::metrics::{MetricsArgs, Series};
 
 /// What a `reload()` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +54,44 @@ impl Outcome {
             Outcome::Success => "success",
             Outcome::Failure => "failure",
         }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    file: &'static str,
+    result: &'static str,
+}
+
+/// `gormic_gateway_reloads_total{file,result}`; registered with
+/// [`Metrics::series`](crate::metrics::Metrics::series).
+#[derive(Debug)]
+pub struct ReloadMetrics {
+    reloads: Family<ReloadLabels, Counter>,
+}
+
+impl Series for ReloadMetrics {
+    fn register(registry: &mut Registry, _: &MetricsArgs) -> Self {
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "gormic_gateway_reloads",
+            "Reloads of the certificates and credentials files, by file and result",
+            reloads.clone(),
+        );
+        Self { reloads }
+    }
+}
+
+impl ReloadMetrics {
+    /// A reload of `file` (a short constant naming the file set: `tls`,
+    /// `upstream_tls`, `credentials`) came to `outcome`.
+    pub fn reload(&self, file: &'static str, outcome: Outcome) {
+        self.reloads
+            .get_or_create(&ReloadLabels {
+                file,
+                result: outcome.as_str(),
+            })
+            .inc();
     }
 }
 
@@ -186,6 +231,25 @@ impl ChangeGate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reloads_are_counted_by_file_and_result() {
+        let metrics = crate::metrics::Metrics::default();
+        let reloads = metrics.series::<ReloadMetrics>();
+        reloads.reload("credentials", Outcome::Success);
+        reloads.reload("tls", Outcome::Failure);
+        reloads.reload("tls", Outcome::Failure);
+        let text = metrics.encode();
+        let series = |file: &str, result: &str| {
+            crate::metrics::tests::sample(
+                &text,
+                &format!(r#"gormic_gateway_reloads_total{{file="{file}",result="{result}"}}"#),
+            )
+        };
+        assert_eq!(series("credentials", "success").as_deref(), Some("1"));
+        assert_eq!(series("tls", "failure").as_deref(), Some("2"));
+        assert_eq!(series("tls", "success"), None);
+    }
 
     #[test]
     fn snapshots_compare_content_not_metadata() {

@@ -13,6 +13,7 @@
 //! 8. the idempotency verdict, recorded within the deadline;
 //! 9. the record of the call, and the answer's metadata.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderValue;
@@ -20,14 +21,14 @@ use tokio::time::Instant;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status};
 
-use crate::call_end::{CallEnd, Ending};
+use crate::call_end::{CallEnd, CallMetrics, Ending};
 use crate::credentials::{self, CredentialMap};
 use crate::deadline::{Deadline, DeadlineArgs};
 use crate::errors::{CallError, StatusContext};
 use crate::idempotency::step::{Start, Verdict};
-use crate::idempotency::{self, Idempotency, Lease};
-use crate::limits::{Admitted, InFlightLimit, RequestTooLarge};
-use crate::metrics::{Metrics, ShedReason};
+use crate::idempotency::{self, Idempotency, IdempotencyMetrics, Lease};
+use crate::limits::{Admitted, InFlightLimit, RequestTooLarge, ShedMetrics, ShedReason};
+use crate::metrics::Metrics;
 use crate::proto::v1 as pb;
 use crate::proto::v1::invoice_service_server::InvoiceService;
 use crate::request_id::RequestId;
@@ -49,6 +50,10 @@ pub struct InvoiceGateway {
     /// `--credentials`: mTLS identities mapped to the keys sent upstream.
     credentials: Option<CredentialMap>,
     metrics: Metrics,
+    /// The call path's series, registered in `metrics`.
+    calls: Arc<CallMetrics>,
+    shed: Arc<ShedMetrics>,
+    idempotency_results: Arc<IdempotencyMetrics>,
     tracer: Tracer,
 }
 
@@ -108,6 +113,9 @@ impl InvoiceGateway {
             deadlines: DeadlineArgs::default(),
             idempotency: Idempotency::in_memory()?,
             credentials: None,
+            calls: metrics.series(),
+            shed: metrics.series(),
+            idempotency_results: metrics.series(),
             metrics,
             tracer: Tracer::disabled(),
         })
@@ -116,6 +124,9 @@ impl InvoiceGateway {
     /// Records every call, attempt, retry and shed call in `metrics`.
     pub fn with_metrics(mut self, metrics: Metrics) -> Self {
         self.upstream = self.upstream.with_metrics(metrics.clone());
+        self.calls = metrics.series();
+        self.shed = metrics.series();
+        self.idempotency_results = metrics.series();
         metrics.count_in_flight(&self.in_flight);
         self.metrics = metrics;
         self
@@ -179,7 +190,7 @@ impl InvoiceGateway {
             .tracer
             .start_call(&TraceContext::from_metadata(&metadata), route.rpc);
         let end = CallEnd::start(
-            &self.metrics,
+            &self.calls,
             route,
             request_id.as_str(),
             identity.map(CallerIdentity::as_str),
@@ -202,7 +213,7 @@ impl InvoiceGateway {
             Ok(Answer::Replayed(answer)) => (answer, true, None),
             Err(error) => {
                 if let Some(shed) = error.shed_reason() {
-                    self.metrics.call_shed(shed);
+                    self.shed.call_shed(shed);
                 }
                 let (status, reason) = error.to_status_and_reason(&StatusContext {
                     rpc: route.rpc,
@@ -351,7 +362,7 @@ impl InvoiceGateway {
         ))
         .await;
         if let Some(result) = idempotency::step::metric(&start) {
-            self.metrics.idempotency(result);
+            self.idempotency_results.idempotency(result);
         }
         start
     }
@@ -374,7 +385,7 @@ impl InvoiceGateway {
     /// The refusal of a call past `--max-in-flight`: one counter, no log
     /// line of its own (`limits` tells shedding once a second).
     fn shed(&self, rpc: &'static str) -> Status {
-        self.metrics.call_shed(ShedReason::InFlightLimit);
+        self.shed.call_shed(ShedReason::InFlightLimit);
         CallError::Overloaded {
             max_in_flight: self.in_flight.max(),
         }

@@ -32,6 +32,7 @@ mod args;
 mod key;
 mod lease;
 pub mod memory;
+mod metrics;
 mod outcome;
 mod record;
 pub mod redis;
@@ -45,6 +46,7 @@ pub use args::{IdempotencyArgs, RedisUrl, StoreLocation, parse_store};
 pub use key::{Digest, IdempotencyKey, MAX_KEY_BYTES, Scope, parse_key, request_digest};
 pub use lease::{Lease, Recorded, UnknownCause};
 pub use memory::Usage;
+pub use metrics::{IdempotencyMetrics, IdempotencyResult};
 pub use outcome::{MAX_OUTCOME_BYTES, Outcome};
 
 /// The call metadata that carries the key.

@@ -35,12 +35,12 @@ use prost::Message;
 use tonic::Status;
 use tonic::metadata::MetadataMap;
 
+use super::metrics::IdempotencyResult;
 use super::{
     Begin, Idempotency, Lease, METADATA_KEY, Outcome, Recorded, Scope, StoreError, parse_key,
     request_digest,
 };
 use crate::deadline::Deadline;
-use crate::metrics::IdempotencyResult;
 use crate::upstream::{Credentials, UpstreamError};
 
 /// Added to a call's lease beyond its deadline and the store timeout: the

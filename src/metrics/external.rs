@@ -1,7 +1,9 @@
 //! Series whose values live elsewhere, read at scrape time: the upstream
-//! connection cap (owned by the upstream client), the calls in flight (the
-//! admission cap's count), the TLS certificate expiry (set by whoever loads
-//! the certificate) and the log lines dropped (counted by the log writer).
+//! connection cap (owned by the upstream client, read through
+//! [`ConnectionGauges`]), the calls in flight (the admission cap's count,
+//! read through [`InFlightGauge`]), the TLS certificate expiry (set by
+//! whoever loads the certificate) and the log lines dropped (counted by the
+//! log writer). Their owners implement the traits; nothing here knows them.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -10,8 +12,6 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
-
-use crate::limits::InFlightLimit;
 
 /// The upstream client's connection cap, read on each scrape. Implemented
 /// by the upstream client; every method must be cheap and must not block (an
@@ -25,6 +25,13 @@ pub trait ConnectionGauges: Send + Sync + 'static {
     fn limit(&self) -> u64;
     /// Connections opened since start (a counter: never decreases).
     fn opened_total(&self) -> u64;
+}
+
+/// The admission cap's count, read on each scrape. Implemented by the cap;
+/// it must be cheap and must not block (an atomic load).
+pub trait InFlightGauge: Send + Sync + 'static {
+    /// Calls admitted and not yet finished.
+    fn in_flight(&self) -> u64;
 }
 
 /// Sums every registered client: the series describe the process.
@@ -111,13 +118,22 @@ impl Collector for ConnectionCollector {
 
 /// `gormic_gateway_calls_in_flight`: the admission cap's count, read at
 /// scrape time (0 until a cap is set).
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub(super) struct InFlightCollector {
-    limit: Arc<Mutex<Option<InFlightLimit>>>,
+    limit: Arc<Mutex<Option<Arc<dyn InFlightGauge>>>>,
+}
+
+impl std::fmt::Debug for InFlightCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let limit = self.limit.lock().unwrap_or_else(PoisonError::into_inner);
+        f.debug_struct("InFlightCollector")
+            .field("set", &limit.is_some())
+            .finish()
+    }
 }
 
 impl InFlightCollector {
-    pub fn set(&self, limit: InFlightLimit) {
+    pub fn set(&self, limit: Arc<dyn InFlightGauge>) {
         *self.limit.lock().unwrap_or_else(PoisonError::into_inner) = Some(limit);
     }
 }
@@ -129,7 +145,7 @@ impl Collector for InFlightCollector {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .as_ref()
-            .map_or(0, InFlightLimit::in_flight);
+            .map_or(0, |limit| limit.in_flight());
         let gauge = ConstGauge::new(i64::try_from(in_flight).unwrap_or(i64::MAX));
         gauge.encode(encoder.encode_descriptor(
             "gormic_gateway_calls_in_flight",

@@ -1,5 +1,6 @@
 //! The upstream client's flags ([`UpstreamArgs`]) and the options they
-//! become ([`UpstreamOptions`], which tests build directly).
+//! become ([`UpstreamOptions`], which tests build directly); the value of
+//! `--upstream-proxy` is read by `super::proxy`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,9 +9,9 @@ use std::time::Duration;
 use clap::ArgAction;
 use clap::Args;
 use clap::builder::{BoolishValueParser, TypedValueParser};
-use url::Url;
 
 use super::breaker::BreakerArgs;
+use super::proxy::ProxySetting;
 use super::retry::RetryArgs;
 use crate::units::parse_duration;
 
@@ -152,100 +153,6 @@ impl Default for UpstreamOptions {
             resolve: Vec::new(),
             workers: 1,
         }
-    }
-}
-
-/// `--upstream-proxy`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum ProxySetting {
-    /// The proxy variables of the environment (the default).
-    #[default]
-    Environment,
-    /// `none`: never a proxy, whatever the environment says.
-    Off,
-    /// This proxy for every request.
-    Url(ProxyUrl),
-}
-
-impl ProxySetting {
-    pub fn parse(value: &str) -> Result<Self, String> {
-        if value.eq_ignore_ascii_case("none") {
-            return Ok(Self::Off);
-        }
-        ProxyUrl::parse(value).map(Self::Url)
-    }
-}
-
-/// A forward proxy's URL, which may carry credentials: shown only without
-/// its password (`Display`, `Debug`).
-#[derive(Clone, PartialEq, Eq)]
-pub struct ProxyUrl(Url);
-
-impl ProxyUrl {
-    pub fn parse(value: &str) -> Result<Self, String> {
-        // The error text never repeats the value: it may hold a password.
-        let url = Url::parse(value)
-            .map_err(|e| format!("not a URL ({e}); expected http://host:port or none"))?;
-        if url.scheme() != "http" {
-            return Err(format!(
-                "the proxy scheme must be http (CONNECT tunnels carry TLS end to end), not {}",
-                url.scheme()
-            ));
-        }
-        if url.host().is_none() {
-            return Err("the proxy URL has no host".into());
-        }
-        if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
-            return Err("the proxy URL must be scheme://host:port, without a path".into());
-        }
-        Ok(Self(url))
-    }
-
-    /// The URL with its credentials, for the client only.
-    pub(super) fn expose(&self) -> &str {
-        self.0.as_str()
-    }
-
-    /// The password as written and percent-decoded, to cut out of texts.
-    pub(super) fn secrets(&self) -> Vec<String> {
-        secrets_of(&self.0)
-    }
-}
-
-/// A password of a URL, as written and percent-decoded.
-pub(super) fn secrets_of(url: &Url) -> Vec<String> {
-    let Some(password) = url.password() else {
-        return Vec::new();
-    };
-    let decoded = percent_encoding::percent_decode_str(password)
-        .decode_utf8_lossy()
-        .into_owned();
-    vec![password.to_owned(), decoded]
-}
-
-/// `scheme://[user@]host:port`, never the password.
-pub(super) fn redacted(url: &Url) -> String {
-    let host = url.host_str().unwrap_or_default();
-    let port = url
-        .port_or_known_default()
-        .map(|p| format!(":{p}"))
-        .unwrap_or_default();
-    let user = match url.username() {
-        "" => String::new(),
-        user => format!("{user}:***@"),
-    };
-    format!("{}://{user}{host}{port}", url.scheme())
-}
-
-impl std::fmt::Display for ProxyUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&redacted(&self.0))
-    }
-}
-
-impl std::fmt::Debug for ProxyUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ProxyUrl({self})")
     }
 }
 

@@ -27,7 +27,7 @@ use std::time::Duration;
 use clap::Args;
 use tokio::time::Instant;
 
-use crate::metrics::{BreakerState, Metrics};
+use super::metrics::{BreakerState, UpstreamMetrics};
 use crate::units::parse_duration;
 
 /// Share of the backoff added at random to each wait before a probe.
@@ -152,7 +152,7 @@ impl Breaker {
 
     /// Lets a call through, or refuses it with the time until the next
     /// probe may go.
-    pub(super) fn admit(&self, metrics: &Metrics) -> Result<Ticket<'_>, Duration> {
+    pub(super) fn admit(&self, metrics: &UpstreamMetrics) -> Result<Ticket<'_>, Duration> {
         if self.state.load(Ordering::Acquire) == CLOSED {
             return Ok(Ticket {
                 breaker: self,
@@ -192,7 +192,7 @@ impl Breaker {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn record(&self, probe: bool, outcome: Outcome, metrics: &Metrics) {
+    fn record(&self, probe: bool, outcome: Outcome, metrics: &UpstreamMetrics) {
         // Without --upstream-breaker-gateway-errors a 502-504 is an answer
         // like any other: it shows the upstream is there.
         let outcome = match outcome {
@@ -245,7 +245,7 @@ impl Breaker {
     }
 
     /// Closed → open, once.
-    fn trip(&self, metrics: &Metrics, consecutive: u32, what: &str) {
+    fn trip(&self, metrics: &UpstreamMetrics, consecutive: u32, what: &str) {
         let Some(wait) = self.open_for(metrics, |_| self.min_backoff, |state| state == CLOSED)
         else {
             return;
@@ -259,7 +259,7 @@ impl Breaker {
     }
 
     /// A failed probe: open again, backing off further.
-    fn reopen(&self, metrics: &Metrics) {
+    fn reopen(&self, metrics: &UpstreamMetrics) {
         // Unless another call's answer closed it meanwhile.
         let doubled = |backoff: Duration| (backoff * 2).min(self.max_backoff);
         let Some(wait) = self.open_for(metrics, doubled, |state| state != CLOSED) else {
@@ -275,7 +275,7 @@ impl Breaker {
     /// passes `from`; returns the wait before the next probe.
     fn open_for(
         &self,
-        metrics: &Metrics,
+        metrics: &UpstreamMetrics,
         backoff: impl FnOnce(Duration) -> Duration,
         from: impl FnOnce(u8) -> bool,
     ) -> Option<Duration> {
@@ -293,7 +293,7 @@ impl Breaker {
         Some(wait)
     }
 
-    fn close(&self, metrics: &Metrics) {
+    fn close(&self, metrics: &UpstreamMetrics) {
         let mut open = self.lock();
         if self.state.load(Ordering::Acquire) == CLOSED {
             return;
@@ -309,7 +309,7 @@ impl Breaker {
 
 impl Ticket<'_> {
     /// How the call's exchange ended.
-    pub(super) fn record(mut self, outcome: Outcome, metrics: &Metrics) {
+    pub(super) fn record(mut self, outcome: Outcome, metrics: &UpstreamMetrics) {
         let probe = std::mem::take(&mut self.probe);
         self.breaker.record(probe, outcome, metrics);
     }
@@ -337,7 +337,14 @@ fn jittered(backoff: Duration) -> Duration {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::metrics::Metrics;
+
+    fn metrics() -> Arc<UpstreamMetrics> {
+        Metrics::default().series()
+    }
 
     fn breaker(failures: u32, gateway_errors: u32) -> Breaker {
         Breaker::new(&BreakerArgs {
@@ -349,7 +356,7 @@ mod tests {
     }
 
     fn call(breaker: &Breaker, outcome: Outcome) -> Result<(), Duration> {
-        let metrics = Metrics::default();
+        let metrics = metrics();
         let ticket = breaker.admit(&metrics)?;
         ticket.record(outcome, &metrics);
         Ok(())
@@ -377,7 +384,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn one_probe_at_a_time_with_doubling_backoff_and_an_answer_closes() {
-        let metrics = Metrics::default();
+        let metrics = metrics();
         let b = breaker(1, 0);
         call(&b, Outcome::Unreachable).expect("trips");
         assert!(b.admit(&metrics).is_err());
@@ -400,7 +407,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_cancelled_or_neutral_probe_lets_the_next_call_probe() {
-        let metrics = Metrics::default();
+        let metrics = metrics();
         let b = breaker(1, 0);
         call(&b, Outcome::Unreachable).expect("trips");
         tokio::time::advance(Duration::from_millis(1300)).await;
@@ -420,7 +427,7 @@ mod tests {
             call(&off, Outcome::GatewayError).expect("never opens on 5xx by default");
         }
         // A probe answered 503 closes it when gateway errors do not count.
-        let metrics = Metrics::default();
+        let metrics = metrics();
         let b = breaker(1, 0);
         call(&b, Outcome::Unreachable).expect("trips");
         tokio::time::advance(Duration::from_millis(1300)).await;

@@ -30,6 +30,7 @@ use tokio::sync::Notify;
 use tower::retry::budget::TpsBudget;
 
 use super::limit::UpstreamGauges;
+use super::proxy::Proxying;
 
 /// HTTP/2 PINGs keep a multiplexed upstream connection honest.
 const H2_KEEPALIVE: Duration = Duration::from_secs(30);
@@ -51,16 +52,6 @@ pub(super) enum Protocol {
     /// `--upstream-http2`: HTTP/2 only (prior knowledge over `http://`,
     /// ALPN `h2` alone over TLS).
     Http2,
-}
-
-/// How requests find a proxy.
-#[derive(Debug, Clone)]
-pub(super) enum Proxying {
-    /// `HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY` and `NO_PROXY` (either case),
-    /// as reqwest reads them.
-    Environment,
-    Off,
-    Through(Box<reqwest::Proxy>),
 }
 
 /// Everything a worker's client is built from.

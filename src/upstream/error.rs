@@ -1,9 +1,9 @@
-//! Why an upstream exchange did not produce a response message, and how a
-//! transport error of the HTTP client becomes one: whether the request may
-//! have reached the upstream (`request_sent`) is the fact everything after
-//! depends on (retries, the idempotency verdict, the caller's status).
+//! Why an upstream exchange did not produce a response message: whether the
+//! request may have reached the upstream (`request_sent`) is the fact
+//! everything after depends on (retries, the idempotency verdict, the
+//! caller's status). A transport error of the HTTP client becomes one in
+//! `super::transport`; an answer, in `super::answer`.
 
-use std::error::Error as _;
 use std::time::Duration;
 
 use crate::deadline::TimeoutBound;
@@ -161,124 +161,6 @@ impl UpstreamError {
     }
 }
 
-/// A transport error of the HTTP client as an [`UpstreamError`]. `sent`:
-/// whether a connection took the request (`super::sent`); `secrets`
-/// (proxy credentials) are cut out of the text.
-pub(super) fn transport(
-    error: &reqwest::Error,
-    sent: bool,
-    proxy: Option<&str>,
-    secrets: &[String],
-) -> UpstreamError {
-    let (fault, request_sent) = if error.is_connect() {
-        if error.is_timeout() {
-            (Fault::ConnectTimeout, false)
-        } else {
-            (Fault::Connect, false)
-        }
-    } else if not_processed(error) {
-        (Fault::NotProcessed, false)
-    } else if sent {
-        (Fault::Broken, true)
-    } else {
-        // No connection took it (a fresh one closed at once): unsent.
-        (Fault::Connect, false)
-    };
-    let mut detail = describe(error);
-    if let Some(proxy) = proxy.filter(|_| detail.starts_with("tunnel error")) {
-        // hyper-util says only "unsuccessful": name who refused.
-        detail = format!("the proxy {proxy} refused the CONNECT tunnel ({detail})");
-    }
-    if fault == Fault::ConnectTimeout {
-        detail = format!("connecting timed out (--upstream-connect-timeout): {detail}");
-    }
-    UpstreamError::Unreachable {
-        detail: scrub(detail, secrets),
-        fault,
-        request_sent,
-    }
-}
-
-/// A body that broke off mid-answer: the request was sent.
-pub(super) fn body_broken(error: &reqwest::Error, secrets: &[String]) -> UpstreamError {
-    UpstreamError::Unreachable {
-        detail: scrub(describe(error), secrets),
-        fault: Fault::Broken,
-        request_sent: true,
-    }
-}
-
-/// HTTP/2 says the request was not processed: the server refused the
-/// stream, or went away gracefully before it (both safe to send again,
-/// RFC 9113 §8.7).
-fn not_processed(error: &reqwest::Error) -> bool {
-    let mut source = error.source();
-    while let Some(cause) = source {
-        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
-            let reason = h2.reason();
-            return h2.is_remote()
-                && ((h2.is_reset() && reason == Some(h2::Reason::REFUSED_STREAM))
-                    || (h2.is_go_away() && reason == Some(h2::Reason::NO_ERROR)));
-        }
-        source = cause.source();
-    }
-    false
-}
-
-/// The causes of a transport error, for the caller: the fault, not the
-/// client's layers (`client error (Connect)`) nor the URL (the invoice id).
-fn describe(error: &reqwest::Error) -> String {
-    let mut detail = String::new();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let mut text = cause.to_string();
-        if is_tls(cause) {
-            text = format!("TLS handshake with the upstream failed: {text}");
-        }
-        if !text.starts_with("client error (") && !detail.ends_with(&text) {
-            if !detail.is_empty() {
-                detail.push_str(": ");
-            }
-            detail.push_str(&text);
-        }
-        source = cause.source();
-    }
-    if detail.is_empty() {
-        detail = error.to_string();
-        if let Some(url) = error.url() {
-            detail = detail.replace(url.as_str(), "the upstream");
-        }
-    }
-    detail
-}
-
-/// Whether `cause` is rustls refusing the handshake (carried in an
-/// `io::Error`, whose `source` skips it).
-fn is_tls(cause: &(dyn std::error::Error + 'static)) -> bool {
-    if cause.is::<rustls::Error>() {
-        return true;
-    }
-    // io::Errors nest (`Other` around `InvalidData` around rustls's).
-    let mut io = cause.downcast_ref::<std::io::Error>();
-    while let Some(inner) = io.and_then(std::io::Error::get_ref) {
-        if inner.is::<rustls::Error>() {
-            return true;
-        }
-        io = inner.downcast_ref::<std::io::Error>();
-    }
-    false
-}
-
-/// `text` with every secret replaced by `***`.
-pub(super) fn scrub(mut text: String, secrets: &[String]) -> String {
-    for secret in secrets.iter().filter(|s| !s.is_empty()) {
-        if text.contains(secret.as_str()) {
-            text = text.replace(secret.as_str(), "***");
-        }
-    }
-    text
-}
-
 pub(super) fn parse_retry_after(value: &[u8]) -> RetryAfter {
     let text = String::from_utf8_lossy(value).trim().to_owned();
     match text.parse::<u64>() {
@@ -310,16 +192,6 @@ mod tests {
             parse_retry_after(b"Wed, 21 Oct 2015 07:28:00 GMT"),
             RetryAfter::Other("Wed, 21 Oct 2015 07:28:00 GMT".into())
         );
-    }
-
-    #[test]
-    fn secrets_are_cut_out() {
-        let secrets = vec!["s3cr3t".to_owned(), String::new()];
-        assert_eq!(
-            scrub("proxy http://u:s3cr3t@p refused".into(), &secrets),
-            "proxy http://u:***@p refused"
-        );
-        assert_eq!(scrub("nothing here".into(), &secrets), "nothing here");
     }
 
     #[test]

@@ -12,12 +12,13 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use gormic_gateway::admin::{self, Readiness};
-use gormic_gateway::limits::InFlightLimit;
-use gormic_gateway::metrics::{
-    BreakerState, ConnectionGauges, IdempotencyResult, Metrics, MetricsArgs, ShedReason,
-    UpstreamResult,
-};
+use gormic_gateway::call_end::CallMetrics;
+use gormic_gateway::idempotency::{IdempotencyMetrics, IdempotencyResult};
+use gormic_gateway::limits::{InFlightLimit, ShedMetrics, ShedReason};
+use gormic_gateway::metrics::{ConnectionGauges, Metrics, MetricsArgs};
+use gormic_gateway::reload::{Outcome, ReloadMetrics};
 use gormic_gateway::routes::{self, Route};
+use gormic_gateway::upstream::{BreakerState, UpstreamMetrics, UpstreamResult};
 
 use crate::support::API_KEY;
 
@@ -120,24 +121,30 @@ const CLOSE: &str = "CloseInvoice";
 /// call shed at the in-flight limit (never reaches the upstream: counted
 /// by the shed counter alone).
 fn three_calls(metrics: &Metrics) {
-    metrics.upstream_request(
+    let (upstream, calls) = (
+        metrics.series::<UpstreamMetrics>(),
+        metrics.series::<CallMetrics>(),
+    );
+    upstream.upstream_request(
         CLOSE_ROUTE,
         UpstreamResult::Status(200),
         Duration::from_millis(2),
     );
-    metrics.call_finished(CLOSE_ROUTE, tonic::Code::Ok, Duration::from_millis(3), None);
-    metrics.upstream_request(
+    calls.call_finished(CLOSE_ROUTE, tonic::Code::Ok, Duration::from_millis(3), None);
+    upstream.upstream_request(
         CLOSE_ROUTE,
         UpstreamResult::Status(400),
         Duration::from_millis(4),
     );
-    metrics.call_finished(
+    calls.call_finished(
         CLOSE_ROUTE,
         tonic::Code::FailedPrecondition,
         Duration::from_millis(5),
         Some("org-1"),
     );
-    metrics.call_shed(ShedReason::InFlightLimit);
+    metrics
+        .series::<ShedMetrics>()
+        .call_shed(ShedReason::InFlightLimit);
 }
 
 #[tokio::test]
@@ -265,17 +272,23 @@ impl ConnectionGauges for FakeConnections {
 /// Every series of the contract, once each kind of event happened.
 fn record_everything(metrics: &Metrics) {
     three_calls(metrics);
-    metrics.call_shed(ShedReason::UpstreamQueueFull);
-    metrics.upstream_request(
+    let upstream = metrics.series::<UpstreamMetrics>();
+    let reloads = metrics.series::<ReloadMetrics>();
+    metrics
+        .series::<ShedMetrics>()
+        .call_shed(ShedReason::UpstreamQueueFull);
+    upstream.upstream_request(
         CLOSE_ROUTE,
         UpstreamResult::Timeout,
         Duration::from_secs(10),
     );
-    metrics.retry(CLOSE_ROUTE, "connect");
-    metrics.breaker_state(BreakerState::Open);
-    metrics.idempotency(IdempotencyResult::Replayed);
-    metrics.reload("credentials", true);
-    metrics.reload("tls_certificate", false);
+    upstream.retry(CLOSE_ROUTE, "connect");
+    upstream.breaker_state(BreakerState::Open);
+    metrics
+        .series::<IdempotencyMetrics>()
+        .idempotency(IdempotencyResult::Replayed);
+    reloads.reload("credentials", Outcome::Success);
+    reloads.reload("tls_certificate", Outcome::Failure);
     metrics.log_lines_dropped(4);
     metrics.set_tls_certificate_expiry(UNIX_EPOCH + Duration::from_secs(1_900_000_000));
     // Two clients: the series are their sums.
@@ -462,7 +475,7 @@ async fn labels_carry_only_bounded_values() {
     record_everything(&metrics);
     // A caller that put its api-key and an invoice id where an organization
     // id goes: without the organization label, neither may appear.
-    metrics.call_finished(
+    metrics.series::<CallMetrics>().call_finished(
         &routes::UPDATE_INVOICE,
         tonic::Code::NotFound,
         Duration::from_millis(1),
