@@ -156,7 +156,10 @@ mod tests {
         }
         let mut seen = Vec::new();
         for _ in 0..4 {
-            seen.push(rx.recv().await.expect("task ran"));
+            let ran = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+                .await
+                .expect("waited 10s for a task to run on a worker, in vain");
+            seen.push(ran.expect("task ran"));
         }
         seen.sort();
         // Each task stays counted while it waits, so the four alternate.

@@ -172,9 +172,14 @@ mod tests {
                     .is_ok()
             })
         };
-        while limit.gauges().pending.load(Ordering::Relaxed) == 0 {
-            tokio::task::yield_now().await;
-        }
+        let counted = async {
+            while limit.gauges().pending.load(Ordering::Relaxed) == 0 {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), counted)
+            .await
+            .expect("waited 10s for the waiter to be counted as pending, in vain");
         // ... the next is refused at once.
         assert_eq!(
             limit.acquire(0, soon()).await.err(),

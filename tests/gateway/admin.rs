@@ -20,7 +20,7 @@ use gormic_gateway::reload::{Outcome, ReloadMetrics};
 use gormic_gateway::routes::{self, Route};
 use gormic_gateway::upstream::{BreakerState, UpstreamMetrics, UpstreamResult};
 
-use crate::support::API_KEY;
+use crate::support::{API_KEY, PATIENCE, within};
 
 /// An admin listener on `127.0.0.1:<ephemeral>`.
 struct Admin {
@@ -58,7 +58,13 @@ impl Admin {
             .await
             .expect("write request");
         let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await.expect("read answer");
+        within(
+            &format!("the answer to {method} {path}"),
+            PATIENCE,
+            stream.read_to_end(&mut raw),
+        )
+        .await
+        .expect("read answer");
         let raw = String::from_utf8(raw).expect("UTF-8 answer");
         let (head, body) = raw.split_once("\r\n\r\n").expect("head and body");
         let mut lines = head.lines();
@@ -92,7 +98,7 @@ impl Admin {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        self.task
+        within("the admin server to stop", PATIENCE, self.task)
             .await
             .expect("admin task")
             .expect("admin server stops cleanly");
@@ -574,6 +580,7 @@ async fn the_organization_label_only_when_enabled() {
 async fn promtool_check(text: &str) {
     let child = tokio::process::Command::new("promtool")
         .args(["check", "metrics"])
+        .kill_on_drop(true)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -591,7 +598,9 @@ async fn promtool_check(text: &str) {
         .await
         .expect("write to promtool");
     drop(stdin);
-    let output = child.wait_with_output().await.expect("promtool runs");
+    let output = within("promtool's verdict", PATIENCE, child.wait_with_output())
+        .await
+        .expect("promtool runs");
     assert!(
         output.status.success(),
         "promtool check metrics failed:\n{}{}\non:\n{text}",

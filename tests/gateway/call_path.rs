@@ -8,20 +8,15 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tonic::{Code, Request};
 
-use gormic_gateway::deadline::DeadlineArgs;
 use gormic_gateway::idempotency::{
     Idempotency, IdempotencyArgs, METADATA_KEY, REPLAYED_METADATA_KEY, parse_store,
 };
-use gormic_gateway::limits::InFlightLimit;
 use gormic_gateway::proto::v1 as pb;
-use gormic_gateway::server::ServerOptions;
-use gormic_gateway::service::InvoiceGateway;
-use gormic_gateway::upstream::Upstream;
 
 use crate::support::delay_proxy::DelayProxy;
 use crate::support::redis::RedisServer;
 use crate::support::{
-    API_KEY, FakeUpstream, ORGANIZATION, Scripted, TestGateway, error_info, logs, no_proxy,
+    API_KEY, FakeUpstream, ORGANIZATION, Scripted, TestGateway, error_info, logs, until,
     with_metadata,
 };
 
@@ -38,14 +33,12 @@ async fn store_through(proxy: &DelayProxy, timeout: Duration) -> Idempotency {
     Idempotency::from_args(&args).await.expect("store opens")
 }
 
-async fn gateway(upstream: &FakeUpstream, store: Idempotency, limit: InFlightLimit) -> TestGateway {
-    let url = url::Url::parse(&upstream.url()).expect("upstream URL");
-    let gateway = InvoiceGateway::new(Upstream::new(&url, no_proxy()).expect("client"))
-        .expect("gateway")
-        .with_idempotency(store)
-        .with_in_flight_limit(limit)
-        .with_deadlines(DeadlineArgs::default());
-    TestGateway::start_with_gateway(gateway, ServerOptions::default()).await
+async fn gateway(upstream: &FakeUpstream, store: Idempotency, max_in_flight: usize) -> TestGateway {
+    TestGateway::builder(&upstream.url())
+        .idempotency(store)
+        .max_in_flight(max_in_flight)
+        .start()
+        .await
 }
 
 fn create(order: &str) -> pb::CreateInvoiceRequest {
@@ -86,7 +79,7 @@ async fn a_keyed_call_costs_two_store_round_trips_one_for_the_lease_one_for_the_
     let upstream = FakeUpstream::start().await;
     upstream.respond(Scripted::ok(json!({"id": "inv-1"})));
     let store = store_through(&proxy, Duration::from_secs(2)).await;
-    let mut gw = gateway(&upstream, store, InFlightLimit::new(100)).await;
+    let mut gw = gateway(&upstream, store, 100).await;
     warm_up(&mut gw).await;
 
     proxy.reset_counts();
@@ -118,7 +111,7 @@ async fn a_slow_store_still_gets_the_caller_its_answer_in_time_and_a_retry_never
     let upstream = FakeUpstream::start().await;
     upstream.respond(Scripted::ok(json!({"id": "inv-1"})));
     let store = store_through(&proxy, Duration::from_secs(2)).await;
-    let mut gw = gateway(&upstream, store, InFlightLimit::new(100)).await;
+    let mut gw = gateway(&upstream, store, 100).await;
     warm_up(&mut gw).await;
     proxy.set_delay(Duration::from_millis(300));
     let sent_before = upstream.requests().len();
@@ -136,20 +129,19 @@ async fn a_slow_store_still_gets_the_caller_its_answer_in_time_and_a_retry_never
 
     // Retries with the same key: told to wait while the record is finished
     // in the background, then given the first answer; never sent again.
-    let replayed = tokio::time::timeout(PATIENCE, async {
-        loop {
-            match gw
-                .client
+    let replayed = until(
+        "the record to be finished",
+        PATIENCE,
+        async || {
+            gw.client
                 .create_invoice(keyed("ord-1", "slow-store-1"))
                 .await
-            {
-                Ok(response) => break response,
-                Err(status) => {
-                    assert_eq!(status.code(), Code::Aborted, "{status:?}");
-                    assert_eq!(error_info(&status).reason, "IDEMPOTENCY_KEY_IN_PROGRESS");
-                }
-            }
-        }
+        },
+        Result::is_ok,
+    )
+    .meanwhile(|answer| {
+        matches!(answer, Err(status) if status.code() == Code::Aborted
+            && error_info(status).reason == "IDEMPOTENCY_KEY_IN_PROGRESS")
     })
     .await
     .expect("the record is finished");
@@ -172,8 +164,8 @@ async fn a_call_recording_its_outcome_still_holds_its_admission_and_a_shed_call_
     let upstream = FakeUpstream::start().await;
     upstream.respond(Scripted::ok(json!({"id": "inv-1"})));
     let store = store_through(&proxy, Duration::from_secs(10)).await;
-    let limit = InFlightLimit::new(1);
-    let mut gw = gateway(&upstream, store, limit.clone()).await;
+    let mut gw = gateway(&upstream, store, 1).await;
+    let limit = gw.in_flight_limit().clone();
     warm_up(&mut gw).await;
 
     // The first call takes its lease and reaches the upstream; its record
@@ -218,7 +210,9 @@ async fn a_call_recording_its_outcome_still_holds_its_admission_and_a_shed_call_
     assert_eq!(created.get_ref().id, "inv-1");
     // The admitted call's line is written; the shed call's never is.
     let line = logs
-        .wait_for_line(|l| l.contains("recorded-after-park-1"))
+        .wait_for_line("of the call recorded after its park", |l| {
+            l.contains("recorded-after-park-1")
+        })
         .await;
     assert!(line.contains("\"grpc_code\":\"OK\""), "{line}");
     assert!(

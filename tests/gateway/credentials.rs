@@ -341,7 +341,9 @@ async fn a_refused_reload_is_logged_without_the_key() {
         .expect("the watch task runs");
     assert_eq!(outcome, ("credentials", Outcome::Failure));
     stop.send(()).expect("the watch task is waiting");
-    task.await.expect("the watch task stops");
+    crate::support::within("the watch task to stop", crate::support::PATIENCE, task)
+        .await
+        .expect("the watch task stops");
 
     let text = logs.text();
     let line = text

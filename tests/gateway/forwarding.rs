@@ -303,11 +303,9 @@ async fn the_callers_request_id_is_forwarded() {
 async fn a_path_prefix_in_the_upstream_url_is_kept() {
     let upstream = FakeUpstream::start().await;
     upstream.respond(Scripted::ok(json!({"succeed": true})));
-    let mut gateway = TestGateway::start(
-        &format!("{}/api/gormic/", upstream.url()),
-        std::time::Duration::from_secs(10),
-    )
-    .await;
+    let mut gateway = TestGateway::builder(&format!("{}/api/gormic/", upstream.url()))
+        .start()
+        .await;
     gateway
         .client
         .delete_invoice(authed(pb::DeleteInvoiceRequest {

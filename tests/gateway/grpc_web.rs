@@ -307,8 +307,10 @@ async fn gateway_with_cors(cors: CorsOrigins) -> (FakeUpstream, TestGateway) {
         cors,
         ..Default::default()
     };
-    let gateway =
-        TestGateway::start_with_options(&upstream.url(), Duration::from_secs(10), options).await;
+    let gateway = TestGateway::builder(&upstream.url())
+        .server(options)
+        .start()
+        .await;
     (upstream, gateway)
 }
 

@@ -1,11 +1,10 @@
 //! Idempotency keys end to end (issue 9): calls through the real gateway,
 //! in front of a scripted fake upstream that counts what reached it. Every
-//! case runs once with the memory store and once with a real redis-server;
-//! then the cases only one store has (two replicas sharing Redis, Redis down
-//! or full, the memory store's bound).
+//! case runs once per kind of store (memory, a real redis-server: see
+//! `support::stores`); then the cases only one store has (two replicas
+//! sharing Redis, Redis down or full, the memory store's bound).
 
 use std::fmt::Debug;
-use std::future::Future;
 use std::time::Duration;
 
 use serde_json::json;
@@ -16,18 +15,16 @@ use tonic::{Code, Request, Response, Status};
 use gormic_gateway::deadline::DeadlineArgs;
 use gormic_gateway::idempotency::{
     Idempotency, IdempotencyArgs, MAX_OUTCOME_BYTES, METADATA_KEY, REPLAYED_METADATA_KEY,
-    StoreLocation, parse_store,
 };
 use gormic_gateway::proto::v1 as pb;
-use gormic_gateway::server::ServerOptions;
-use gormic_gateway::service::InvoiceGateway;
-use gormic_gateway::upstream::Upstream;
 
 use crate::support::fake_upstream::envelope;
 use crate::support::hanging_up::HangingUpUpstream;
 use crate::support::redis::RedisServer;
+use crate::support::stores::{Backend, for_each_store, open_at};
 use crate::support::{
-    API_KEY, FakeUpstream, ORGANIZATION, Scripted, TestGateway, details, error_info, with_metadata,
+    API_KEY, FakeUpstream, ORGANIZATION, Scripted, TestGateway, details, error_info, until,
+    with_metadata, within,
 };
 
 /// Bound of every wait for an event or a condition below; each holds
@@ -56,42 +53,19 @@ impl Default for Settings {
     }
 }
 
-/// A kind of store the shared cases run against.
-trait Backend {
-    /// A store as a gateway opens it from its flags. Two stores opened from
-    /// one Redis backend share their records, like two replicas.
-    fn store(&self, settings: Settings) -> impl Future<Output = Idempotency>;
-}
-
-struct Memory;
-
-impl Backend for Memory {
-    async fn store(&self, settings: Settings) -> Idempotency {
-        open(StoreLocation::Memory, settings).await
+impl From<Settings> for IdempotencyArgs {
+    fn from(settings: Settings) -> Self {
+        IdempotencyArgs {
+            idempotency_ttl: settings.ttl,
+            idempotency_max_entries: settings.max_entries,
+            idempotency_store_timeout: settings.store_timeout,
+            ..IdempotencyArgs::default()
+        }
     }
-}
-
-struct Redis(RedisServer);
-
-impl Backend for Redis {
-    async fn store(&self, settings: Settings) -> Idempotency {
-        redis_store(&self.0.url(), settings).await
-    }
-}
-
-async fn open(location: StoreLocation, settings: Settings) -> Idempotency {
-    let args = IdempotencyArgs {
-        idempotency_store: location,
-        idempotency_ttl: settings.ttl,
-        idempotency_max_entries: settings.max_entries,
-        idempotency_store_timeout: settings.store_timeout,
-        ..IdempotencyArgs::default()
-    };
-    Idempotency::from_args(&args).await.expect("store opens")
 }
 
 async fn redis_store(url: &str, settings: Settings) -> Idempotency {
-    open(parse_store(url).expect("a redis URL"), settings).await
+    open_at(url, settings).await
 }
 
 /// A gateway in front of `upstream_url` keeping its keys in `store`.
@@ -104,13 +78,11 @@ async fn gateway_with(
     store: Idempotency,
     deadlines: DeadlineArgs,
 ) -> TestGateway {
-    let url = url::Url::parse(upstream_url).expect("upstream URL");
-    let upstream = Upstream::new(&url, crate::support::no_proxy()).expect("upstream client");
-    let gateway = InvoiceGateway::new(upstream)
-        .expect("gateway")
-        .with_idempotency(store)
-        .with_deadlines(deadlines);
-    TestGateway::start_with_gateway(gateway, ServerOptions::default()).await
+    TestGateway::builder(upstream_url)
+        .idempotency(store)
+        .deadlines(deadlines)
+        .start()
+        .await
 }
 
 fn create(order: &str) -> pb::CreateInvoiceRequest {
@@ -180,65 +152,13 @@ fn assert_replays(first: &Status, again: &Status) {
     assert!(!replayed_in(first.metadata()), "{first:?}");
 }
 
-async fn bounded<T>(future: impl Future<Output = T>, what: &str) -> T {
-    tokio::time::timeout(PATIENCE, future)
-        .await
-        .unwrap_or_else(|_| panic!("{what}: not within {PATIENCE:?}"))
-}
-
-/// Calls `call` until `done` accepts the answer; every answer before must
-/// satisfy `meanwhile`. Bounded by PATIENCE; polls every 20 ms.
-async fn until<T: Debug, F: Future<Output = T>>(
-    mut call: impl FnMut() -> F,
-    done: impl Fn(&T) -> bool,
-    meanwhile: impl Fn(&T) -> bool,
-) -> T {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let answer = call().await;
-        if done(&answer) {
-            return answer;
-        }
-        assert!(
-            meanwhile(&answer),
-            "unexpected answer while waiting: {answer:?}"
-        );
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "still {answer:?} after {PATIENCE:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn is_refused(answer: &Result<impl Debug, Status>, expected_reason: &str) -> bool {
     matches!(answer, Err(status) if reason(status) == expected_reason)
 }
 
-// ---- cases run against both stores ---------------------------------------
+// ---- cases run against every kind of store ------------------------------
 
-macro_rules! for_both_stores {
-    ($($case:ident),* $(,)?) => {
-        mod memory_store {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(&super::Memory).await;
-                }
-            )*
-        }
-        mod redis_store {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(&super::Redis(super::RedisServer::start())).await;
-                }
-            )*
-        }
-    };
-}
-
-for_both_stores!(
+for_each_store!(
     a_retried_create_gets_the_same_invoice_and_the_upstream_sees_one_request,
     a_retried_functional_error_gets_the_same_code_message_and_details,
     a_key_reused_with_another_request_is_refused_and_nothing_is_sent,
@@ -257,11 +177,11 @@ for_both_stores!(
 );
 
 async fn a_retried_create_gets_the_same_invoice_and_the_upstream_sees_one_request(
-    backend: &impl Backend,
+    backend: &Backend,
 ) {
     let upstream = FakeUpstream::start().await;
     upstream.respond_in_order(vec![created("inv-1"), created("inv-2")]);
-    let mut gw = gateway(&upstream.url(), backend.store(Settings::default()).await).await;
+    let mut gw = gateway(&upstream.url(), backend.open(Settings::default()).await).await;
 
     let first = gw
         .client
@@ -284,13 +204,13 @@ async fn a_retried_create_gets_the_same_invoice_and_the_upstream_sees_one_reques
     assert_eq!(upstream.requests().len(), 1, "one invoice created");
 }
 
-async fn a_retried_functional_error_gets_the_same_code_message_and_details(backend: &impl Backend) {
+async fn a_retried_functional_error_gets_the_same_code_message_and_details(backend: &Backend) {
     let upstream = FakeUpstream::start().await;
     upstream.respond_in_order(vec![
         Scripted::code("ALREADY_CLOSED"),
         Scripted::ok(json!({"invoiceNumber": 1, "invoiceSource": "POS", "invoicedAt": "2026-11-25T10:00:00Z"})),
     ]);
-    let mut gw = gateway(&upstream.url(), backend.store(Settings::default()).await).await;
+    let mut gw = gateway(&upstream.url(), backend.open(Settings::default()).await).await;
 
     let first = gw
         .client
@@ -310,10 +230,10 @@ async fn a_retried_functional_error_gets_the_same_code_message_and_details(backe
     assert_eq!(upstream.requests().len(), 1);
 }
 
-async fn a_key_reused_with_another_request_is_refused_and_nothing_is_sent(backend: &impl Backend) {
+async fn a_key_reused_with_another_request_is_refused_and_nothing_is_sent(backend: &Backend) {
     let upstream = FakeUpstream::start().await;
     upstream.respond_in_order(vec![created("inv-1"), created("inv-2")]);
-    let mut gw = gateway(&upstream.url(), backend.store(Settings::default()).await).await;
+    let mut gw = gateway(&upstream.url(), backend.open(Settings::default()).await).await;
 
     gw.client
         .create_invoice(keyed(create("ord-1"), "key-reuse"))
@@ -341,7 +261,7 @@ async fn a_key_reused_with_another_request_is_refused_and_nothing_is_sent(backen
     assert_eq!(upstream.requests().len(), 1);
 }
 
-async fn the_same_key_on_another_rpc_organization_or_api_key_is_a_new_key(backend: &impl Backend) {
+async fn the_same_key_on_another_rpc_organization_or_api_key_is_a_new_key(backend: &Backend) {
     let upstream = FakeUpstream::start().await;
     upstream.respond_in_order(vec![
         created("inv-1"),
@@ -349,7 +269,7 @@ async fn the_same_key_on_another_rpc_organization_or_api_key_is_a_new_key(backen
         created("inv-2"),
         created("inv-3"),
     ]);
-    let mut gw = gateway(&upstream.url(), backend.store(Settings::default()).await).await;
+    let mut gw = gateway(&upstream.url(), backend.open(Settings::default()).await).await;
     let key = "key-scope";
 
     let first = gw
@@ -417,13 +337,13 @@ async fn the_same_key_on_another_rpc_organization_or_api_key_is_a_new_key(backen
 }
 
 async fn concurrent_duplicates_send_one_request_and_the_others_are_told_to_retry(
-    backend: &impl Backend,
+    backend: &Backend,
 ) {
     let settings = Settings::default();
     let upstream = FakeUpstream::start().await;
     upstream.respond(created("inv-1"));
     upstream.hold_answers();
-    let mut gw = gateway(&upstream.url(), backend.store(settings).await).await;
+    let mut gw = gateway(&upstream.url(), backend.open(settings).await).await;
 
     let mut calls = JoinSet::new();
     for _ in 0..10 {
@@ -434,10 +354,15 @@ async fn concurrent_duplicates_send_one_request_and_the_others_are_told_to_retry
                 .await
         });
     }
-    bounded(upstream.wait_for_requests(1), "the first request arrives").await;
+    within(
+        "the first request to arrive",
+        PATIENCE,
+        upstream.wait_for_requests(1),
+    )
+    .await;
     // Nine calls are answered while one is held by the upstream.
     for _ in 0..9 {
-        let answer = bounded(calls.join_next(), "a duplicate is answered")
+        let answer = within("a duplicate to be answered", PATIENCE, calls.join_next())
             .await
             .expect("a call left")
             .expect("the call's task");
@@ -461,7 +386,7 @@ async fn concurrent_duplicates_send_one_request_and_the_others_are_told_to_retry
     assert_refused(&status, Code::InvalidArgument, "IDEMPOTENCY_KEY_REUSED");
 
     upstream.release_answers();
-    let first = bounded(calls.join_next(), "the first call ends")
+    let first = within("the first call to end", PATIENCE, calls.join_next())
         .await
         .expect("the first call")
         .expect("the call's task")
@@ -480,7 +405,7 @@ async fn concurrent_duplicates_send_one_request_and_the_others_are_told_to_retry
     assert_eq!(upstream.requests().len(), 1);
 }
 
-async fn a_call_that_timed_out_after_sending_leaves_its_key_unknown(backend: &impl Backend) {
+async fn a_call_that_timed_out_after_sending_leaves_its_key_unknown(backend: &Backend) {
     let upstream = FakeUpstream::start().await;
     upstream.respond(created("inv-1"));
     upstream.hold_answers();
@@ -492,7 +417,7 @@ async fn a_call_that_timed_out_after_sending_leaves_its_key_unknown(backend: &im
     };
     let mut gw = gateway_with(
         &upstream.url(),
-        backend.store(Settings::default()).await,
+        backend.open(Settings::default()).await,
         options,
     )
     .await;
@@ -525,9 +450,9 @@ async fn a_call_that_timed_out_after_sending_leaves_its_key_unknown(backend: &im
     upstream.release_answers();
 }
 
-async fn a_connection_broken_after_sending_leaves_its_key_unknown(backend: &impl Backend) {
+async fn a_connection_broken_after_sending_leaves_its_key_unknown(backend: &Backend) {
     let upstream = HangingUpUpstream::start().await;
-    let mut gw = gateway(&upstream.url(), backend.store(Settings::default()).await).await;
+    let mut gw = gateway(&upstream.url(), backend.open(Settings::default()).await).await;
 
     let status = gw
         .client
@@ -554,7 +479,7 @@ async fn a_connection_broken_after_sending_leaves_its_key_unknown(backend: &impl
     assert_eq!(upstream.requests(), 1, "never re-sent blindly");
 }
 
-async fn a_caller_that_cancels_mid_flight_leaves_its_key_unknown(backend: &impl Backend) {
+async fn a_caller_that_cancels_mid_flight_leaves_its_key_unknown(backend: &Backend) {
     let upstream = FakeUpstream::start().await;
     upstream.respond(created("inv-1"));
     upstream.hold_answers();
@@ -566,7 +491,7 @@ async fn a_caller_that_cancels_mid_flight_leaves_its_key_unknown(backend: &impl 
     };
     let gw = gateway_with(
         &upstream.url(),
-        backend.store(Settings::default()).await,
+        backend.open(Settings::default()).await,
         options,
     )
     .await;
@@ -577,27 +502,31 @@ async fn a_caller_that_cancels_mid_flight_leaves_its_key_unknown(backend: &impl 
             .create_invoice(keyed(create("ord-1"), "key-cancel"))
             .await
     });
-    bounded(upstream.wait_for_requests(1), "the request arrives").await;
+    within(
+        "the request to arrive",
+        PATIENCE,
+        upstream.wait_for_requests(1),
+    )
+    .await;
     call.abort(); // an HTTP/2 RST_STREAM reaches the gateway
-    bounded(
+    within(
+        "the gateway to drop the upstream request",
+        PATIENCE,
         upstream.wait_for_abandoned(1),
-        "the gateway drops the upstream request",
     )
     .await;
 
     // The Redis store records a dropped lease's verdict in the background.
-    let client = gw.client.clone();
     let answer = until(
-        || {
-            let mut client = client.clone();
-            async move {
-                client
-                    .create_invoice(keyed(create("ord-1"), "key-cancel"))
-                    .await
-            }
+        "the dropped lease's verdict",
+        PATIENCE,
+        async || {
+            let mut client = gw.client.clone();
+            client
+                .create_invoice(keyed(create("ord-1"), "key-cancel"))
+                .await
         },
         |answer| !is_refused(answer, "IDEMPOTENCY_KEY_IN_PROGRESS"),
-        |_| true,
     )
     .await;
     let status = answer.expect_err("unknown");
@@ -610,10 +539,10 @@ async fn a_caller_that_cancels_mid_flight_leaves_its_key_unknown(backend: &impl 
     upstream.release_answers();
 }
 
-async fn a_request_that_never_left_releases_its_key_for_the_retry(backend: &impl Backend) {
+async fn a_request_that_never_left_releases_its_key_for_the_retry(backend: &Backend) {
     // Bound, not listening: connections are refused until it starts.
     let reserved = FakeUpstream::reserve();
-    let mut gw = gateway(&reserved.url(), backend.store(Settings::default()).await).await;
+    let mut gw = gateway(&reserved.url(), backend.open(Settings::default()).await).await;
 
     let status = gw
         .client
@@ -661,10 +590,10 @@ enum Repeat {
     Unknown,
 }
 
-async fn each_upstream_answer_leaves_the_key_replayed_released_or_unknown(backend: &impl Backend) {
+async fn each_upstream_answer_leaves_the_key_replayed_released_or_unknown(backend: &Backend) {
     use Repeat::*;
     let upstream = FakeUpstream::start().await;
-    let mut gw = gateway(&upstream.url(), backend.store(Settings::default()).await).await;
+    let mut gw = gateway(&upstream.url(), backend.open(Settings::default()).await).await;
     let cases = [
         (Scripted::code("ORDER_CLOSED"), Replays),
         (Scripted::raw(400, "bad request"), Replays),
@@ -729,14 +658,14 @@ async fn each_upstream_answer_leaves_the_key_replayed_released_or_unknown(backen
     }
 }
 
-async fn a_key_is_new_again_once_its_ttl_has_passed(backend: &impl Backend) {
+async fn a_key_is_new_again_once_its_ttl_has_passed(backend: &Backend) {
     let upstream = FakeUpstream::start().await;
     upstream.respond_in_order(vec![created("inv-1"), created("inv-2")]);
     let settings = Settings {
         ttl: Duration::from_millis(500),
         ..Settings::default()
     };
-    let gw = gateway(&upstream.url(), backend.store(settings).await).await;
+    let gw = gateway(&upstream.url(), backend.open(settings).await).await;
 
     let first = gw
         .client
@@ -747,30 +676,29 @@ async fn a_key_is_new_again_once_its_ttl_has_passed(backend: &impl Backend) {
     assert_eq!(first.into_inner().id, "inv-1");
 
     // Replays of the first answer until the record expires, then a new call.
-    let client = gw.client.clone();
     let answer = until(
-        || {
-            let mut client = client.clone();
-            async move {
-                client
-                    .create_invoice(keyed(create("ord-1"), "key-ttl"))
-                    .await
-            }
+        "the record to expire",
+        PATIENCE,
+        async || {
+            let mut client = gw.client.clone();
+            client
+                .create_invoice(keyed(create("ord-1"), "key-ttl"))
+                .await
         },
         |answer| matches!(answer, Ok(response) if !replayed(response)),
-        |answer| matches!(answer, Ok(response) if replayed(response) && response.get_ref().id == "inv-1"),
     )
+    .meanwhile(|answer| matches!(answer, Ok(response) if replayed(response) && response.get_ref().id == "inv-1"))
     .await;
     assert_eq!(answer.expect("fresh").into_inner().id, "inv-2");
     assert_eq!(upstream.requests().len(), 2);
 }
 
 async fn malformed_keys_are_refused_with_a_bad_request_violation_and_nothing_is_sent(
-    backend: &impl Backend,
+    backend: &Backend,
 ) {
     let upstream = FakeUpstream::start().await;
     upstream.respond(created("inv-1"));
-    let mut gw = gateway(&upstream.url(), backend.store(Settings::default()).await).await;
+    let mut gw = gateway(&upstream.url(), backend.open(Settings::default()).await).await;
 
     let too_long = "k".repeat(256);
     let cases: [(&[u8], &str); 4] = [
@@ -810,10 +738,10 @@ async fn malformed_keys_are_refused_with_a_bad_request_violation_and_nothing_is_
     assert_eq!(upstream.requests().len(), 1);
 }
 
-async fn a_keyed_create_answered_502_is_sent_once_and_its_key_left_unknown(backend: &impl Backend) {
+async fn a_keyed_create_answered_502_is_sent_once_and_its_key_left_unknown(backend: &Backend) {
     let upstream = FakeUpstream::start().await;
     upstream.respond_in_order(vec![Scripted::raw(502, "bad gateway"), created("inv-1")]);
-    let mut gw = gateway(&upstream.url(), backend.store(Settings::default()).await).await;
+    let mut gw = gateway(&upstream.url(), backend.open(Settings::default()).await).await;
 
     let status = gw
         .client
@@ -841,13 +769,13 @@ async fn a_keyed_create_answered_502_is_sent_once_and_its_key_left_unknown(backe
     assert_eq!(upstream.requests().len(), 1);
 }
 
-async fn a_keyed_update_retried_by_the_gateway_records_its_final_answer(backend: &impl Backend) {
+async fn a_keyed_update_retried_by_the_gateway_records_its_final_answer(backend: &Backend) {
     let upstream = FakeUpstream::start().await;
     upstream.respond_in_order(vec![
         Scripted::raw(502, "bad gateway"),
         Scripted::ok(json!({"success": true})),
     ]);
-    let mut gw = gateway(&upstream.url(), backend.store(Settings::default()).await).await;
+    let mut gw = gateway(&upstream.url(), backend.open(Settings::default()).await).await;
     let update = || pb::UpdateInvoiceRequest {
         invoice_id: "inv-1".into(),
         order_id: "ord-1".into(),
@@ -874,7 +802,7 @@ async fn a_keyed_update_retried_by_the_gateway_records_its_final_answer(backend:
     assert_eq!(upstream.requests().len(), 2);
 }
 
-async fn a_success_too_large_to_record_leaves_its_key_unknown(backend: &impl Backend) {
+async fn a_success_too_large_to_record_leaves_its_key_unknown(backend: &Backend) {
     let upstream = FakeUpstream::start().await;
     // 80 warnings of 1 KiB: an answer over MAX_OUTCOME_BYTES (64 KiB).
     let warnings: Vec<_> = (0..80)
@@ -883,7 +811,7 @@ async fn a_success_too_large_to_record_leaves_its_key_unknown(backend: &impl Bac
     let mut body = envelope(json!({"id": "inv-1"}));
     body["warnings"] = json!(warnings);
     upstream.respond(Scripted::json(200, body));
-    let mut gw = gateway(&upstream.url(), backend.store(Settings::default()).await).await;
+    let mut gw = gateway(&upstream.url(), backend.open(Settings::default()).await).await;
 
     let first = gw
         .client
@@ -946,7 +874,12 @@ async fn a_retry_landing_on_another_instance_replays_the_first_answer() {
             .create_invoice(keyed(create("ord-2"), "key-shared-2"))
             .await
     });
-    bounded(upstream.wait_for_requests(2), "A's request arrives").await;
+    within(
+        "A's request to arrive",
+        PATIENCE,
+        upstream.wait_for_requests(2),
+    )
+    .await;
     let status = b
         .client
         .create_invoice(keyed(create("ord-2"), "key-shared-2"))
@@ -954,7 +887,7 @@ async fn a_retry_landing_on_another_instance_replays_the_first_answer() {
         .expect_err("in progress on A");
     assert_refused(&status, Code::Aborted, "IDEMPOTENCY_KEY_IN_PROGRESS");
     upstream.release_answers();
-    let on_a = bounded(on_a, "A's call ends")
+    let on_a = within("A's call to end", PATIENCE, on_a)
         .await
         .expect("task")
         .expect("A's call succeeds")
@@ -1058,18 +991,19 @@ async fn keyed_calls_fail_closed_while_redis_is_down_and_work_again_once_it_is_b
     tokio::task::block_in_place(|| server.restart());
     // The connection manager reconnects by itself; a fresh key per try, as
     // a failed try records nothing.
-    let client = gw.client.clone();
     let mut tries = 0;
     let answer = until(
-        || {
+        "a keyed call to succeed with Redis back",
+        PATIENCE,
+        async || {
             tries += 1;
             let key = format!("key-after-{tries}");
-            let mut client = client.clone();
-            async move { client.create_invoice(keyed(create("ord-1"), &key)).await }
+            let mut client = gw.client.clone();
+            client.create_invoice(keyed(create("ord-1"), &key)).await
         },
         Result::is_ok,
-        |answer| is_refused(answer, "IDEMPOTENCY_STORE_UNAVAILABLE"),
     )
+    .meanwhile(|answer| is_refused(answer, "IDEMPOTENCY_STORE_UNAVAILABLE"))
     .await;
     assert!(!replayed(&answer.expect("Redis back")));
     assert_eq!(upstream.requests().len(), 3);
@@ -1122,19 +1056,18 @@ async fn a_key_whose_lease_timed_out_unseen_in_redis_stays_free() {
 
     // The late lease is undone: the key proceeds (not "outcome unknown"
     // once the lease, 11 s, ends).
-    let client = gw.client.clone();
     let answer = until(
-        || {
-            let mut client = client.clone();
-            async move {
-                client
-                    .create_invoice(keyed(create("ord-1"), "key-paused"))
-                    .await
-            }
+        "the key to proceed once its late lease is undone",
+        PATIENCE,
+        async || {
+            let mut client = gw.client.clone();
+            client
+                .create_invoice(keyed(create("ord-1"), "key-paused"))
+                .await
         },
         Result::is_ok,
-        |answer| is_refused(answer, "IDEMPOTENCY_KEY_IN_PROGRESS"),
     )
+    .meanwhile(|answer| is_refused(answer, "IDEMPOTENCY_KEY_IN_PROGRESS"))
     .await;
     assert!(!replayed(&answer.expect("proceeds")));
     assert_eq!(upstream.requests().len(), 2);
@@ -1226,7 +1159,7 @@ async fn a_full_memory_store_refuses_a_new_key_and_sends_nothing() {
         max_entries: 1,
         ..Settings::default()
     };
-    let mut gw = gateway(&upstream.url(), Memory.store(settings).await).await;
+    let mut gw = gateway(&upstream.url(), open_at("memory", settings).await).await;
     gw.client
         .create_invoice(keyed(create("ord-1"), "key-first"))
         .await

@@ -1,9 +1,9 @@
 //! The idempotency-key store (issue 9) on its own: every protocol case runs
-//! once against the memory store and once against a real redis-server, then
-//! the cases only one store has (sharing across instances, Redis down or
-//! full, the memory store's bounds), and the key syntax.
+//! once per kind of store (memory, a real redis-server: see
+//! `support::stores`), then the cases only one store has (sharing across
+//! instances, Redis down or full, the memory store's bounds), and the key
+//! syntax.
 
-use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,12 +13,13 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use gormic_gateway::idempotency::{
     Begin, Digest, Idempotency, IdempotencyArgs, Lease, MAX_KEY_BYTES, MAX_OUTCOME_BYTES, Outcome,
-    Recorded, Scope, StoreError, StoreLocation, UnknownCause, parse_key, parse_store,
-    request_digest,
+    Recorded, Scope, StoreError, UnknownCause, parse_key, request_digest,
 };
 use gormic_gateway::proto::v1 as pb;
 
 use crate::support::redis::RedisServer;
+use crate::support::stores::{Backend, for_each_store, open_at};
+use crate::support::{until, within};
 
 /// A lease longer than any wait in these tests: only a verdict ends it.
 const LONG: Duration = Duration::from_secs(120);
@@ -32,6 +33,7 @@ struct Settings {
     ttl: Duration,
     max_entries: u64,
     max_bytes: u64,
+    store_timeout: Duration,
 }
 
 impl Default for Settings {
@@ -40,50 +42,29 @@ impl Default for Settings {
             ttl: Duration::from_secs(3600),
             max_entries: 100_000,
             max_bytes: 64 << 20,
+            store_timeout: Duration::from_secs(5),
         }
     }
 }
 
-/// A kind of store the shared cases run against.
-trait Backend {
-    fn open(&self, settings: Settings) -> impl Future<Output = Idempotency>;
-}
-
-struct Memory;
-
-impl Backend for Memory {
-    async fn open(&self, settings: Settings) -> Idempotency {
-        open(StoreLocation::Memory, settings, Duration::from_secs(5)).await
+impl From<Settings> for IdempotencyArgs {
+    fn from(settings: Settings) -> Self {
+        IdempotencyArgs {
+            idempotency_ttl: settings.ttl,
+            idempotency_max_entries: settings.max_entries,
+            idempotency_max_bytes: settings.max_bytes,
+            idempotency_store_timeout: settings.store_timeout,
+            ..IdempotencyArgs::default()
+        }
     }
-}
-
-struct Redis(RedisServer);
-
-impl Redis {
-    fn start() -> Self {
-        Self(RedisServer::start())
-    }
-}
-
-impl Backend for Redis {
-    async fn open(&self, settings: Settings) -> Idempotency {
-        redis_store(&self.0.url(), settings, Duration::from_secs(5)).await
-    }
-}
-
-async fn open(store: StoreLocation, settings: Settings, timeout: Duration) -> Idempotency {
-    let args = IdempotencyArgs {
-        idempotency_store: store,
-        idempotency_ttl: settings.ttl,
-        idempotency_max_entries: settings.max_entries,
-        idempotency_max_bytes: settings.max_bytes,
-        idempotency_store_timeout: timeout,
-    };
-    Idempotency::from_args(&args).await.expect("store opens")
 }
 
 async fn redis_store(url: &str, settings: Settings, timeout: Duration) -> Idempotency {
-    open(parse_store(url).expect("redis URL"), settings, timeout).await
+    let settings = Settings {
+        store_timeout: timeout,
+        ..settings
+    };
+    open_at(url, settings).await
 }
 
 fn scope(key: &str) -> Scope {
@@ -135,58 +116,9 @@ async fn begin(store: &Idempotency, scope: &Scope, digest: Digest) -> Result<Beg
     store.begin(scope, digest, LONG).await
 }
 
-/// Calls `begin` until `done` accepts the answer; every answer before must
-/// satisfy `meanwhile`. Bounded by PATIENCE; polls every 20 ms.
-async fn begin_until(
-    store: &Idempotency,
-    scope: &Scope,
-    digest: Digest,
-    lease: Duration,
-    done: impl Fn(&Result<Begin, StoreError>) -> bool,
-    meanwhile: impl Fn(&Result<Begin, StoreError>) -> bool,
-) -> Result<Begin, StoreError> {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let answer = store.begin(scope, digest, lease).await;
-        if done(&answer) {
-            return answer;
-        }
-        assert!(
-            meanwhile(&answer),
-            "unexpected answer while waiting: {answer:?}"
-        );
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "still {answer:?} after {PATIENCE:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+// ---- cases run against every kind of store ------------------------------
 
-// ---- cases run against both stores ---------------------------------------
-
-macro_rules! for_both_stores {
-    ($($case:ident),* $(,)?) => {
-        mod memory_store {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(&super::Memory).await;
-                }
-            )*
-        }
-        mod redis_store {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(&super::Redis::start()).await;
-                }
-            )*
-        }
-    };
-}
-
-for_both_stores!(
+for_each_store!(
     a_new_key_proceeds_and_a_success_replays_byte_for_byte,
     a_functional_error_replays_with_identical_details,
     a_key_reused_with_another_request_is_a_mismatch,
@@ -201,7 +133,7 @@ for_both_stores!(
     an_oversized_outcome_is_recorded_as_unknown,
 );
 
-async fn a_new_key_proceeds_and_a_success_replays_byte_for_byte(backend: &impl Backend) {
+async fn a_new_key_proceeds_and_a_success_replays_byte_for_byte(backend: &Backend) {
     let store = backend.open(Settings::default()).await;
     let (s, d) = (scope("k-success"), digest(&request("o-1")));
     let lease = proceed(&store, &s, d, LONG).await;
@@ -220,7 +152,7 @@ async fn a_new_key_proceeds_and_a_success_replays_byte_for_byte(backend: &impl B
     }
 }
 
-async fn a_functional_error_replays_with_identical_details(backend: &impl Backend) {
+async fn a_functional_error_replays_with_identical_details(backend: &Backend) {
     let store = backend.open(Settings::default()).await;
     let (s, d) = (scope("k-error"), digest(&request("o-1")));
     let lease = proceed(&store, &s, d, LONG).await;
@@ -246,7 +178,7 @@ async fn a_functional_error_replays_with_identical_details(backend: &impl Backen
     assert_eq!(info.reason, "ORDER_CLOSED");
 }
 
-async fn a_key_reused_with_another_request_is_a_mismatch(backend: &impl Backend) {
+async fn a_key_reused_with_another_request_is_a_mismatch(backend: &Backend) {
     let store = backend.open(Settings::default()).await;
     let s = scope("k-reuse");
     let (first, other) = (digest(&request("o-1")), digest(&request("o-2")));
@@ -276,7 +208,7 @@ async fn a_key_reused_with_another_request_is_a_mismatch(backend: &impl Backend)
     ));
 }
 
-async fn keys_are_scoped_by_organization_rpc_and_credential(backend: &impl Backend) {
+async fn keys_are_scoped_by_organization_rpc_and_credential(backend: &Backend) {
     let store = backend.open(Settings::default()).await;
     let d = digest(&request("o-1"));
     let base = scope_of("org-1", "CreateInvoice", "api-key-a", "k-scope");
@@ -297,7 +229,7 @@ async fn keys_are_scoped_by_organization_rpc_and_credential(backend: &impl Backe
     ));
 }
 
-async fn concurrent_duplicates_get_one_proceed(backend: &impl Backend) {
+async fn concurrent_duplicates_get_one_proceed(backend: &Backend) {
     let store = backend.open(Settings::default()).await;
     let (s, d) = (scope("k-race"), digest(&request("o-1")));
     let mut calls = JoinSet::new();
@@ -307,8 +239,9 @@ async fn concurrent_duplicates_get_one_proceed(backend: &impl Backend) {
     }
     let mut leases = Vec::new();
     let mut in_progress = 0;
-    while let Some(answer) = calls.join_next().await {
-        match answer.expect("task") {
+    let answers = within("every duplicate's answer", PATIENCE, calls.join_all()).await;
+    for answer in answers {
+        match answer {
             Ok(Begin::Proceed(lease)) => leases.push(lease),
             Ok(Begin::InProgress { retry_after }) => {
                 assert!(
@@ -326,7 +259,7 @@ async fn concurrent_duplicates_get_one_proceed(backend: &impl Backend) {
     assert!(matches!(begin(&store, &s, d).await, Ok(Begin::Replay(_))));
 }
 
-async fn an_unknown_outcome_is_never_a_free_key(backend: &impl Backend) {
+async fn an_unknown_outcome_is_never_a_free_key(backend: &Backend) {
     let store = backend.open(Settings::default()).await;
     let (s, d) = (scope("k-unknown"), digest(&request("o-1")));
     let lease = proceed(&store, &s, d, LONG).await;
@@ -344,7 +277,7 @@ async fn an_unknown_outcome_is_never_a_free_key(backend: &impl Backend) {
     ));
 }
 
-async fn a_dropped_lease_records_an_unknown_outcome(backend: &impl Backend) {
+async fn a_dropped_lease_records_an_unknown_outcome(backend: &Backend) {
     let store = backend.open(Settings::default()).await;
     let (s, d) = (scope("k-dropped"), digest(&request("o-1")));
     // As when the call's future is cancelled with the request in flight.
@@ -357,7 +290,9 @@ async fn a_dropped_lease_records_an_unknown_outcome(backend: &impl Backend) {
             std::future::pending::<()>().await;
         })
     };
-    lease_taken.await.expect("the call took the lease");
+    within("the call to take the lease", PATIENCE, lease_taken)
+        .await
+        .expect("the call took the lease");
     assert!(matches!(
         begin(&store, &s, d).await,
         Ok(Begin::InProgress { .. })
@@ -365,19 +300,17 @@ async fn a_dropped_lease_records_an_unknown_outcome(backend: &impl Backend) {
     call.abort();
     assert!(call.await.expect_err("aborted").is_cancelled());
     // The lease runs two minutes: only the drop can make it unknown now.
-    let answer = begin_until(
-        &store,
-        &s,
-        d,
-        LONG,
+    let answer = until(
+        "the dropped lease's verdict",
+        PATIENCE,
+        async || begin(&store, &s, d).await,
         |a| !matches!(a, Ok(Begin::InProgress { .. })),
-        |_| true,
     )
     .await;
     assert!(matches!(answer, Ok(Begin::OutcomeUnknown)), "{answer:?}");
 }
 
-async fn a_release_lets_the_retry_proceed(backend: &impl Backend) {
+async fn a_release_lets_the_retry_proceed(backend: &Backend) {
     let store = backend.open(Settings::default()).await;
     let (s, d) = (scope("k-release"), digest(&request("o-1")));
     let lease = proceed(&store, &s, d, LONG).await;
@@ -391,7 +324,7 @@ async fn a_release_lets_the_retry_proceed(backend: &impl Backend) {
     ));
 }
 
-async fn records_expire_after_the_ttl(backend: &impl Backend) {
+async fn records_expire_after_the_ttl(backend: &Backend) {
     let store = backend
         .open(Settings {
             ttl: Duration::from_millis(300),
@@ -401,14 +334,13 @@ async fn records_expire_after_the_ttl(backend: &impl Backend) {
     let (s, d) = (scope("k-ttl"), digest(&request("o-1")));
     let lease = proceed(&store, &s, d, Duration::from_millis(100)).await;
     assert_eq!(lease.complete(response("inv-1")).await, Ok(Recorded::Done));
-    let answer = begin_until(
-        &store,
-        &s,
-        d,
-        LONG,
+    let answer = until(
+        "the record to expire",
+        PATIENCE,
+        async || begin(&store, &s, d).await,
         |a| matches!(a, Ok(Begin::Proceed(_))),
-        |a| matches!(a, Ok(Begin::Replay(_))),
     )
+    .meanwhile(|a| matches!(a, Ok(Begin::Replay(_))))
     .await;
     let Ok(Begin::Proceed(lease)) = answer else {
         unreachable!()
@@ -416,20 +348,19 @@ async fn records_expire_after_the_ttl(backend: &impl Backend) {
     assert_eq!(lease.release().await, Ok(Recorded::Done));
 }
 
-async fn an_expired_lease_reads_as_unknown_until_its_owner_finishes(backend: &impl Backend) {
+async fn an_expired_lease_reads_as_unknown_until_its_owner_finishes(backend: &Backend) {
     let store = backend.open(Settings::default()).await;
     let (s, d) = (scope("k-lease"), digest(&request("o-1")));
     let lease = proceed(&store, &s, d, Duration::from_millis(200)).await;
     // The owner is silent past its lease: the request may have gone out,
     // so the key is unknown, never free.
-    let answer = begin_until(
-        &store,
-        &s,
-        d,
-        LONG,
+    let answer = until(
+        "the silent owner's lease to expire",
+        PATIENCE,
+        async || begin(&store, &s, d).await,
         |a| matches!(a, Ok(Begin::OutcomeUnknown)),
-        |a| matches!(a, Ok(Begin::InProgress { .. })),
     )
+    .meanwhile(|a| matches!(a, Ok(Begin::InProgress { .. })))
     .await;
     assert!(matches!(answer, Ok(Begin::OutcomeUnknown)), "{answer:?}");
     // A late verdict of the owner still lands: the record is still its own.
@@ -437,7 +368,7 @@ async fn an_expired_lease_reads_as_unknown_until_its_owner_finishes(backend: &im
     assert!(matches!(begin(&store, &s, d).await, Ok(Begin::Replay(_))));
 }
 
-async fn a_lease_that_lost_its_record_changes_nothing(backend: &impl Backend) {
+async fn a_lease_that_lost_its_record_changes_nothing(backend: &Backend) {
     let store = backend
         .open(Settings {
             ttl: Duration::from_millis(300),
@@ -447,14 +378,13 @@ async fn a_lease_that_lost_its_record_changes_nothing(backend: &impl Backend) {
     let (s, d) = (scope("k-lost"), digest(&request("o-1")));
     let stale = proceed(&store, &s, d, Duration::from_millis(100)).await;
     // Past the TTL the key is taken afresh by another call.
-    let answer = begin_until(
-        &store,
-        &s,
-        d,
-        LONG,
+    let answer = until(
+        "the key to be taken afresh past its TTL",
+        PATIENCE,
+        async || begin(&store, &s, d).await,
         |a| matches!(a, Ok(Begin::Proceed(_))),
-        |a| matches!(a, Ok(Begin::InProgress { .. } | Begin::OutcomeUnknown)),
     )
+    .meanwhile(|a| matches!(a, Ok(Begin::InProgress { .. } | Begin::OutcomeUnknown)))
     .await;
     let Ok(Begin::Proceed(current)) = answer else {
         unreachable!()
@@ -474,7 +404,7 @@ async fn a_lease_that_lost_its_record_changes_nothing(backend: &impl Backend) {
     );
 }
 
-async fn an_oversized_outcome_is_recorded_as_unknown(backend: &impl Backend) {
+async fn an_oversized_outcome_is_recorded_as_unknown(backend: &Backend) {
     let store = backend.open(Settings::default()).await;
     let d = digest(&request("o-1"));
     let largest = Outcome::Response(Bytes::from(vec![7; MAX_OUTCOME_BYTES]));
@@ -535,8 +465,9 @@ async fn two_instances_sharing_one_redis_act_once() {
         calls.spawn(async move { store.begin(&race, d, LONG).await });
     }
     let mut proceeds = Vec::new();
-    while let Some(answer) = calls.join_next().await {
-        match answer.expect("task") {
+    let answers = within("every duplicate's answer", PATIENCE, calls.join_all()).await;
+    for answer in answers {
+        match answer {
             Ok(Begin::Proceed(lease)) => proceeds.push(lease),
             Ok(Begin::InProgress { .. }) => {}
             other => panic!("{other:?}"),
@@ -699,14 +630,13 @@ async fn a_server_killed_mid_call_fails_closed_and_recovers() {
     server.restart();
     // The first call after the restart may still meet the broken connection;
     // the manager reconnects and a later one goes through.
-    let answer = begin_until(
-        &store,
-        &scope("k-after"),
-        d,
-        LONG,
+    let answer = until(
+        "a lease with Redis back",
+        PATIENCE,
+        async || begin(&store, &scope("k-after"), d).await,
         |a| matches!(a, Ok(Begin::Proceed(_))),
-        |a| matches!(a, Err(StoreError::Unavailable(_))),
     )
+    .meanwhile(|a| matches!(a, Err(StoreError::Unavailable(_))))
     .await;
     let Ok(Begin::Proceed(lease)) = answer else {
         unreachable!()
@@ -790,12 +720,14 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_memory_store_refuses_new_keys_and_evicts_nothing() {
-    let store = Memory
-        .open(Settings {
+    let store = open_at(
+        "memory",
+        Settings {
             max_entries: 3,
             ..Settings::default()
-        })
-        .await;
+        },
+    )
+    .await;
     let d = digest(&request("o-1"));
     let mut leases = Vec::new();
     for i in 0..3 {
@@ -834,13 +766,15 @@ async fn a_full_memory_store_refuses_new_keys_and_evicts_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_records_make_room_in_a_full_memory_store() {
-    let store = Memory
-        .open(Settings {
+    let store = open_at(
+        "memory",
+        Settings {
             ttl: Duration::from_millis(300),
             max_entries: 2,
             ..Settings::default()
-        })
-        .await;
+        },
+    )
+    .await;
     let d = digest(&request("o-1"));
     for i in 0..2 {
         let lease = proceed(
@@ -852,41 +786,41 @@ async fn expired_records_make_room_in_a_full_memory_store() {
         .await;
         assert_eq!(lease.complete(response("inv")).await, Ok(Recorded::Done));
     }
-    let answer = begin_until(
-        &store,
-        &scope("k-2"),
-        d,
-        LONG,
+    let answer = until(
+        "expired records to make room",
+        PATIENCE,
+        async || begin(&store, &scope("k-2"), d).await,
         |a| matches!(a, Ok(Begin::Proceed(_))),
-        |a| matches!(a, Err(StoreError::Full)),
     )
+    .meanwhile(|a| matches!(a, Err(StoreError::Full)))
     .await;
     let Ok(Begin::Proceed(lease)) = answer else {
         unreachable!()
     };
     assert_eq!(lease.release().await, Ok(Recorded::Done));
     // And the sweeper empties the store once everything has expired.
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while store.usage().map(|u| u.entries) != Some(0) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{:?}",
-            store.usage()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until(
+        "the sweeper to empty the store",
+        PATIENCE,
+        async || store.usage(),
+        |usage| usage.as_ref().map(|u| u.entries) == Some(0),
+    )
+    .every(Duration::from_millis(50))
+    .await;
     assert_eq!(store.usage().map(|u| u.bytes), Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_memory_byte_bound_holds() {
     use gormic_gateway::idempotency::memory::ENTRY_OVERHEAD;
-    let store = Memory
-        .open(Settings {
+    let store = open_at(
+        "memory",
+        Settings {
             max_bytes: 2 * ENTRY_OVERHEAD + 100,
             ..Settings::default()
-        })
-        .await;
+        },
+    )
+    .await;
     let d = digest(&request("o-1"));
     // An outcome with no room left is recorded as unknown, and says so.
     let lease = proceed(&store, &scope("k-big"), d, LONG).await;

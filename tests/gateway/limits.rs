@@ -13,8 +13,8 @@ use gormic_gateway::server::{ConnectionLimits, ServerOptions};
 use gormic_gateway::upstream::UpstreamOptions;
 
 use crate::support::{
-    FakeUpstream, GatewayConfig, Scripted, TestGateway, authed, details, error_info, logs,
-    spawn_app, with_metadata,
+    FakeUpstream, Scripted, TestGateway, authed, details, error_info, logs, spawn_app, until,
+    with_metadata,
 };
 
 fn close() -> pb::CloseInvoiceRequest {
@@ -32,10 +32,6 @@ fn held() -> Scripted {
     Scripted::ok(closed()).delayed(Duration::from_secs(60))
 }
 
-async fn gateway(upstream: &FakeUpstream, config: GatewayConfig) -> TestGateway {
-    TestGateway::start_configured(&upstream.url(), config).await
-}
-
 #[tokio::test]
 async fn calls_past_the_in_flight_cap_are_shed_at_once_and_never_forwarded() {
     let logs = logs();
@@ -43,14 +39,10 @@ async fn calls_past_the_in_flight_cap_are_shed_at_once_and_never_forwarded() {
     let mut script = vec![held(); 3];
     script.push(Scripted::ok(closed()));
     upstream.respond_in_order(script);
-    let mut gateway = gateway(
-        &upstream,
-        GatewayConfig {
-            max_in_flight: 3,
-            ..Default::default()
-        },
-    )
-    .await;
+    let mut gateway = TestGateway::builder(&upstream.url())
+        .max_in_flight(3)
+        .start()
+        .await;
 
     let holding: Vec<_> = (0..3)
         .map(|_| {
@@ -101,11 +93,15 @@ async fn calls_past_the_in_flight_cap_are_shed_at_once_and_never_forwarded() {
             .filter_map(|line| line["shed"].as_u64())
             .sum()
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while shed_logged() < 5 && tokio::time::Instant::now() < deadline {
-        // The second line comes from the once-a-second flush.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // The second line comes from the once-a-second flush.
+    until(
+        "the summary lines to count five shed calls",
+        Duration::from_secs(10),
+        async || shed_logged(),
+        |shed| *shed >= 5,
+    )
+    .every(Duration::from_millis(100))
+    .await;
     assert_eq!(
         shed_logged(),
         5,
@@ -134,17 +130,13 @@ async fn calls_past_the_in_flight_cap_are_shed_at_once_and_never_forwarded() {
 async fn the_upstream_connection_cap_holds_under_a_burst() {
     let upstream = FakeUpstream::start().await;
     upstream.respond(Scripted::ok(closed()).delayed(Duration::from_millis(50)));
-    let gateway = gateway(
-        &upstream,
-        GatewayConfig {
-            upstream: UpstreamOptions {
-                max_connections: 4,
-                ..Default::default()
-            },
+    let gateway = TestGateway::builder(&upstream.url())
+        .upstream(UpstreamOptions {
+            max_connections: 4,
             ..Default::default()
-        },
-    )
-    .await;
+        })
+        .start()
+        .await;
 
     let calls: Vec<_> = (0..60)
         .map(|_| {
@@ -172,18 +164,14 @@ async fn the_upstream_connection_cap_holds_under_a_burst() {
 async fn a_full_connection_queue_refuses_at_once() {
     let upstream = FakeUpstream::start().await;
     upstream.respond(held());
-    let mut gateway = gateway(
-        &upstream,
-        GatewayConfig {
-            upstream: UpstreamOptions {
-                max_connections: 1,
-                max_pending: 0,
-                ..Default::default()
-            },
+    let mut gateway = TestGateway::builder(&upstream.url())
+        .upstream(UpstreamOptions {
+            max_connections: 1,
+            max_pending: 0,
             ..Default::default()
-        },
-    )
-    .await;
+        })
+        .start()
+        .await;
     let mut client = gateway.client.clone();
     let holding = tokio::spawn(async move { client.close_invoice(authed(close())).await });
     upstream.wait_for_requests(1).await;
@@ -204,17 +192,13 @@ async fn a_full_connection_queue_refuses_at_once() {
 async fn a_call_that_gets_no_connection_within_its_deadline_says_nothing_was_sent() {
     let upstream = FakeUpstream::start().await;
     upstream.respond(held());
-    let mut gateway = gateway(
-        &upstream,
-        GatewayConfig {
-            upstream: UpstreamOptions {
-                max_connections: 1,
-                ..Default::default()
-            },
+    let mut gateway = TestGateway::builder(&upstream.url())
+        .upstream(UpstreamOptions {
+            max_connections: 1,
             ..Default::default()
-        },
-    )
-    .await;
+        })
+        .start()
+        .await;
     let mut client = gateway.client.clone();
     let holding = tokio::spawn(async move { client.close_invoice(authed(close())).await });
     upstream.wait_for_requests(1).await;
@@ -243,20 +227,16 @@ async fn a_call_that_gets_no_connection_within_its_deadline_says_nothing_was_sen
 async fn an_oversized_request_message_is_resource_exhausted_and_never_forwarded() {
     let upstream = FakeUpstream::start().await;
     upstream.respond(Scripted::ok(json!({"id": "inv-9"})));
-    let mut gateway = gateway(
-        &upstream,
-        GatewayConfig {
-            server: ServerOptions {
-                limits: ConnectionLimits {
-                    max_request_bytes: 1024,
-                    ..Default::default()
-                },
+    let mut gateway = TestGateway::builder(&upstream.url())
+        .server(ServerOptions {
+            limits: ConnectionLimits {
+                max_request_bytes: 1024,
                 ..Default::default()
             },
             ..Default::default()
-        },
-    )
-    .await;
+        })
+        .start()
+        .await;
     let create = |order_id: String| pb::CreateInvoiceRequest {
         order_id,
         ..Default::default()

@@ -2,8 +2,6 @@
 //! log (and that it never shows the api-key), graceful shutdown, and the
 //! binary's start-up and signal handling.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::json;
@@ -18,9 +16,13 @@ use tonic_reflection::pb::v1::{
 };
 
 use gormic_gateway::proto::v1 as pb;
+use gormic_gateway::proto::v1::invoice_service_client::InvoiceServiceClient;
 
+use crate::support::binary::{Serving, run_to_exit};
+use crate::support::gateway::endpoint;
 use crate::support::{
-    FakeUpstream, ORGANIZATION, Scripted, TestGateway, authed, logs, spawn_app, with_metadata,
+    FakeUpstream, ORGANIZATION, PATIENCE, Scripted, TestGateway, authed, logs, spawn_app,
+    with_metadata, within,
 };
 
 const SERVICE: &str = "gormic.om.v1.InvoiceService";
@@ -215,7 +217,7 @@ async fn each_call_logs_one_line_and_never_the_api_key() {
 async fn shutdown_lets_in_flight_calls_finish_and_refuses_new_connections() {
     let upstream = FakeUpstream::start().await;
     upstream.respond(Scripted::ok(closed()).delayed(Duration::from_millis(300)));
-    let mut gateway = TestGateway::start(&upstream.url(), Duration::from_secs(10)).await;
+    let mut gateway = TestGateway::builder(&upstream.url()).start().await;
 
     let mut client = gateway.client.clone();
     let in_flight = tokio::spawn(async move {
@@ -233,12 +235,13 @@ async fn shutdown_lets_in_flight_calls_finish_and_refuses_new_connections() {
         .expect("task")
         .expect("the in-flight call completes");
     assert_eq!(response.into_inner().invoice_number, 7);
-    gateway
-        .task
-        .take()
-        .expect("task")
-        .await
-        .expect("server stops cleanly");
+    within(
+        "the server to stop",
+        PATIENCE,
+        gateway.task.take().expect("task"),
+    )
+    .await
+    .expect("server stops cleanly");
     assert!(
         tokio::net::TcpStream::connect(gateway.addr).await.is_err(),
         "no longer accepting"
@@ -249,12 +252,11 @@ async fn shutdown_lets_in_flight_calls_finish_and_refuses_new_connections() {
 async fn shutdown_gives_up_on_calls_that_outlast_the_grace_period() {
     let upstream = FakeUpstream::start().await;
     upstream.respond(Scripted::ok(closed()).delayed(Duration::from_secs(60)));
-    let mut gateway = TestGateway::start_with_grace(
-        &upstream.url(),
-        Duration::from_secs(120),
-        Duration::from_millis(200),
-    )
-    .await;
+    let mut gateway = TestGateway::builder(&upstream.url())
+        .upstream_timeout(Duration::from_secs(120))
+        .grace(Duration::from_millis(200))
+        .start()
+        .await;
     let mut client = gateway.client.clone();
     let in_flight = tokio::spawn(async move {
         client
@@ -274,38 +276,23 @@ async fn shutdown_gives_up_on_calls_that_outlast_the_grace_period() {
 
 // ---- the binary ------------------------------------------------------------
 
-/// The binary, its admin listener on an ephemeral port (tests run in
-/// parallel).
-fn binary() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_gormic-gateway"));
-    command.env("GORMIC_ADMIN_LISTEN", "127.0.0.1:0");
-    command
-}
-
-#[test]
-fn without_an_upstream_the_binary_refuses_to_start_and_names_the_flag() {
-    let output = binary()
-        .env_remove("GORMIC_UPSTREAM_URL")
-        .env_remove("GORMIC_SANDBOX")
-        .args(["--listen", "127.0.0.1:0"])
-        .output()
-        .expect("run the binary");
+#[tokio::test]
+async fn without_an_upstream_the_binary_refuses_to_start_and_names_the_flag() {
+    let output = run_to_exit(&["--listen", "127.0.0.1:0"]).await;
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("--upstream"), "{stderr}");
 }
 
-#[test]
-fn a_bad_flag_value_is_refused_with_the_flags_name() {
-    let output = binary()
-        .args([
-            "--upstream",
-            "http://127.0.0.1:1",
-            "--upstream-timeout",
-            "forever",
-        ])
-        .output()
-        .expect("run the binary");
+#[tokio::test]
+async fn a_bad_flag_value_is_refused_with_the_flags_name() {
+    let output = run_to_exit(&[
+        "--upstream",
+        "http://127.0.0.1:1",
+        "--upstream-timeout",
+        "forever",
+    ])
+    .await;
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("--upstream-timeout"), "{stderr}");
@@ -315,43 +302,21 @@ fn a_bad_flag_value_is_refused_with_the_flags_name() {
 async fn sigterm_drains_and_exits_zero() {
     let upstream = FakeUpstream::start().await;
     upstream.respond(Scripted::ok(closed()).delayed(Duration::from_millis(300)));
-    let mut child = binary()
-        .args([
-            "--upstream",
-            &upstream.url(),
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start the binary");
-    let stderr = child.stderr.take().expect("stderr");
-    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
-    let reader = std::thread::spawn(move || {
-        let mut addr_tx = Some(addr_tx);
-        let mut lines = Vec::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line)
-                && let Some(addr) = json["grpc"].as_str()
-                && let Some(tx) = addr_tx.take()
-            {
-                let _ = tx.send(addr.to_owned());
-            }
-            lines.push(line);
-        }
-        lines
-    });
-    let addr = addr_rx.await.expect("the binary logs its bound address");
+    let serving = Serving::start(&[
+        "--upstream",
+        &upstream.url(),
+        "--listen",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+    ])
+    .await;
 
-    let mut client =
-        gormic_gateway::proto::v1::invoice_service_client::InvoiceServiceClient::connect(format!(
-            "http://{addr}"
-        ))
+    let channel = endpoint(serving.grpc_addr())
+        .connect()
         .await
         .expect("connect");
+    let mut client = InvoiceServiceClient::new(channel);
     let in_flight = tokio::spawn(async move {
         client
             .close_invoice(authed(pb::CloseInvoiceRequest {
@@ -360,23 +325,15 @@ async fn sigterm_drains_and_exits_zero() {
             .await
     });
     upstream.wait_for_requests(1).await;
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(killed.success());
+    serving.sigterm();
 
     let response = in_flight
         .await
         .expect("task")
         .unwrap_or_else(|status| panic!("the in-flight call fails: {status:?}"));
     assert_eq!(response.into_inner().invoice_number, 7);
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .expect("join")
-        .expect("wait");
+    let (status, lines) = serving.wait_for_exit().await;
     assert_eq!(status.code(), Some(0), "exit status after SIGTERM");
-    let lines = reader.join().expect("reader");
     assert!(
         lines.iter().any(|l| l.contains("SIGTERM received")),
         "{lines:#?}"

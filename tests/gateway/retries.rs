@@ -70,7 +70,7 @@ async fn a_create_answered_503_is_never_sent_twice() {
 async fn a_request_that_never_left_is_retried_for_any_operation() {
     // A port bound but not listening: connections are refused.
     let unreachable = FakeUpstream::reserve();
-    let mut gateway = TestGateway::start(&unreachable.url(), Duration::from_secs(10)).await;
+    let mut gateway = TestGateway::builder(&unreachable.url()).start().await;
     let status = gateway
         .client
         .create_invoice(authed(create()))
@@ -109,7 +109,7 @@ async fn hanging_up_upstream() -> (String, Arc<AtomicUsize>) {
 #[tokio::test]
 async fn a_broken_connection_is_retried_only_for_repeatable_operations() {
     let (url, seen) = hanging_up_upstream().await;
-    let mut gateway = TestGateway::start(&url, Duration::from_secs(10)).await;
+    let mut gateway = TestGateway::builder(&url).start().await;
 
     let status = gateway
         .client

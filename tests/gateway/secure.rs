@@ -32,8 +32,8 @@ use crate::support::secure::{
     SecureGateway, grpc_web_over_https, plaintext_channel, server_files, server_tls, tls_channel,
 };
 use crate::support::{
-    API_KEY, FakeUpstream, GatewayConfig, ORGANIZATION, Scripted, TestGateway, error_info, logs,
-    with_metadata,
+    API_KEY, FakeUpstream, ORGANIZATION, Scripted, TestGateway, error_info, logs, until,
+    with_metadata, within,
 };
 
 /// Upper bound on anything a test waits for; only reached when it fails.
@@ -135,9 +135,12 @@ async fn served_certificate(addr: SocketAddr, ca: &Ca) -> Vec<u8> {
 /// Waits for the gateway's debug line saying the handshake of the
 /// connection from `peer` failed, and returns it.
 async fn handshake_failure_logged(logs: &Logs, peer: SocketAddr) -> String {
+    let what = format!("saying the TLS handshake from {peer} failed");
     let peer = format!("\"peer\":\"{peer}\"");
-    logs.wait_for_line(|line| line.contains("TLS handshake failed") && line.contains(&peer))
-        .await
+    logs.wait_for_line(&what, |line| {
+        line.contains("TLS handshake failed") && line.contains(&peer)
+    })
+    .await
 }
 
 // ---- TLS on the gRPC listener ---------------------------------------------
@@ -406,7 +409,9 @@ async fn a_rotated_certificate_is_shown_to_new_connections_while_open_ones_keep_
         .expect("the server's TLS lives");
     assert_eq!(*generation.borrow(), 1);
     stop.send(()).expect("the watch task runs");
-    watcher.await.expect("the watch task stops");
+    within("the watch task to stop", PATIENCE, watcher)
+        .await
+        .expect("the watch task stops");
 
     assert_eq!(
         served_certificate(gateway.addr, &ca).await,
@@ -762,17 +767,13 @@ async fn gateway_with_upstream_options(
     options: UpstreamOptions,
 ) -> TestGateway {
     let tls = UpstreamTls::load(args).expect("valid upstream TLS files");
-    TestGateway::start_configured(
-        &upstream.url(),
-        GatewayConfig {
-            upstream: UpstreamOptions {
-                tls: Some(tls.client_config()),
-                ..options
-            },
-            ..GatewayConfig::default()
-        },
-    )
-    .await
+    TestGateway::builder(&upstream.url())
+        .upstream(UpstreamOptions {
+            tls: Some(tls.client_config()),
+            ..options
+        })
+        .start()
+        .await
 }
 
 /// Starts `n` close calls at once through `gateway` and returns their
@@ -906,22 +907,15 @@ async fn over_http2_the_connection_cap_bounds_the_streams_in_flight() {
     let private_ca = Ca::new("private upstream CA");
     let upstream = h2_upstream(&private_ca).await;
     let tls = UpstreamTls::load(&upstream_ca_args(&dir, &private_ca)).expect("upstream TLS");
-    let url = url::Url::parse(&upstream.url()).expect("URL");
-    let client = Upstream::new(
-        &url,
-        UpstreamOptions {
+    let gateway = TestGateway::builder(&upstream.url())
+        .upstream(UpstreamOptions {
             max_connections: 1,
             tls: Some(tls.client_config()),
             ..crate::support::no_proxy()
-        },
-    )
-    .expect("client");
-    let gauges = client.gauges();
-    let gateway = TestGateway::start_with_gateway(
-        InvoiceGateway::new(client).expect("gateway"),
-        ServerOptions::default(),
-    )
-    .await;
+        })
+        .start()
+        .await;
+    let gauges = gateway.upstream_client().gauges();
 
     // With --upstream-max-connections 1, one request at a time: the other
     // seven wait for the slot, none is sent meanwhile.
@@ -953,9 +947,14 @@ async fn over_http2_the_connection_cap_bounds_the_streams_in_flight() {
         }
     });
     upstream.wait_for_requests(1).await;
-    while gauges.pending.load(std::sync::atomic::Ordering::Relaxed) < (CALLS - 1) as u64 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until(
+        "the other calls to wait for the connection slot",
+        PATIENCE,
+        async || gauges.pending.load(std::sync::atomic::Ordering::Relaxed),
+        |pending| *pending >= (CALLS - 1) as u64,
+    )
+    .every(Duration::from_millis(5))
+    .await;
     assert_eq!(upstream.requests().len(), 1, "the others wait for the slot");
     upstream.release_answers();
     assert_eq!(calls.await.expect("calls"), vec![7; CALLS]);
@@ -1262,7 +1261,9 @@ async fn the_binary_wires_mtls_credentials_a_private_upstream_ca_and_their_reloa
     let rotated_key = "gk_live_MAPPED_binary_rotated_77f0";
     dir.write("credentials.toml", credentials_file(rotated_key, "org-43"));
     serving
-        .wait_for_line(|line| line.contains("reloaded credentials"))
+        .wait_for_line("saying the credentials were reloaded", |line| {
+            line.contains("reloaded credentials")
+        })
         .await;
     client
         .close_invoice(close_with("binary-secure-2", &[]))
@@ -1272,7 +1273,9 @@ async fn the_binary_wires_mtls_credentials_a_private_upstream_ca_and_their_reloa
     let second = server_ca.server();
     server_files(&dir, &second, Some(&client_ca));
     serving
-        .wait_for_line(|line| line.contains("reloaded tls"))
+        .wait_for_line("saying the TLS files were reloaded", |line| {
+            line.contains("reloaded tls")
+        })
         .await;
     assert_eq!(
         served_certificate_with(addr, &server_ca, &invoicer).await,

@@ -11,9 +11,7 @@ use gormic_gateway::proto::v1 as pb;
 
 use gormic_gateway::deadline::DeadlineArgs;
 
-use crate::support::{
-    FakeUpstream, GatewayConfig, Scripted, TestGateway, authed, error_info, spawn_app,
-};
+use crate::support::{FakeUpstream, Scripted, TestGateway, authed, error_info, spawn_app};
 
 fn close() -> pb::CloseInvoiceRequest {
     pb::CloseInvoiceRequest {
@@ -28,7 +26,7 @@ const CLOSED: fn() -> serde_json::Value =
 async fn an_upstream_that_refuses_connections_is_unavailable() {
     // A port bound but not listening: connections are refused.
     let unreachable = FakeUpstream::reserve();
-    let mut gateway = TestGateway::start(&unreachable.url(), Duration::from_secs(10)).await;
+    let mut gateway = TestGateway::builder(&unreachable.url()).start().await;
     let status = gateway
         .client
         .close_invoice(authed(close()))
@@ -52,7 +50,9 @@ async fn an_upstream_that_refuses_connections_is_unavailable() {
 
 #[tokio::test]
 async fn an_unresolvable_upstream_host_is_unavailable() {
-    let mut gateway = TestGateway::start("http://upstream.invalid", Duration::from_secs(10)).await;
+    let mut gateway = TestGateway::builder("http://upstream.invalid")
+        .start()
+        .await;
     let status = gateway
         .client
         .close_invoice(authed(close()))
@@ -65,7 +65,10 @@ async fn an_unresolvable_upstream_host_is_unavailable() {
 async fn a_slow_upstream_hits_the_upstream_timeout_and_the_request_is_dropped() {
     let upstream = FakeUpstream::start().await;
     upstream.respond(Scripted::ok(CLOSED()).delayed(Duration::from_secs(30)));
-    let mut gateway = TestGateway::start(&upstream.url(), Duration::from_millis(200)).await;
+    let mut gateway = TestGateway::builder(&upstream.url())
+        .upstream_timeout(Duration::from_millis(200))
+        .start()
+        .await;
 
     let started = Instant::now();
     let status = gateway
@@ -100,17 +103,13 @@ async fn the_callers_deadline_bounds_the_upstream_call() {
     // A 500 ms margin (the default 100 ms is unit-tested in deadline.rs):
     // the gateway's answer must beat the client's own timer even on a
     // loaded machine.
-    let mut gateway = TestGateway::start_configured(
-        &upstream.url(),
-        GatewayConfig {
-            deadlines: DeadlineArgs {
-                deadline_margin: Duration::from_millis(500),
-                ..Default::default()
-            },
+    let mut gateway = TestGateway::builder(&upstream.url())
+        .deadlines(DeadlineArgs {
+            deadline_margin: Duration::from_millis(500),
             ..Default::default()
-        },
-    )
-    .await;
+        })
+        .start()
+        .await;
 
     let mut request = authed(close());
     request.set_timeout(Duration::from_secs(5));
@@ -222,7 +221,9 @@ async fn a_connection_dropped_after_the_request_is_unavailable_and_says_it_was_s
             drop(socket);
         }
     });
-    let mut gateway = TestGateway::start(&format!("http://{addr}"), Duration::from_secs(10)).await;
+    let mut gateway = TestGateway::builder(&format!("http://{addr}"))
+        .start()
+        .await;
     let status = gateway
         .client
         .close_invoice(authed(close()))

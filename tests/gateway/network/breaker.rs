@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tonic::Code;
+use tonic::transport::Channel;
 
 use gormic_gateway::errors::UPSTREAM_DOMAIN;
+use gormic_gateway::proto::v1::invoice_service_client::InvoiceServiceClient;
 use gormic_gateway::upstream::{BreakerArgs, UpstreamOptions};
 
 use super::{
@@ -18,7 +20,7 @@ use super::{
 use crate::support::admin::{get, scrape};
 use crate::support::binary::Serving;
 use crate::support::blackhole::Blackhole;
-use crate::support::{FakeUpstream, Scripted, error_info, no_proxy};
+use crate::support::{FakeUpstream, PATIENCE, Scripted, error_info, no_proxy, until, within};
 
 /// Room for a loaded 2-core CI machine on top of what a call waits for.
 const SLACK: Duration = Duration::from_millis(400);
@@ -110,6 +112,21 @@ async fn a_blackholed_upstream_fails_each_call_at_the_connect_timeout_unretried_
     assert_eq!(still.value(&breaker_state("open")), Some(1.0));
 }
 
+/// Calls, a pace apart, until one goes through (the breaker's probe of an
+/// upstream that listens again); every call before it fails fast at the
+/// open breaker.
+async fn until_a_probe_goes_through(client: &mut InvoiceServiceClient<Channel>) -> Timed {
+    until(
+        "a probe of the listening upstream",
+        PATIENCE,
+        async || timed_close(client).await,
+        |call| call.result.is_ok(),
+    )
+    .meanwhile(|call| matches!(unreachable(call.status()), Unreachable::BreakerOpen { .. }))
+    .every(PACE)
+    .await
+}
+
 /// The wait before probe `k` (0: after the trip), as the breaker doubles it.
 fn wait_before(k: usize, backoff: Duration, max_backoff: Duration) -> Duration {
     (backoff * (1 << k)).min(max_backoff)
@@ -164,23 +181,26 @@ async fn a_refusing_upstream_opens_the_breaker_whose_probes_back_off_doubling_an
     // Open: calls fail fast but for one probe per backoff.
     let mut tries = vec![tries.pop().expect("the tripping call")];
     let mut fast_fails = 0;
-    while tries.len() <= FAILED_PROBES {
-        tokio::time::sleep(PACE).await;
-        let call = timed_close(&mut client).await;
-        if refused(&call, &mut requests_made) {
-            tries.push(call);
-            continue;
+    within("the breaker's failed probes", PATIENCE, async {
+        while tries.len() <= FAILED_PROBES {
+            tokio::time::sleep(PACE).await;
+            let call = timed_close(&mut client).await;
+            if refused(&call, &mut requests_made) {
+                tries.push(call);
+                continue;
+            }
+            fast_fails += 1;
+            let Unreachable::BreakerOpen { retry_after } = unreachable(call.status()) else {
+                unreachable!()
+            };
+            let wait = wait_before(tries.len() - 1, BACKOFF, MAX_BACKOFF);
+            assert!(
+                retry_after <= wait.mul_f64(JITTER),
+                "RetryInfo {retry_after:?} within the wait of {wait:?}"
+            );
         }
-        fast_fails += 1;
-        let Unreachable::BreakerOpen { retry_after } = unreachable(call.status()) else {
-            unreachable!()
-        };
-        let wait = wait_before(tries.len() - 1, BACKOFF, MAX_BACKOFF);
-        assert!(
-            retry_after <= wait.mul_f64(JITTER),
-            "RetryInfo {retry_after:?} within the wait of {wait:?}"
-        );
-    }
+    })
+    .await;
     for (k, pair) in tries.windows(2).enumerate() {
         let (before, probe) = (&pair[0], &pair[1]);
         let wait = wait_before(k, BACKOFF, MAX_BACKOFF);
@@ -221,19 +241,12 @@ async fn a_refusing_upstream_opens_the_breaker_whose_probes_back_off_doubling_an
     let upstream = reserved.start().await;
     upstream.respond(Scripted::ok(closed()));
     let back = Instant::now();
-    loop {
-        tokio::time::sleep(PACE).await;
-        let call = timed_close(&mut client).await;
-        if let Ok(closed) = &call.result {
-            assert_eq!(closed.invoice_number, 1);
-            break;
-        }
-        match unreachable(call.status()) {
-            Unreachable::BreakerOpen { .. } => {}
-            tried => panic!("a probe of a listening upstream failed: {tried:?}"),
-        }
-    }
+    let probed = until_a_probe_goes_through(&mut client).await;
     let waited = back.elapsed();
+    assert_eq!(
+        probed.result.expect("the probe succeeded").invoice_number,
+        1
+    );
     let last_wait = wait_before(FAILED_PROBES, BACKOFF, MAX_BACKOFF);
     assert!(
         waited <= last_wait.mul_f64(JITTER) + SLACK,
@@ -357,16 +370,19 @@ async fn the_binary_logs_each_breaker_transition_once_counts_it_in_metrics_and_s
 
     // Two refused calls open it; then probes fail until the upstream listens.
     let mut tried = 0;
-    while tried < 2 + FAILED_PROBES {
-        let call = timed_close(&mut client).await;
-        match unreachable(call.status()) {
-            Unreachable::Tried { detail, .. } => {
-                assert!(detail.contains("refused"), "{detail}");
-                tried += 1;
+    within("two refused calls and the failed probes", PATIENCE, async {
+        while tried < 2 + FAILED_PROBES {
+            let call = timed_close(&mut client).await;
+            match unreachable(call.status()) {
+                Unreachable::Tried { detail, .. } => {
+                    assert!(detail.contains("refused"), "{detail}");
+                    tried += 1;
+                }
+                Unreachable::BreakerOpen { .. } => tokio::time::sleep(PACE).await,
             }
-            Unreachable::BreakerOpen { .. } => tokio::time::sleep(PACE).await,
         }
-    }
+    })
+    .await;
     let open = scrape(admin).await;
     assert_eq!(open.value(&breaker_state("open")), Some(1.0));
     assert_eq!(
@@ -377,18 +393,7 @@ async fn the_binary_logs_each_breaker_transition_once_counts_it_in_metrics_and_s
 
     let upstream = reserved.start().await;
     upstream.respond(Scripted::ok(closed()));
-    loop {
-        let call = timed_close(&mut client).await;
-        if call.result.is_ok() {
-            break;
-        }
-        assert!(
-            matches!(unreachable(call.status()), Unreachable::BreakerOpen { .. }),
-            "a probe of a listening upstream failed: {:?}",
-            call.status()
-        );
-        tokio::time::sleep(PACE).await;
-    }
+    until_a_probe_goes_through(&mut client).await;
     let closed = scrape(admin).await;
     let transitions = |to: &str| closed.value(&breaker_transitions(to)).unwrap_or(0.0) as usize;
     assert_eq!(closed.value(&breaker_state("closed")), Some(1.0));

@@ -20,13 +20,12 @@ use gormic_gateway::errors::{GATEWAY_DOMAIN, reason};
 use gormic_gateway::metrics::Metrics;
 use gormic_gateway::proto::v1 as pb;
 use gormic_gateway::proto::v1::invoice_service_client::InvoiceServiceClient;
-use gormic_gateway::server::ServerOptions;
-use gormic_gateway::service::InvoiceGateway;
-use gormic_gateway::upstream::{Upstream, UpstreamOptions};
+use gormic_gateway::upstream::UpstreamOptions;
 use tonic::transport::Channel;
 
 use crate::support::admin::Scrape;
 use crate::support::binary::Serving;
+use crate::support::gateway::endpoint;
 use crate::support::{TestGateway, authed, details, error_info};
 
 pub(super) fn close() -> pb::CloseInvoiceRequest {
@@ -51,15 +50,13 @@ pub(super) struct Observed {
 
 impl Observed {
     pub async fn start(url: &str, options: UpstreamOptions) -> Self {
-        let url = url::Url::parse(url).expect("upstream URL");
         let metrics = Metrics::default();
-        let upstream = Upstream::new(&url, options).expect("HTTP client");
-        let proxy = upstream.proxy().map(str::to_owned);
-        metrics.register_connections(upstream.gauges());
-        let gateway = InvoiceGateway::new(upstream)
-            .expect("in-memory idempotency store")
-            .with_metrics(metrics.clone());
-        let gateway = TestGateway::start_with_gateway(gateway, ServerOptions::default()).await;
+        let gateway = TestGateway::builder(url)
+            .upstream(options)
+            .metrics(&metrics)
+            .start()
+            .await;
+        let proxy = gateway.upstream_client().proxy().map(str::to_owned);
         Self {
             gateway,
             metrics,
@@ -79,8 +76,7 @@ impl Observed {
 /// A client of the binary's gRPC listener (started with `--log-format json`).
 pub(super) async fn client_of(serving: &Serving) -> InvoiceServiceClient<Channel> {
     let addr = serving.grpc_addr();
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .expect("uri")
+    let channel = endpoint(addr)
         .connect()
         .await
         .unwrap_or_else(|e| panic!("connect to the binary at {addr}: {e}"));

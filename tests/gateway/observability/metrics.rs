@@ -219,7 +219,7 @@ async fn a_call_cancelled_by_its_caller_is_counted_once_as_cancelled() {
 
     // The caller goes away (RST_STREAM): the gateway drops the call.
     call.abort();
-    logs.wait_for_line(|l| {
+    logs.wait_for_line("saying the call was cancelled by its caller", |l| {
         l.contains("\"request_id\":\"obs-cancelled-1\"")
             && l.contains("call cancelled by the caller")
     })

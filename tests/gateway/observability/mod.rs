@@ -17,14 +17,11 @@ mod trace;
 use serde_json::json;
 use tonic::transport::Channel;
 
-use gormic_gateway::limits::InFlightLimit;
 use gormic_gateway::metrics::Metrics;
 use gormic_gateway::proto::v1 as pb;
-use gormic_gateway::server::ServerOptions;
-use gormic_gateway::service::InvoiceGateway;
 use gormic_gateway::trace::Tracer;
-use gormic_gateway::upstream::Upstream;
 
+use crate::support::gateway::endpoint;
 use crate::support::logs::Logs;
 use crate::support::{FakeUpstream, TestGateway};
 
@@ -42,15 +39,12 @@ pub(super) async fn observed_gateway(
     tracer: Tracer,
     max_in_flight: usize,
 ) -> TestGateway {
-    let url = url::Url::parse(&upstream.url()).expect("upstream URL");
-    let client = Upstream::new(&url, crate::support::no_proxy()).expect("HTTP client");
-    metrics.register_connections(client.gauges());
-    let gateway = InvoiceGateway::new(client)
-        .expect("in-memory idempotency store")
-        .with_in_flight_limit(InFlightLimit::new(max_in_flight))
-        .with_metrics(metrics.clone())
-        .with_tracer(tracer);
-    TestGateway::start_with_gateway(gateway, ServerOptions::default()).await
+    TestGateway::builder(&upstream.url())
+        .max_in_flight(max_in_flight)
+        .metrics(metrics)
+        .tracer(tracer)
+        .start()
+        .await
 }
 
 pub(super) fn close(invoice_id: &str) -> pb::CloseInvoiceRequest {
@@ -75,14 +69,15 @@ pub(super) fn closed() -> serde_json::Value {
 pub(super) async fn call_line(logs: &Logs, request_id: &str) -> serde_json::Value {
     let needle = format!("\"request_id\":\"{request_id}\"");
     let line = logs
-        .wait_for_line(|l| l.contains(&needle) && l.contains("\"message\":\"call\""))
+        .wait_for_line(&format!("of the call {request_id}"), |l| {
+            l.contains(&needle) && l.contains("\"message\":\"call\"")
+        })
         .await;
     serde_json::from_str(&line).expect("a JSON log line")
 }
 
 pub(super) async fn connect(addr: std::net::SocketAddr) -> Channel {
-    Channel::from_shared(format!("http://{addr}"))
-        .expect("uri")
+    endpoint(addr)
         .connect()
         .await
         .unwrap_or_else(|e| panic!("a new connection to {addr}: {e}"))

@@ -19,7 +19,7 @@ use super::{SERVICE, close, closed, connect, ready_invoice};
 use crate::support::admin::{AdminServer, get};
 use crate::support::binary::Serving;
 use crate::support::sandbox::as_org;
-use crate::support::{FakeUpstream, Scripted, authed};
+use crate::support::{FakeUpstream, PATIENCE, Scripted, authed, within};
 
 async fn health_status(channel: Channel, service: &str) -> ServingStatus {
     HealthClient::new(channel)
@@ -57,7 +57,9 @@ async fn on_sigterm_readyz_turns_503_with_health_while_the_binary_still_serves_t
 
     serving.sigterm();
     serving
-        .wait_for_line(|l| l.contains("shutting down: NOT_SERVING"))
+        .wait_for_line("saying the gateway shuts down", |l| {
+            l.contains("shutting down: NOT_SERVING")
+        })
         .await;
     // Draining has started and --shutdown-delay is running.
     let readyz = get(admin, "/readyz").await;
@@ -163,7 +165,9 @@ async fn readiness_is_down_by_the_time_health_reports_not_serving() {
         "health says NOT_SERVING while readiness still says ready"
     );
     assert_eq!(get(admin.addr, "/readyz").await.status, 503);
-    on_drain_called.await.expect("on_drain was called");
+    within("the drain hook", PATIENCE, on_drain_called)
+        .await
+        .expect("on_drain was called");
     for service in ["", SERVICE] {
         assert_eq!(
             health_status(channel.clone(), service).await,

@@ -4,7 +4,6 @@
 //! `/metrics` samples read by their exact series.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -13,11 +12,7 @@ use tokio::sync::oneshot;
 use gormic_gateway::admin::{self, Readiness};
 use gormic_gateway::metrics::Metrics;
 
-/// Longest a bounded poll of an admin endpoint runs; only reached when the
-/// test fails.
-const POLL_DEADLINE: Duration = Duration::from_secs(20);
-/// Pause between two polls.
-const POLL_EVERY: Duration = Duration::from_millis(20);
+use super::{PATIENCE, until, within};
 
 /// An admin listener on `127.0.0.1:<ephemeral>`; stops when dropped.
 pub struct AdminServer {
@@ -70,7 +65,13 @@ pub async fn get(addr: SocketAddr, path: &str) -> HttpAnswer {
         .await
         .expect("write request");
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await.expect("read answer");
+    within(
+        &format!("the answer to GET {path} from {addr}"),
+        PATIENCE,
+        stream.read_to_end(&mut raw),
+    )
+    .await
+    .expect("read answer");
     let raw = String::from_utf8(raw).expect("UTF-8 answer");
     let (head, body) = raw.split_once("\r\n\r\n").expect("head and body");
     let status = head
@@ -95,22 +96,13 @@ pub async fn scrape(addr: SocketAddr) -> Scrape {
 /// Scrapes until `done` holds, for what is recorded just after an event the
 /// test can observe (a cancelled call is counted as its future is dropped).
 pub async fn scrape_until(addr: SocketAddr, done: impl Fn(&Scrape) -> bool) -> Scrape {
-    let polled = async {
-        loop {
-            let scraped = scrape(addr).await;
-            if done(&scraped) {
-                return scraped;
-            }
-            tokio::time::sleep(POLL_EVERY).await;
-        }
-    };
-    match tokio::time::timeout(POLL_DEADLINE, polled).await {
-        Ok(scraped) => scraped,
-        Err(_) => panic!(
-            "/metrics never showed the expected values:\n{}",
-            scrape(addr).await.0
-        ),
-    }
+    until(
+        "/metrics to show the expected values",
+        PATIENCE,
+        async || scrape(addr).await,
+        done,
+    )
+    .await
 }
 
 /// One `/metrics` exposition.

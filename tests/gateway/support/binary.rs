@@ -106,7 +106,10 @@ impl Serving {
         .await
         .expect("the binary starts or exits within the deadline");
         if !started {
-            let status = serving.child.wait().await.expect("exit status");
+            let status = tokio::time::timeout(DEADLINE, serving.child.wait())
+                .await
+                .expect("the binary exits once its stderr is closed")
+                .expect("exit status");
             panic!(
                 "the binary exited ({status}) before serving:\n{}",
                 serving.stderr.join("\n")
@@ -130,20 +133,30 @@ impl Serving {
             .unwrap_or_else(|| panic!("no grpc address in {line}"))
     }
 
-    /// Waits for the next stderr line matching `matches` and returns it.
-    pub async fn wait_for_line(&mut self, matches: impl Fn(&str) -> bool) -> String {
+    /// Waits for the next stderr line matching `matches` and returns it;
+    /// fails the test after [`DEADLINE`], naming `what` (the line waited
+    /// for) and showing stderr so far.
+    pub async fn wait_for_line(&mut self, what: &str, matches: impl Fn(&str) -> bool) -> String {
         let found = async {
             while let Some(line) = self.lines.recv().await {
                 self.stderr.push(line.clone());
                 if matches(&line) {
-                    return line;
+                    return Some(line);
                 }
             }
-            panic!("stderr closed:\n{}", self.stderr.join("\n"));
+            None
         };
-        tokio::time::timeout(DEADLINE, found)
-            .await
-            .expect("the expected line is printed")
+        match tokio::time::timeout(DEADLINE, found).await {
+            Ok(Some(line)) => line,
+            Ok(None) => panic!(
+                "stderr closed before the line {what}:\n{}",
+                self.stderr.join("\n")
+            ),
+            Err(_) => panic!(
+                "waited {DEADLINE:?} for the line {what}, in vain; stderr so far:\n{}",
+                self.stderr.join("\n")
+            ),
+        }
     }
 
     /// The address of the admin listener, from its start-up line (needs

@@ -13,6 +13,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio::net::{TcpListener, TcpStream};
 
+use super::PATIENCE;
+
 /// A certificate authority that signs leaves.
 pub struct Ca {
     pub pem: String,
@@ -150,16 +152,28 @@ pub fn client_config(ca: &Ca, identity: Option<&Leaf>) -> Arc<ClientConfig> {
     Arc::new(config)
 }
 
-/// Connects to `addr` and completes a TLS handshake for `localhost`.
+/// Connects to `addr` and completes a TLS handshake for `localhost`; a
+/// server that neither completes nor refuses it within [`PATIENCE`] is a
+/// `TimedOut` error.
 pub async fn tls_connect(
     addr: std::net::SocketAddr,
     config: Arc<ClientConfig>,
 ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let tcp = TcpStream::connect(addr).await?;
-    let name = ServerName::try_from("localhost").expect("server name");
-    tokio_rustls::TlsConnector::from(config)
-        .connect(name, tcp)
+    let handshake = async {
+        let tcp = TcpStream::connect(addr).await?;
+        let name = ServerName::try_from("localhost").expect("server name");
+        tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+    };
+    tokio::time::timeout(PATIENCE, handshake)
         .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("waited {PATIENCE:?} for a TLS handshake with {addr}, in vain"),
+            ))
+        })
 }
 
 /// A test TLS server on `127.0.0.1:<ephemeral>` presenting `leaf`, requiring

@@ -23,6 +23,8 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
+use super::{PATIENCE, until};
+
 #[derive(Default)]
 struct Counts {
     connections: usize,
@@ -117,15 +119,17 @@ impl DelayProxy {
     }
 
     /// Resolves once [`Self::round_trips`] is at least `n`: the client's
-    /// request has reached the proxy (held or not).
+    /// request has reached the proxy (held or not). Fails the test after
+    /// [`PATIENCE`].
     pub async fn wait_for_round_trips(&self, n: usize) {
-        loop {
-            let counted = self.shared.counted.notified();
-            if self.round_trips() >= n {
-                return;
-            }
-            counted.await;
-        }
+        until(
+            &format!("{n} round trip(s) through the delay proxy (the count of those made)"),
+            PATIENCE,
+            async || self.round_trips(),
+            |made| *made >= n,
+        )
+        .woken_by(&self.shared.counted)
+        .await;
     }
 }
 
@@ -249,6 +253,7 @@ mod tests {
 
     use super::DelayProxy;
     use crate::support::redis::RedisServer;
+    use crate::support::{PATIENCE, within};
 
     const PING: &[u8] = b"*1\r\n$4\r\nPING\r\n";
     const PONG: &[u8] = b"+PONG\r\n";
@@ -260,7 +265,9 @@ mod tests {
     async fn ping(stream: &mut TcpStream) {
         stream.write_all(PING).await.expect("send PING");
         let mut answer = [0u8; PONG.len()];
-        stream.read_exact(&mut answer).await.expect("read PONG");
+        within("a PONG", PATIENCE, stream.read_exact(&mut answer))
+            .await
+            .expect("read PONG");
         assert_eq!(&answer, PONG);
     }
 
@@ -299,7 +306,9 @@ mod tests {
             .await
             .expect("send two PINGs at once");
         let mut answers = [0u8; 2 * PONG.len()];
-        stream.read_exact(&mut answers).await.expect("read PONGs");
+        within("two PONGs", PATIENCE, stream.read_exact(&mut answers))
+            .await
+            .expect("read PONGs");
         assert_eq!(&answers[..], &[PONG, PONG].concat()[..]);
         assert_eq!(proxy.round_trips(), 1);
         assert_eq!(proxy.connections(), 0, "counted since the reset");

@@ -16,6 +16,8 @@ use axum::response::Response;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
+use super::{PATIENCE, until};
+
 /// One request as the upstream saw it; the path is raw (still percent-encoded).
 #[derive(Debug, Clone)]
 pub struct Recorded {
@@ -432,27 +434,33 @@ impl FakeUpstream {
         *self.shared.hold_until.lock().unwrap() = Some(n);
     }
 
-    /// Resolves once at least `n` requests have arrived.
+    /// Resolves once at least `n` requests have arrived; fails the test
+    /// after [`PATIENCE`].
     pub async fn wait_for_requests(&self, n: usize) {
-        loop {
-            let notified = self.shared.received.notified();
-            if self.shared.recorded.lock().unwrap().len() >= n {
-                return;
-            }
-            notified.await;
-        }
+        until(
+            &format!("{n} request(s) at the fake upstream (the count of those arrived)"),
+            PATIENCE,
+            async || self.shared.recorded.lock().unwrap().len(),
+            |arrived| *arrived >= n,
+        )
+        .woken_by(&self.shared.received)
+        .await;
     }
 
     /// Resolves once at least `n` requests were dropped before being answered
-    /// (the gateway closed the connection).
+    /// (the gateway closed the connection); fails the test after
+    /// [`PATIENCE`].
     pub async fn wait_for_abandoned(&self, n: usize) {
-        loop {
-            let notified = self.shared.abandoned_notify.notified();
-            if *self.shared.abandoned.lock().unwrap() >= n {
-                return;
-            }
-            notified.await;
-        }
+        until(
+            &format!(
+                "the gateway to drop {n} request(s) at the fake upstream (the count of those dropped)"
+            ),
+            PATIENCE,
+            async || *self.shared.abandoned.lock().unwrap(),
+            |dropped| *dropped >= n,
+        )
+        .woken_by(&self.shared.abandoned_notify)
+        .await;
     }
 }
 
@@ -577,7 +585,13 @@ mod tests {
         let upstream = FakeUpstream::start().await;
         upstream.respond(Scripted::raw(200, "h1"));
 
-        reqwest::get(upstream.url()).await.expect("an answer");
+        crate::support::http_client()
+            .build()
+            .expect("HTTP client")
+            .get(upstream.url())
+            .send()
+            .await
+            .expect("an answer");
 
         assert_eq!(upstream.only_request().version, Version::HTTP_11);
         assert_eq!(format!("{:?}", upstream.only_request().version), "HTTP/1.1");

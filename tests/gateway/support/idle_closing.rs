@@ -19,6 +19,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
+use super::{PATIENCE, until};
+
 /// The answer to every request: a CloseInvoice success.
 const CLOSED: &str = r#"{"app":"om","service":"invoices","warnings":[],"instanceId":"i-1","requestId":"r-1","data":{"invoiceNumber":1,"invoiceSource":"POS","invoicedAt":"2026-11-25T10:00:00Z"}}"#;
 
@@ -97,15 +99,17 @@ impl IdleClosingUpstream {
     }
 
     /// Resolves once at least `n` connections were closed for staying idle
-    /// (counted just after the close, which a client may see first).
+    /// (counted just after the close, which a client may see first). Fails
+    /// the test after [`PATIENCE`].
     pub async fn wait_for_closed_idle(&self, n: usize) {
-        loop {
-            let closed = self.counts.closed.notified();
-            if self.closed_idle() >= n {
-                return;
-            }
-            closed.await;
-        }
+        until(
+            &format!("the upstream to close {n} idle connection(s) (the count of those closed)"),
+            PATIENCE,
+            async || self.closed_idle(),
+            |closed| *closed >= n,
+        )
+        .woken_by(&self.counts.closed)
+        .await;
     }
 }
 
@@ -116,12 +120,17 @@ mod tests {
     use tokio::net::TcpStream;
 
     use super::IdleClosingUpstream;
+    use crate::support::{PATIENCE, within};
 
     const REQUEST: &[u8] =
         b"POST /v1/om/invoices/inv-1/close HTTP/1.1\r\nHost: upstream\r\nContent-Length: 0\r\n\r\n";
 
     /// Reads one answer (its head and the Content-Length body).
     async fn read_answer(stream: &mut TcpStream) -> String {
+        within("an answer from the upstream", PATIENCE, read_one(stream)).await
+    }
+
+    async fn read_one(stream: &mut TcpStream) -> String {
         let mut answer = Vec::new();
         loop {
             let mut byte = [0u8; 1];

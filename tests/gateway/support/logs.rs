@@ -4,11 +4,12 @@
 
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
 
 use tokio::sync::Notify;
 
 use gormic_gateway::logging::LogLevel;
+
+use super::{PATIENCE, within};
 
 #[derive(Clone, Default)]
 pub struct Logs(Arc<Mutex<Vec<u8>>>, Arc<Notify>);
@@ -20,8 +21,8 @@ impl Logs {
 
     /// The first line matching `matches`, once it has been written (lines
     /// come from other threads: the gateway's workers). Fails the test
-    /// after a generous deadline.
-    pub async fn wait_for_line(&self, matches: impl Fn(&str) -> bool) -> String {
+    /// after [`PATIENCE`], naming `what` (the line waited for).
+    pub async fn wait_for_line(&self, what: &str, matches: impl Fn(&str) -> bool) -> String {
         let found = async {
             loop {
                 let written = self.1.notified();
@@ -31,9 +32,7 @@ impl Logs {
                 written.await;
             }
         };
-        tokio::time::timeout(Duration::from_secs(20), found)
-            .await
-            .expect("the expected log line is written")
+        within(&format!("the log line {what}"), PATIENCE, found).await
     }
 }
 

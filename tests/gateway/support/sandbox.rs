@@ -1,8 +1,6 @@
 //! The built-in sandbox on a loopback port with a gateway in front of it, as
 //! `gormic-gateway --sandbox` runs them, and requests for any organization.
 
-use std::time::Duration;
-
 use gormic_gateway::sandbox::{self, Fixture};
 
 use super::{API_KEY, TestGateway};
@@ -14,7 +12,9 @@ pub async fn sandbox_app() -> TestGateway {
 
 pub async fn sandbox_app_with(fixture: Fixture) -> TestGateway {
     let (addr, _task) = sandbox::spawn(fixture).await.expect("sandbox binds");
-    TestGateway::start(&format!("http://{addr}"), Duration::from_secs(10)).await
+    TestGateway::builder(&format!("http://{addr}"))
+        .start()
+        .await
 }
 
 /// A request with the test api-key, for `organization`.

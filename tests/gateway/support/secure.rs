@@ -22,6 +22,8 @@ use gormic_gateway::service::InvoiceGateway;
 use gormic_gateway::tls::{ServerTls, TlsArgs};
 
 use super::certs::{Ca, Leaf, TestDir, tls_connect};
+use super::gateway::{CALL_PATIENCE, endpoint};
+use super::{PATIENCE, within};
 
 /// Writes `leaf` as `tls.crt`/`tls.key` (and `client_ca` as `client-ca.crt`)
 /// in `dir`, and returns the flags naming them.
@@ -128,6 +130,7 @@ pub fn tls_channel(addr: SocketAddr, config: Arc<ClientConfig>) -> (Channel, Dia
     // exporter needs it) an https:// URI would ask tonic to do it again.
     let channel = Endpoint::from_shared(format!("http://localhost:{}", addr.port()))
         .expect("endpoint")
+        .timeout(CALL_PATIENCE)
         .connect_with_connector_lazy(connector);
     (channel, dialed)
 }
@@ -145,9 +148,7 @@ pub fn plaintext_channel(addr: SocketAddr) -> (Channel, Dialed) {
             Ok::<_, std::io::Error>(TokioIo::new(tcp))
         }
     });
-    let channel = Endpoint::from_shared(format!("http://{addr}"))
-        .expect("endpoint")
-        .connect_with_connector_lazy(connector);
+    let channel = endpoint(addr).connect_with_connector_lazy(connector);
     (channel, dialed)
 }
 
@@ -219,9 +220,15 @@ pub async fn grpc_web_over_https(
     let request = request
         .body(Full::new(Bytes::from(frame)))
         .expect("request");
-    let response = sender.send_request(request).await.expect("an answer");
-    let (parts, body) = response.into_parts();
-    let mut body = body.collect().await.expect("the whole body").to_bytes();
+    let (parts, mut body) = within("a gRPC-Web answer over HTTPS", PATIENCE, async {
+        let response = sender.send_request(request).await.expect("an answer");
+        let (parts, body) = response.into_parts();
+        (
+            parts,
+            body.collect().await.expect("the whole body").to_bytes(),
+        )
+    })
+    .await;
 
     let mut messages = Vec::new();
     let mut trailers = Vec::new();

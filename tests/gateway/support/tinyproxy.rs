@@ -269,7 +269,7 @@ mod tests {
     use tokio::net::TcpStream;
 
     use super::{LoggedRequest, Tinyproxy};
-    use crate::support::{FakeUpstream, Scripted};
+    use crate::support::{FakeUpstream, PATIENCE, Scripted, within};
 
     fn client_through(proxy: &str) -> reqwest::Client {
         crate::support::http_client()
@@ -323,7 +323,12 @@ mod tests {
             .write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
             .await
             .expect("send CONNECT");
-        let established = read_head(&mut stream).await;
+        let established = within(
+            "tinyproxy's answer to CONNECT",
+            PATIENCE,
+            read_head(&mut stream),
+        )
+        .await;
         assert!(
             established.starts_with("HTTP/1.0 200"),
             "CONNECT answered: {established}"
@@ -336,10 +341,13 @@ mod tests {
             .await
             .expect("send a request through the tunnel");
         let mut answer = String::new();
-        stream
-            .read_to_string(&mut answer)
-            .await
-            .expect("read the answer through the tunnel");
+        within(
+            "the answer through the tunnel",
+            PATIENCE,
+            stream.read_to_string(&mut answer),
+        )
+        .await
+        .expect("read the answer through the tunnel");
 
         assert!(answer.starts_with("HTTP/1.1 200"), "answer: {answer}");
         let request = upstream.only_request();
