@@ -63,6 +63,7 @@ use retry::{Decision, RetryPolicy};
 use sent::{SentFlag, TrackedBody};
 use tower::retry::budget::Budget as _;
 
+use crate::credentials::Credentials;
 use crate::deadline::Deadline;
 use crate::metrics::{Metrics, UpstreamResult};
 use crate::routes::Route;
@@ -126,14 +127,6 @@ impl std::fmt::Debug for Upstream {
             .field("proxy", &self.shared.proxy)
             .finish_non_exhaustive()
     }
-}
-
-/// Per-call headers taken from the gRPC metadata (or `--credentials`).
-#[derive(Debug, Clone)]
-pub struct Credentials {
-    /// Marked sensitive so that no `Debug` output shows it.
-    pub api_key: HeaderValue,
-    pub organization_id: HeaderValue,
 }
 
 /// What a call carries besides its request message.
