@@ -17,8 +17,8 @@ use tokio::net::TcpListener;
 
 use crate::metrics::{self, Metrics};
 
-/// Port of the default `--admin-listen` (see [`AdminArgs::admin_listen`] for
-/// why this one).
+/// Port of the default `--admin-listen` (docs/operations.md, "Ports and
+/// endpoints", says why this one).
 pub const DEFAULT_ADMIN_PORT: u16 = 20051;
 /// Default of `--admin-listen`.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:20051";
@@ -30,15 +30,9 @@ pub struct AdminArgs {
     /// Address of the admin HTTP listener (`/metrics`, `/livez`, `/readyz`),
     /// or `off` for none. Loopback by default so that metrics are not
     /// exposed to the network by accident; in Kubernetes set `0.0.0.0:20051`
-    /// so that Prometheus and the kubelet's probes reach it.
-    ///
-    /// Port 20051, not 9090: 9090 is Prometheus's own port, so a gateway
-    /// beside a Prometheus could not start. Prometheus's registry of default
-    /// ports gives 9090-9094 to its own servers and 9100-9999 (now full,
-    /// continued from 10000 up) to exporters, and asks internal applications
-    /// to stay outside it; 20051 is outside it, below the Kubernetes NodePort
-    /// and Linux ephemeral ranges, registered with IANA to nobody, and ends
-    /// like the gRPC port 50051 (docs/operations.md, "Ports and endpoints").
+    /// so that Prometheus and the kubelet's probes reach it. Port 20051 stays
+    /// clear of Prometheus's own and its exporters' ports (docs/operations.md,
+    /// "Ports and endpoints").
     #[arg(
         long,
         env = "GORMIC_ADMIN_LISTEN",

@@ -1,12 +1,18 @@
-//! Command line and environment: every flag has an env var, shown in
-//! `--help`, and a default justified in its doc comment (and in
-//! docs/operations.md). Parsing only checks values; nothing here binds a
-//! port. Flags of a cross-cutting concern are defined by its module
-//! (`UpstreamArgs` in `upstream`, `DeadlineArgs` in `deadline`, `LogArgs`
-//! in `logging`, ...) and flattened here; this module composes them and
-//! nothing imports it back.
+//! Command line and environment, resolved into the one [`Config`] the
+//! binary runs: every flag has an env var, shown in `--help`, and a default
+//! justified in its doc comment (and in docs/operations.md). Flags of a
+//! cross-cutting concern are defined by its module (`UpstreamArgs` in
+//! `upstream`, `DeadlineArgs` in `deadline`, `LogArgs` in `logging`, ...)
+//! and flattened here; this module composes them and nothing imports it
+//! back.
+//!
+//! Two steps, neither of which binds a port: [`Cli::settings`] checks the
+//! values (pure), then [`Config::load`] reads and checks the files they name
+//! (TLS certificates, keys and CAs, `--credentials`, the sandbox fixture).
+//! A bad file stops the binary there, naming the flag, the file and the
+//! problem; nothing is patched into the configuration afterwards.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -16,25 +22,46 @@ use url::Url;
 
 use crate::admin::AdminArgs;
 use crate::cors::CorsOrigins;
-use crate::credentials::CredentialsArgs;
+use crate::credentials::{CredentialMap, CredentialsArgs, CredentialsError};
 use crate::deadline::DeadlineArgs;
 use crate::idempotency::IdempotencyArgs;
 use crate::limits::LimitArgs;
 use crate::logging::LogArgs;
 use crate::metrics::MetricsArgs;
+use crate::reload::Reloads;
+use crate::sandbox::{Fixture, FixtureError};
 use crate::server::{ConnectionLimits, ServerOptions};
-use crate::tls::TlsArgs;
+use crate::tls::{self, ServerTls, TlsArgs, TlsError, UpstreamTls};
 use crate::trace::{TraceArgs, TraceConfig};
 use crate::units::parse_duration;
-use crate::upstream::{UpstreamArgs, UpstreamOptions};
+use crate::upstream::{ProxySetting, UpstreamArgs, UpstreamOptions};
+
+/// Default of `--listen`: every interface, as a server in a container or
+/// behind a load balancer must be reached from outside its host.
+pub const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 50051));
+/// Default of `--listen` with `--sandbox`: loopback, as a sandbox is for the
+/// machine it runs on, and nobody else should reach it.
+pub const DEFAULT_SANDBOX_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 50051));
 
 /// gRPC gateway for the Gormic Order Management invoices REST API.
 #[derive(Debug, Parser)]
-#[command(name = "gormic-gateway", version, about)]
+#[command(
+    name = "gormic-gateway",
+    version,
+    about,
+    after_help = "DURATION is a number and a unit (500ms, 10s, 1m, 24h), greater than zero except \
+                  for --shutdown-delay, --deadline-margin, --max-connection-age and \
+                  --otlp-timeout, which take 0s. BYTES is a number with an optional unit (B, KiB, \
+                  MiB, GiB), greater than zero."
+)]
 pub struct Cli {
-    /// Address the gRPC server listens on.
-    #[arg(long, env = "GORMIC_LISTEN", default_value = "0.0.0.0:50051")]
-    pub listen: SocketAddr,
+    /// Address the gRPC server listens on. Default: 0.0.0.0:50051 (every
+    /// interface), or 127.0.0.1:50051 with --sandbox (a sandbox is for this
+    /// machine only).
+    #[arg(long, env = "GORMIC_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
 
     /// Base URL of the Gormic REST API, e.g. `https://api.example.com/gormic`.
     /// May carry a path prefix; must not carry credentials, a query or a fragment.
@@ -73,8 +100,8 @@ pub struct Cli {
     #[arg(long, env = "GORMIC_SHUTDOWN_DELAY", value_name = "DURATION", default_value = "0s", value_parser = humantime::parse_duration)]
     pub shutdown_delay: Duration,
 
-    /// Worker threads; each serves its connections wholly (thread-per-core).
-    /// Default: the number of CPUs the process may use.
+    /// Worker threads, 1 to 1024; each serves its connections wholly
+    /// (thread-per-core). Default: the number of CPUs the process may use.
     #[arg(long, env = "GORMIC_WORKER_THREADS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
 
@@ -128,7 +155,12 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct SandboxArgs {
     /// Address the sandbox REST API listens on.
-    #[arg(long, env = "GORMIC_SANDBOX_LISTEN", default_value = "127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "GORMIC_SANDBOX_LISTEN",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:8080"
+    )]
     pub listen: SocketAddr,
 
     /// Seed data to use instead of the built-in fixture (JSON).
@@ -141,7 +173,7 @@ pub struct SandboxArgs {
     pub print_fixture: bool,
 }
 
-/// Where the gateway forwards calls.
+/// Where the gateway forwards calls, as the command line names it.
 #[derive(Debug, Clone)]
 pub enum Target {
     /// The Gormic REST API at this base URL (`--upstream`).
@@ -151,7 +183,49 @@ pub enum Target {
     Sandbox { fixture: Option<PathBuf> },
 }
 
-/// What the binary runs, once the command line is known to be complete.
+/// What the command line says, every value checked, before any file it
+/// names is read ([`Config::load`] reads them).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    /// `--admin-listen`; `None` when off.
+    pub admin: Option<SocketAddr>,
+    /// OTLP export (the flags and the standard `OTEL_*` variables).
+    pub trace: TraceConfig,
+    pub upstream: Target,
+    /// Without TLS: [`Config::load`] adds it, from the files.
+    pub upstream_options: UpstreamOptions,
+    /// `--upstream-timeout` and `--deadline-margin`.
+    pub deadlines: DeadlineArgs,
+    /// Without TLS: [`Config::load`] adds it, from the files.
+    pub server: ServerOptions,
+    pub max_in_flight: usize,
+}
+
+/// What the binary does, resolved from the command line.
+#[derive(Debug)]
+pub enum Run {
+    /// The gateway.
+    Gateway(Box<Config>),
+    /// `gormic-gateway sandbox`: the sandbox REST API alone.
+    Sandbox(SandboxConfig),
+    /// `gormic-gateway sandbox --print-fixture`.
+    PrintFixture,
+}
+
+/// Where the gateway forwards calls, ready to use.
+#[derive(Debug, Clone)]
+pub enum Destination {
+    /// The Gormic REST API at this base URL (`--upstream`).
+    Url(Url),
+    /// The in-process sandbox (`--sandbox`), with its seed data read and
+    /// checked.
+    Sandbox(Fixture),
+}
+
+/// The gateway's configuration, resolved: the command line's values and
+/// what the files it names hold, read and checked. Built by
+/// [`Config::load`] before anything is bound; nothing changes it after.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
@@ -159,15 +233,34 @@ pub struct Config {
     pub admin: Option<SocketAddr>,
     /// OTLP export (the flags and the standard `OTEL_*` variables).
     pub trace: TraceConfig,
-    pub upstream: Target,
+    pub upstream: Destination,
+    /// With the TLS client configuration of the upstream files (it follows
+    /// their reloads).
     pub upstream_options: UpstreamOptions,
     /// `--upstream-timeout` and `--deadline-margin`.
     pub deadlines: DeadlineArgs,
+    /// With the server's TLS (`--tls-cert`), which follows reloads.
     pub server: ServerOptions,
     pub max_in_flight: usize,
+    /// `--credentials`: mTLS identities mapped to the keys sent upstream.
+    pub credentials: Option<CredentialMap>,
+    /// What is re-read while serving, and how often.
+    pub reloads: Reloads,
+    pub idempotency: IdempotencyArgs,
+    pub metrics: MetricsArgs,
+    pub logs: LogArgs,
 }
 
-/// A command line that cannot start the gateway.
+/// `gormic-gateway sandbox`, resolved.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    pub listen: SocketAddr,
+    pub fixture: Fixture,
+    pub logs: LogArgs,
+}
+
+/// A command line that cannot start the gateway; the text names the flag
+/// (and the file and the problem, for a file).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error(
@@ -180,10 +273,37 @@ pub enum ConfigError {
     /// A flag of the upstream client; the text names it.
     #[error("{0}")]
     Upstream(String),
+    /// `--upstream` is a plain http:// URL the gateway must not send keys to.
+    #[error("--upstream {url}: {problem}")]
+    InsecureUpstream { url: Url, problem: String },
+    /// `--sandbox-fixture` (or the subcommand's `--fixture`).
+    #[error(transparent)]
+    Fixture(#[from] FixtureError),
+    /// A TLS file (server or upstream side).
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The credentials error names the file and line; this adds the flag.
+    #[error("--credentials {0}")]
+    Credentials(#[from] CredentialsError),
 }
 
 impl Cli {
-    pub fn config(&self) -> Result<Config, ConfigError> {
+    /// What the binary does: the gateway with its [`Config`], or the
+    /// sandbox subcommand. Reads the files the flags name; binds nothing.
+    pub fn resolve(&self) -> Result<Run, ConfigError> {
+        match &self.command {
+            None => Ok(Run::Gateway(Box::new(Config::load(self)?))),
+            Some(Command::Sandbox(args)) if args.print_fixture => Ok(Run::PrintFixture),
+            Some(Command::Sandbox(args)) => Ok(Run::Sandbox(SandboxConfig {
+                listen: args.listen,
+                fixture: load_fixture(args.fixture.as_ref())?,
+                logs: self.logs.clone(),
+            })),
+        }
+    }
+
+    /// The gateway's settings, every value checked; reads no file.
+    pub fn settings(&self) -> Result<Settings, ConfigError> {
         let upstream = match (&self.upstream, self.sandbox) {
             (Some(url), _) => Target::Url(url.clone()),
             (None, true) => Target::Sandbox {
@@ -191,16 +311,19 @@ impl Cli {
             },
             (None, false) => return Err(ConfigError::NoUpstream),
         };
+        let listen = self.listen.unwrap_or(match upstream {
+            Target::Url(_) => DEFAULT_LISTEN,
+            Target::Sandbox { .. } => DEFAULT_SANDBOX_LISTEN,
+        });
         let workers = self
             .worker_threads
             .map_or_else(crate::runtime::default_worker_threads, usize::from);
         let limits = &self.limits;
-        Ok(Config {
-            listen: self.listen,
+        Ok(Settings {
+            listen,
             admin: self.admin.addr(),
             trace: self.trace.resolve()?,
             upstream,
-            // TLS is loaded from the files by main, after parsing.
             upstream_options: UpstreamOptions {
                 workers,
                 ..self
@@ -225,13 +348,83 @@ impl Cli {
                     max_connection_age_grace: limits.max_connection_age_grace,
                     http1_header_read_timeout: limits.http1_header_read_timeout,
                 },
-                // Loaded from the files by main, after parsing.
                 tls: None,
                 tls_handshake_timeout: self.tls.tls_handshake_timeout,
             },
             max_in_flight: limits.max_in_flight,
         })
     }
+}
+
+impl Config {
+    /// The gateway's configuration: [`Cli::settings`], then the files they
+    /// name, each read and checked once, in this order: the sandbox
+    /// fixture, `--upstream` (no plain http:// off loopback without
+    /// `--allow-insecure-upstream`), the server's TLS files, the upstream's,
+    /// `--credentials`.
+    pub fn load(cli: &Cli) -> Result<Config, ConfigError> {
+        let Settings {
+            listen,
+            admin,
+            trace,
+            upstream,
+            mut upstream_options,
+            deadlines,
+            mut server,
+            max_in_flight,
+        } = cli.settings()?;
+        let upstream = match upstream {
+            Target::Url(url) => {
+                tls::check_upstream_url(&url, cli.tls.allow_insecure_upstream).map_err(
+                    |problem| ConfigError::InsecureUpstream {
+                        url: url.clone(),
+                        problem,
+                    },
+                )?;
+                Destination::Url(url)
+            }
+            Target::Sandbox { fixture } => {
+                // In this process, on loopback: never through a proxy.
+                upstream_options.proxy = ProxySetting::Off;
+                Destination::Sandbox(load_fixture(fixture.as_ref())?)
+            }
+        };
+        let server_tls = ServerTls::load(&cli.tls)?;
+        let upstream_tls = UpstreamTls::load(&cli.tls)?;
+        let credentials = cli
+            .credentials
+            .credentials
+            .as_deref()
+            .map(CredentialMap::load)
+            .transpose()?;
+        upstream_options.tls = Some(upstream_tls.client_config());
+        server.tls = server_tls.clone();
+        Ok(Config {
+            listen,
+            admin,
+            trace,
+            upstream,
+            upstream_options,
+            deadlines,
+            server,
+            max_in_flight,
+            credentials: credentials.clone(),
+            reloads: Reloads {
+                interval: cli.tls.reload_interval,
+                server_tls,
+                upstream_tls: Some(upstream_tls).filter(UpstreamTls::has_files),
+                credentials,
+            },
+            idempotency: cli.idempotency.clone(),
+            metrics: cli.metrics.clone(),
+            logs: cli.logs.clone(),
+        })
+    }
+}
+
+/// The fixture in `path`, or the built-in one.
+fn load_fixture(path: Option<&PathBuf>) -> Result<Fixture, FixtureError> {
+    path.map_or_else(|| Ok(Fixture::builtin()), |path| Fixture::from_file(path))
 }
 
 fn parse_upstream(value: &str) -> Result<Url, String> {
@@ -268,7 +461,7 @@ mod tests {
     #[test]
     fn defaults() {
         let cli = parse(&["--upstream", "http://127.0.0.1:8080/api"]).unwrap();
-        let config = cli.config().unwrap();
+        let config = cli.settings().unwrap();
         assert_eq!(config.listen, "0.0.0.0:50051".parse().unwrap());
         assert_eq!(config.deadlines.upstream_timeout, Duration::from_secs(10));
         assert_eq!(config.max_in_flight, 10_000);
@@ -293,11 +486,11 @@ mod tests {
 
     #[test]
     fn sandbox_is_an_explicit_alternative_to_upstream() {
-        let config = parse(&["--sandbox"]).unwrap().config().unwrap();
+        let config = parse(&["--sandbox"]).unwrap().settings().unwrap();
         assert!(matches!(config.upstream, Target::Sandbox { fixture: None }));
         let config = parse(&["--sandbox", "--sandbox-fixture", "f.json"])
             .unwrap()
-            .config()
+            .settings()
             .unwrap();
         assert!(
             matches!(config.upstream, Target::Sandbox { fixture: Some(ref f) } if f.as_os_str() == "f.json")
@@ -349,7 +542,7 @@ mod tests {
     #[test]
     fn cors_origins_default_to_none_and_are_checked() {
         let cli = parse(&["--upstream", "http://127.0.0.1:8080"]).unwrap();
-        assert_eq!(cli.config().unwrap().server.cors, CorsOrigins::None);
+        assert_eq!(cli.settings().unwrap().server.cors, CorsOrigins::None);
         let cli = parse(&[
             "--upstream",
             "http://127.0.0.1:8080",
@@ -357,7 +550,7 @@ mod tests {
             "*",
         ])
         .unwrap();
-        assert_eq!(cli.config().unwrap().server.cors, CorsOrigins::Any);
+        assert_eq!(cli.settings().unwrap().server.cors, CorsOrigins::Any);
         let error = parse(&["--cors-allowed-origins", "https://a.example/"])
             .unwrap_err()
             .to_string();
@@ -384,7 +577,7 @@ mod tests {
             "socks5://me:hunter2@proxy:1080",
         ])
         .unwrap();
-        let error = cli.config().unwrap_err().to_string();
+        let error = cli.settings().unwrap_err().to_string();
         assert!(error.contains("--upstream-proxy"), "{error}");
         assert!(!error.contains("hunter2"), "{error}");
     }
@@ -398,15 +591,133 @@ mod tests {
             "0s",
         ])
         .unwrap();
-        assert_eq!(cli.config().unwrap().server.limits.max_connection_age, None);
+        assert_eq!(
+            cli.settings().unwrap().server.limits.max_connection_age,
+            None
+        );
     }
 
     #[test]
     fn no_upstream_is_refused() {
-        let error = parse(&[]).unwrap().config().unwrap_err().to_string();
+        let error = parse(&[]).unwrap().settings().unwrap_err().to_string();
         assert!(
             error.contains("--upstream") && error.contains("--sandbox"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn the_sandbox_listens_on_loopback_unless_told_otherwise() {
+        let settings = parse(&["--sandbox"]).unwrap().settings().unwrap();
+        assert_eq!(settings.listen, "127.0.0.1:50051".parse().unwrap());
+        let settings = parse(&["--sandbox", "--listen", "0.0.0.0:50051"])
+            .unwrap()
+            .settings()
+            .unwrap();
+        assert_eq!(settings.listen, "0.0.0.0:50051".parse().unwrap());
+        let settings = parse(&["--upstream", "http://127.0.0.1:8080", "--listen", "[::1]:9"])
+            .unwrap()
+            .settings()
+            .unwrap();
+        assert_eq!(settings.listen, "[::1]:9".parse().unwrap());
+    }
+
+    #[test]
+    fn every_value_has_a_placeholder_of_its_own() {
+        // Not clap's default, the field's name upper-cased (`<MAX_ATTEMPTS>`).
+        let mut command = <Cli as clap::CommandFactory>::command();
+        command.build();
+        let sandbox = command
+            .find_subcommand("sandbox")
+            .expect("the sandbox subcommand")
+            .clone();
+        for argument in command.get_arguments().chain(sandbox.get_arguments()) {
+            if !argument.get_action().takes_values() {
+                continue;
+            }
+            let id = argument.get_id().as_str();
+            let flag = argument.get_long().unwrap_or(id);
+            let names = argument.get_value_names().unwrap_or_default();
+            assert!(
+                !names.is_empty() && names.iter().all(|n| n.as_str() != id.to_uppercase()),
+                "--{flag} shows {names:?}"
+            );
+        }
+        let help = command.render_long_help().to_string();
+        for shown in [
+            "--listen <ADDR>",
+            "--max-attempts <N>",
+            "--retry-budget-ratio <RATIO>",
+            "--retry-budget-min-per-second <N>",
+            "--log-level <LEVEL>",
+            "--log-format <FORMAT>",
+        ] {
+            assert!(help.contains(shown), "{shown} not in:\n{help}");
+        }
+    }
+
+    #[test]
+    fn checked_ranges_are_in_the_help() {
+        let help = <Cli as clap::CommandFactory>::command()
+            .render_long_help()
+            .to_string();
+        let flag = |name: &str| {
+            let start = help
+                .find(&format!("--{name} "))
+                .unwrap_or_else(|| panic!("--{name} in:\n{help}"));
+            let end = help[start..]
+                .find("[env:")
+                .map_or(help.len(), |e| start + e);
+            help[start..end]
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        for (name, range) in [
+            ("max-attempts", "1 to 10"),
+            ("retry-budget-ratio", "0 to 10"),
+            ("worker-threads", "1 to 1024"),
+            ("max-in-flight", "at least 1"),
+            ("upstream-max-connections", "at least 1"),
+            ("idempotency-max-entries", "at least 1"),
+            ("idempotency-ttl", "1ms to 366 days"),
+        ] {
+            let text = flag(name);
+            assert!(text.to_lowercase().contains(range), "--{name}: {text}");
+        }
+        assert!(help.contains("DURATION is a number and a unit"), "{help}");
+        let error = parse(&["--max-attempts", "11"]).unwrap_err().to_string();
+        assert!(error.contains("1..=10"), "{error}");
+    }
+
+    #[test]
+    fn files_are_read_when_the_config_is_loaded_naming_the_flag() {
+        let missing =
+            std::env::temp_dir().join(format!("gormic-config-{}-missing.toml", std::process::id()));
+        let cli = parse(&[
+            "--upstream",
+            "http://127.0.0.1:1",
+            "--tls-cert",
+            missing.to_str().unwrap(),
+            "--tls-key",
+            missing.to_str().unwrap(),
+        ])
+        .unwrap();
+        assert!(cli.settings().is_ok(), "settings read no file");
+        let error = Config::load(&cli).unwrap_err().to_string();
+        assert!(
+            error.starts_with(&format!("--tls-cert {}: ", missing.display()))
+                && error.contains("does not exist"),
+            "{error}"
+        );
+
+        let cli = parse(&["--sandbox"]).unwrap();
+        let config = Config::load(&cli).unwrap();
+        assert!(
+            matches!(&config.upstream, Destination::Sandbox(f) if f.order_count() == Fixture::builtin().order_count())
+        );
+        assert!(config.upstream_options.tls.is_some() && config.server.tls.is_none());
+        assert_eq!(config.upstream_options.proxy, ProxySetting::Off, "loopback");
+        assert!(config.reloads.is_empty() && config.credentials.is_none());
     }
 }

@@ -43,9 +43,18 @@ use toml::de::{DeTable, DeValue};
 
 use tonic::metadata::MetadataMap;
 
-use crate::reload::{ChangeGate, Reloaded, Snapshot};
+use crate::reload::change::{ChangeGate, Reloaded, Snapshot};
 use crate::tls::CallerIdentity;
-use crate::upstream::Credentials;
+
+/// What one call sends upstream as `api-key` and `organization-id`: the
+/// caller's own metadata, or with `--credentials` what its identity maps to
+/// ([`for_call`] decides).
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    /// Marked sensitive so that no `Debug` output shows it.
+    pub api_key: HeaderValue,
+    pub organization_id: HeaderValue,
+}
 
 /// Why a call has no credentials to send upstream; nothing is sent.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -3,13 +3,9 @@
 //!
 //! Request flow: [`server`] accepts connections and hands each to a worker
 //! thread ([`runtime`]), which routes its gRPC calls to
-//! [`service::InvoiceGateway`]: admission ([`limits`]), the call's
-//! [`deadline`], credentials, validation, the idempotency key, then
-//! [`upstream::Upstream`] (reqwest per worker, the connection cap, the
-//! circuit breaker and the gateway's own retries); every failure becomes a
-//! `tonic::Status` in [`errors`]; every call is recorded once (metrics, one
-//! log line, a span). [`sandbox`] is a stand-in for the REST API
-//! (`--sandbox`), reached through the same client.
+//! [`service::InvoiceGateway`]; the [`service`] module doc lists the steps
+//! of a call, each owned by its module. [`sandbox`] is a stand-in for the
+//! REST API (`--sandbox`), reached through the same client.
 //!
 //! Layers point one way: `main` and [`config`] compose; [`server`] →
 //! [`service`] → the steps → [`upstream`] → `wire`/[`routes`]; observability

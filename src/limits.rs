@@ -40,10 +40,10 @@ pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
 #[derive(Debug, Clone, clap::Args)]
 #[command(next_help_heading = "Limits")]
 pub struct LimitArgs {
-    /// Calls served at once, process-wide; past it a call is refused at
-    /// once with RESOURCE_EXHAUSTED (reason OVERLOADED) and never forwarded.
-    /// 10000 calls waiting on a slow upstream take ~148 MiB (~9 KiB each,
-    /// BENCHMARKS.md): size the container for it, or lower this.
+    /// Calls served at once, process-wide, at least 1; past it a call is
+    /// refused at once with RESOURCE_EXHAUSTED (reason OVERLOADED), never
+    /// forwarded. 10000 calls waiting on a slow upstream take ~148 MiB
+    /// (~9 KiB each, BENCHMARKS.md): size the container for it, or lower this.
     #[arg(long, env = "GORMIC_MAX_IN_FLIGHT", value_name = "N", default_value_t = DEFAULT_MAX_IN_FLIGHT, value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
     pub max_in_flight: usize,
 

@@ -18,15 +18,11 @@
 //! **Why not tracing-appender.** Its `non_blocking` writer (lossy, a
 //! bounded queue of 4,096 lines, its `ErrorCounter` for [`dropped_lines`],
 //! stderr behind a `BufWriter`) was measured in place of this one. User-
-//! space instructions per call were the same (scripts/bench.d/
-//! instructions.sh: 104,082 / 104,499 / 104,095, against 103,939-104,439
-//! here), but it hands over every line (a `Vec` each) through a crossbeam
-//! channel that wakes the writer thread, and wake-ups are what costs on a
-//! small VM. Natively (release build, one worker, 20,000 CloseInvoice
-//! calls at concurrency 16, 2-core VM), the log thread used 2.1-4.3 µs of
-//! CPU and 0.3-0.45 context switches per call, against 0.4-0.5 µs and
-//! 0.02 here; one call at a time, 23-28 µs and ~1.8 switches per call,
-//! against 0.8-1.2 µs and 0.02-0.03.
+//! space instructions per call were the same, but it hands over every line
+//! (a `Vec` each) through a crossbeam channel that wakes the writer thread,
+//! and wake-ups are what costs on a small VM: its log thread took several
+//! times the CPU and the context switches per call of this one, most of all
+//! one call at a time (BENCHMARKS.md, "Design choices measured").
 
 use std::cell::RefCell;
 use std::io::{self, Write};
@@ -47,11 +43,11 @@ pub use format::LineFormat;
 #[derive(Debug, Clone, clap::Args)]
 pub struct LogArgs {
     /// Log level of the gateway's own log lines.
-    #[arg(long, env = "GORMIC_LOG_LEVEL", value_enum, default_value_t = LogLevel::Info, help_heading = "Logs")]
+    #[arg(long, env = "GORMIC_LOG_LEVEL", value_name = "LEVEL", value_enum, default_value_t = LogLevel::Info, help_heading = "Logs")]
     pub log_level: LogLevel,
 
     /// Log line format.
-    #[arg(long, env = "GORMIC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, help_heading = "Logs")]
+    #[arg(long, env = "GORMIC_LOG_FORMAT", value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text, help_heading = "Logs")]
     pub log_format: LogFormat,
 }
 

@@ -1,16 +1,16 @@
-//! The `gormic-gateway` binary: parse the configuration (failing fast, before
-//! any port is bound), bind, log every bound address, serve until SIGINT or
-//! SIGTERM, drain, exit 0. The main thread runs the accept loop and the
-//! signal handling on a current-thread runtime; calls are served on the
-//! worker threads the server starts (`runtime`). With `--sandbox` the sandbox REST API is started
-//! first, on a loopback port, and is the upstream; `gormic-gateway sandbox`
-//! serves that REST API alone.
+//! The `gormic-gateway` binary: resolve the configuration ([`Cli::resolve`]:
+//! every value and every file a flag names is checked before any port is
+//! bound), start the logs, bind, log every bound address, serve until SIGINT
+//! or SIGTERM, drain within `--shutdown-grace`, exit 0. The main thread runs
+//! the accept loop and the signal handling on a current-thread runtime;
+//! calls are served on the worker threads the server starts (`runtime`).
+//! With `--sandbox` the sandbox REST API is started first, on a loopback
+//! port, and is the upstream; `gormic-gateway sandbox` serves that REST API
+//! alone.
 
+use std::cell::OnceCell;
 use std::future::Future;
-use std::path::Path;
 use std::process::ExitCode;
-
-use std::time::Duration;
 
 use clap::Parser;
 use tokio::net::TcpListener;
@@ -18,72 +18,67 @@ use tokio::sync::watch;
 use url::Url;
 
 use gormic_gateway::admin::{self, Readiness};
-use gormic_gateway::config::{Cli, Command, Config, SandboxArgs, Target};
+use gormic_gateway::config::{Cli, Config, Destination, Run, SandboxConfig};
 use gormic_gateway::credentials::CredentialMap;
 use gormic_gateway::idempotency::Idempotency;
 use gormic_gateway::limits::InFlightLimit;
 use gormic_gateway::metrics::Metrics;
-use gormic_gateway::reload;
 use gormic_gateway::sandbox::{self, Fixture};
 use gormic_gateway::service::InvoiceGateway;
-use gormic_gateway::tls::{self, ServerTls, UpstreamTls};
 use gormic_gateway::trace::Tracer;
-use gormic_gateway::upstream::{ProxySetting, Upstream};
+use gormic_gateway::upstream::Upstream;
 use gormic_gateway::{logging, server};
 
-/// mimalloc instead of glibc's malloc: a call allocates ~60 small blocks on
-/// one thread and frees them there, the case thread-local free lists serve
-/// best (BENCHMARKS.md has the before/after instruction counts).
+/// mimalloc instead of glibc's malloc: a call allocates many small blocks
+/// on one thread and frees them there, the case thread-local free lists
+/// serve best (BENCHMARKS.md, "Profiles", has the before/after counts).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match &cli.command {
-        Some(Command::Sandbox(args)) => sandbox_only(args, &cli),
-        None => gateway(&cli),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(Exit::Usage(message)) => {
-            eprintln!("gormic-gateway: {message}");
-            ExitCode::from(2)
+    let run = match Cli::parse().resolve() {
+        Ok(run) => run,
+        Err(error) => {
+            // Nothing was started; the logs are not either.
+            eprintln!("gormic-gateway: {error}");
+            return ExitCode::from(2);
         }
-        Err(Exit::Failed(message)) => {
-            tracing::error!(error = %message, "stopped");
-            eprintln!("gormic-gateway: {message}");
+    };
+    let logs = match &run {
+        Run::PrintFixture => {
+            print!("{}", sandbox::DEFAULT_FIXTURE_JSON);
+            return ExitCode::SUCCESS;
+        }
+        Run::Gateway(config) => &config.logs,
+        Run::Sandbox(config) => &config.logs,
+    };
+    let _logs = logging::init(logs.log_level, logs.log_format);
+    let served = match run {
+        Run::Gateway(config) => gateway(*config),
+        Run::Sandbox(config) => sandbox_only(config),
+        Run::PrintFixture => Ok(()),
+    };
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // Said once, in the log's format; the text names the flag at
+            // fault (`cannot listen on ... (--listen): ...`).
+            tracing::error!(%error, "stopped");
             ExitCode::FAILURE
         }
     }
 }
 
-/// Why the binary stops with a non-zero status.
-enum Exit {
-    /// The command line or a file it names is wrong (status 2); nothing was bound.
-    Usage(String),
-    /// Serving failed (status 1).
-    Failed(String),
-}
-
 /// The gateway, in front of `--upstream` or the in-process sandbox.
-fn gateway(cli: &Cli) -> Result<(), Exit> {
-    let mut config = cli.config().map_err(|e| Exit::Usage(e.to_string()))?;
-    // A bad file named by a flag stops the binary here, before any port is
-    // bound, with the flag, the file and the problem.
-    let sandbox = match &config.upstream {
-        Target::Url(_) => None,
-        Target::Sandbox { fixture } => Some(load_fixture(fixture.as_deref())?),
-    };
-    let files = Files::load(cli, &config)?;
-    config.upstream_options.tls = Some(files.upstream_tls.client_config());
-    config.server.tls = files.server_tls.clone();
-    let _logs = logging::init(cli.logs.log_level, cli.logs.log_format);
+fn gateway(config: Config) -> Result<(), String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| Exit::Failed(format!("cannot start the async runtime: {e}")))?;
-    let tracer = std::cell::OnceCell::new();
-    let served = block_on(runtime, serve(cli, config, sandbox, files, &tracer));
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    let tracer = OnceCell::new();
+    let served = runtime
+        .block_on(serve(config, &tracer))
+        .map_err(|e| e.to_string());
     // After every runtime has stopped: the exporter flushes on its own thread.
     if let Some(tracer) = tracer.get()
         && let Err(error) = tracer.shutdown()
@@ -93,123 +88,25 @@ fn gateway(cli: &Cli) -> Result<(), Exit> {
     served
 }
 
-/// What the flags' files hold, checked at start-up and re-read on change.
-struct Files {
-    server_tls: Option<ServerTls>,
-    upstream_tls: UpstreamTls,
-    credentials: Option<CredentialMap>,
-}
-
-impl Files {
-    fn load(cli: &Cli, config: &Config) -> Result<Self, Exit> {
-        let usage = |e: &dyn std::fmt::Display| Exit::Usage(e.to_string());
-        if let Target::Url(url) = &config.upstream {
-            tls::check_upstream_url(url, cli.tls.allow_insecure_upstream)
-                .map_err(|problem| Exit::Usage(format!("--upstream {url}: {problem}")))?;
-        }
-        Ok(Self {
-            server_tls: ServerTls::load(&cli.tls).map_err(|e| usage(&e))?,
-            upstream_tls: UpstreamTls::load(&cli.tls).map_err(|e| usage(&e))?,
-            // CredentialsError names the file and line, not the flag.
-            credentials: cli
-                .credentials
-                .credentials
-                .as_deref()
-                .map(CredentialMap::load)
-                .transpose()
-                .map_err(|e| Exit::Usage(format!("--credentials {e}")))?,
-        })
-    }
-
-    /// One reload task per reloadable file set, until `stop` says so; each
-    /// outcome is counted, and the certificate expiry gauge follows.
-    fn watch(&self, interval: Duration, stop: &watch::Receiver<bool>, metrics: &Metrics) {
-        let until = |stop: &watch::Receiver<bool>| {
-            let mut stop = stop.clone();
-            async move {
-                let _ = stop.wait_for(|stopped| *stopped).await;
-            }
-        };
-        // Registered now, whatever is reloaded: the series is exposed from the start.
-        let reloads = metrics.series::<reload::ReloadMetrics>();
-        let count = || {
-            let reloads = reloads.clone();
-            move |file: &'static str, outcome: reload::Outcome| reloads.reload(file, outcome)
-        };
-        if let Some(server_tls) = self.server_tls.clone() {
-            metrics.set_tls_certificate_expiry(server_tls.not_after());
-            let expiry = metrics.clone();
-            let counted = count();
-            let tls = server_tls.clone();
-            tokio::spawn(reload::watch(
-                interval,
-                until(stop),
-                "tls",
-                move || server_tls.reload(),
-                move |file, outcome| {
-                    counted(file, outcome);
-                    expiry.set_tls_certificate_expiry(tls.not_after());
-                },
-            ));
-        }
-        if self.upstream_tls.has_files() {
-            let upstream_tls = self.upstream_tls.clone();
-            tokio::spawn(reload::watch(
-                interval,
-                until(stop),
-                "upstream_tls",
-                move || upstream_tls.reload(),
-                count(),
-            ));
-        }
-        if let Some(credentials) = self.credentials.clone() {
-            tokio::spawn(reload::watch(
-                interval,
-                until(stop),
-                "credentials",
-                move || credentials.reload(),
-                count(),
-            ));
-        }
-    }
-}
-
-fn block_on(
-    runtime: tokio::runtime::Runtime,
-    future: impl Future<Output = Result<(), Box<dyn std::error::Error>>>,
-) -> Result<(), Exit> {
-    runtime
-        .block_on(future)
-        .map_err(|e| Exit::Failed(e.to_string()))
-}
-
 async fn serve(
-    cli: &Cli,
     config: Config,
-    sandbox: Option<Fixture>,
-    files: Files,
-    tracer_slot: &std::cell::OnceCell<Tracer>,
+    tracer_slot: &OnceCell<Tracer>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let signal = shutdown_signal();
-    let (stop, stopped) = watch::channel(false);
+    let (stop, mut stopped) = watch::channel(false);
     let shutdown = async move {
         signal.await;
         let _ = stop.send(true);
     };
-    let idempotency = Idempotency::from_args(&cli.idempotency)
+    let idempotency = Idempotency::from_args(&config.idempotency)
         .await
         .map_err(|e| e.to_string())?;
-    let mut upstream_options = config.upstream_options.clone();
-    let upstream_url = match (&config.upstream, sandbox) {
-        (Target::Url(url), _) => url.clone(),
-        (Target::Sandbox { .. }, fixture) => {
-            // In this process, on loopback: never through a proxy.
-            upstream_options.proxy = ProxySetting::Off;
-            start_sandbox(fixture.unwrap_or_else(Fixture::builtin)).await?
-        }
+    let upstream_url = match &config.upstream {
+        Destination::Url(url) => url.clone(),
+        Destination::Sandbox(fixture) => start_sandbox(fixture.clone()).await?,
     };
-    let metrics = Metrics::new(&cli.metrics);
-    let upstream = Upstream::new(&upstream_url, upstream_options)
+    let metrics = Metrics::new(&config.metrics);
+    let upstream = Upstream::new(&upstream_url, config.upstream_options.clone())
         .map_err(|e| e.to_string())?
         .with_metrics(metrics.clone());
     metrics.register_connections(upstream.gauges());
@@ -245,7 +142,7 @@ async fn serve(
     }
     tracing::info!(
         grpc = %listener.local_addr()?,
-        tls = files.server_tls.as_ref().map(|t| if t.mutual() { "mutual" } else { "server" }),
+        tls = config.server.tls.as_ref().map(|t| if t.mutual() { "mutual" } else { "server" }),
         upstream = %upstream_url,
         upstream_proxy = upstream.proxy(),
         upstream_timeout = %humantime::format_duration(config.deadlines.upstream_timeout),
@@ -253,13 +150,18 @@ async fn serve(
         workers = config.server.workers,
         max_in_flight = config.max_in_flight,
         upstream_max_connections = config.upstream_options.max_connections,
-        idempotency_store = %cli.idempotency.idempotency_store,
-        credentials = files.credentials.as_ref().map(CredentialMap::len),
+        idempotency_store = %config.idempotency.idempotency_store,
+        credentials = config.credentials.as_ref().map(CredentialMap::len),
         cors_allowed_origins = %config.server.cors,
         otlp_endpoint = config.trace.endpoint.as_ref().map(|e| e.to_string()),
         "serving gormic.om.v1.InvoiceService"
     );
-    files.watch(cli.tls.reload_interval, &stopped, &metrics);
+    tokio::spawn(config.reloads.clone().run(
+        async move {
+            let _ = stopped.wait_for(|stopped| *stopped).await;
+        },
+        metrics.clone(),
+    ));
     let mut gateway = InvoiceGateway::new(upstream)
         .map_err(|e| e.to_string())?
         .with_in_flight_limit(InFlightLimit::new(config.max_in_flight))
@@ -267,7 +169,7 @@ async fn serve(
         .with_idempotency(idempotency)
         .with_metrics(metrics)
         .with_tracer(tracer);
-    if let Some(credentials) = files.credentials.clone() {
+    if let Some(credentials) = config.credentials.clone() {
         gateway = gateway.with_credentials(credentials);
     }
     readiness.set_ready(true);
@@ -294,39 +196,28 @@ async fn start_sandbox(fixture: Fixture) -> Result<Url, Box<dyn std::error::Erro
     Ok(url)
 }
 
-fn load_fixture(path: Option<&Path>) -> Result<Fixture, Exit> {
-    match path {
-        Some(path) => Fixture::from_file(path).map_err(|e| Exit::Usage(e.to_string())),
-        None => Ok(Fixture::builtin()),
-    }
-}
-
 /// `gormic-gateway sandbox`: the sandbox REST API alone.
-fn sandbox_only(args: &SandboxArgs, cli: &Cli) -> Result<(), Exit> {
-    if args.print_fixture {
-        print!("{}", sandbox::DEFAULT_FIXTURE_JSON);
-        return Ok(());
-    }
-    let fixture = load_fixture(args.fixture.as_deref())?;
-    let _logs = logging::init(cli.logs.log_level, cli.logs.log_format);
-    let listen = args.listen;
+fn sandbox_only(config: SandboxConfig) -> Result<(), String> {
+    let SandboxConfig {
+        listen, fixture, ..
+    } = config;
     let runtime = tokio::runtime::Runtime::new()
-        .map_err(|e| Exit::Failed(format!("cannot start the async runtime: {e}")))?;
-    block_on(runtime, async move {
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    runtime.block_on(async move {
         let shutdown = shutdown_signal();
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|e| format!("cannot listen on {listen} (sandbox --listen): {e}"))?;
+        let rest = listener.local_addr().map_err(|e| e.to_string())?;
         tracing::warn!(
-            rest = %listener.local_addr()?,
+            %rest,
             orders = fixture.order_count(),
             "SANDBOX: serving an in-memory imitation of the Gormic invoices REST API. \
              Never use this in production"
         );
         sandbox::serve(listener, fixture, shutdown)
             .await
-            .map_err(|e| format!("sandbox stopped: {e}"))?;
-        Ok(())
+            .map_err(|e| format!("sandbox stopped: {e}"))
     })
 }
 

@@ -22,7 +22,7 @@ use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status};
 
 use crate::call_end::{CallEnd, CallMetrics, Ending};
-use crate::credentials::{self, CredentialMap};
+use crate::credentials::{self, CredentialMap, Credentials};
 use crate::deadline::{Deadline, DeadlineArgs};
 use crate::errors::{CallError, StatusContext};
 use crate::idempotency::step::{Start, Verdict};
@@ -35,8 +35,8 @@ use crate::request_id::RequestId;
 use crate::tls::CallerIdentity;
 use crate::trace::{CallSpan, TraceContext, Tracer};
 use crate::upstream::{
-    CallContext, CloseInvoice, CreateInvoice, Credentials, DeleteInvoice, Operation, SendInvoice,
-    UpdateInvoice, Upstream,
+    CallContext, CloseInvoice, CreateInvoice, DeleteInvoice, Operation, SendInvoice, UpdateInvoice,
+    Upstream,
 };
 
 /// The service implementation; cheap to clone, all clones share one
@@ -175,15 +175,15 @@ impl InvoiceGateway {
         request: Request<Op::Request>,
     ) -> Result<Response<Op::Response>, Status> {
         let route = Op::ROUTE;
-        // 1. Admission, before anything else: a shed call costs only its
-        //    refusal. The permit is held to the last step.
+        // Step 1, before anything else: a shed call costs only its refusal.
+        // The permit is held to step 9.
         let Some(admitted) = self.in_flight.try_admit() else {
             return Err(self.shed(route.rpc));
         };
         let (metadata, extensions, message) = request.into_parts();
-        // 2. One deadline for every step, from the call's arrival.
+        // Step 2, at arrival: every later step runs against it.
         let deadline = Deadline::for_call(&self.deadlines, &metadata);
-        // 3. The record of the call: metrics, log line, span.
+        // Step 3.
         let request_id = RequestId::read(&metadata);
         let identity = extensions.get::<CallerIdentity>();
         let span = self
@@ -196,7 +196,7 @@ impl InvoiceGateway {
             identity.map(CallerIdentity::as_str),
             span,
         );
-        // 4.-6. The steps up to the answer.
+        // Steps 4 to 6.
         let outcome = self
             .forward::<Op>(
                 &metadata,
@@ -207,7 +207,7 @@ impl InvoiceGateway {
                 deadline,
             )
             .await;
-        // 7. A failure's status.
+        // Step 7.
         let (answer, replayed, reason) = match outcome.answer {
             Ok(Answer::Fresh(message)) => (Ok(message), false, None),
             Ok(Answer::Replayed(answer)) => (answer, true, None),
@@ -223,12 +223,11 @@ impl InvoiceGateway {
                 (Err(status), false, Some(reason))
             }
         };
-        // 8. The idempotency verdict, before answering, so that a quick
-        //    retry finds it.
+        // Step 8, before answering, so that a quick retry finds the verdict.
         if let Some((lease, verdict)) = outcome.lease {
             record_within(lease, verdict, &answer, &deadline, admitted).await;
         }
-        // 9. The record of the call, and the answer.
+        // Step 9.
         let code = answer
             .as_ref()
             .map_or_else(Status::code, |_| tonic::Code::Ok);
@@ -256,7 +255,7 @@ impl InvoiceGateway {
         answer
     }
 
-    /// Steps 4 to 6: the checks, the idempotency key, the upstream.
+    /// Steps 4 to 6 of [`Self::call`] (module doc).
     async fn forward<Op: Operation>(
         &self,
         metadata: &MetadataMap,

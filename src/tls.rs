@@ -6,7 +6,7 @@
 //! it checks them at start-up (every problem is an error naming the flag and
 //! the file), runs each handshake under a time limit and tells who the caller
 //! is ([`CallerIdentity`]), and swaps in rotated files without a restart
-//! ([`ServerTls::reload`], driven by [`crate::reload::watch`]). Only new
+//! ([`ServerTls::reload`], driven by [`crate::reload::Reloads`]). Only new
 //! handshakes see a reload; established connections keep their session.
 //! [`UpstreamTls`] does the same for the upstream side (`--upstream-ca`,
 //! client certificate), and [`check_upstream_url`] keeps api-keys off
@@ -31,7 +31,7 @@ use tokio::sync::watch;
 pub use identity::{CallerIdentity, identity_of};
 pub use upstream::{UpstreamTls, check_upstream_url, upstream_client_config};
 
-use crate::reload::{ChangeGate, Reloaded, Snapshot};
+use crate::reload::change::{ChangeGate, Reloaded, Snapshot};
 use crate::units::parse_duration;
 use files::FileArg;
 

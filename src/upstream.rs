@@ -66,6 +66,7 @@ use limit::ConnectionLimit;
 use proxy::Proxy;
 use retry::RetryPolicy;
 
+use crate::credentials::Credentials;
 use crate::deadline::Deadline;
 use crate::metrics::Metrics;
 use crate::trace::CallSpan;
@@ -104,14 +105,6 @@ impl std::fmt::Debug for Upstream {
             .field("proxy", &self.shared.proxy.shown())
             .finish_non_exhaustive()
     }
-}
-
-/// Per-call headers taken from the gRPC metadata (or `--credentials`).
-#[derive(Debug, Clone)]
-pub struct Credentials {
-    /// Marked sensitive so that no `Debug` output shows it.
-    pub api_key: HeaderValue,
-    pub organization_id: HeaderValue,
 }
 
 /// What a call carries besides its request message.

@@ -37,13 +37,13 @@ pub struct IdempotencyArgs {
 
     /// How long a key's record is kept after the call completed: a retry with
     /// the same key replays the first answer until then, and the key may be
-    /// used afresh after. 24h outlasts any client's retry schedule (the
-    /// convention of payment APIs).
+    /// used afresh after; 1ms to 366 days. 24h outlasts any client's retry
+    /// schedule (the convention of payment APIs).
     #[arg(long, env = "GORMIC_IDEMPOTENCY_TTL", value_name = "DURATION", default_value = "24h", value_parser = parse_ttl)]
     pub idempotency_ttl: Duration,
 
-    /// Memory store: most records kept at once. When full, calls with a new
-    /// key fail RESOURCE_EXHAUSTED (no live record is ever evicted: that
+    /// Memory store: most records kept at once, at least 1. When full, calls
+    /// with a new key fail RESOURCE_EXHAUSTED (no live record is ever evicted: that
     /// could let a retry act twice). 100000 holds a day of more than one
     /// keyed call per second, sustained; busier deployments share keys
     /// through Redis.

@@ -40,8 +40,9 @@ use super::{
     Begin, Idempotency, Lease, METADATA_KEY, Outcome, Recorded, Scope, StoreError, parse_key,
     request_digest,
 };
+use crate::credentials::Credentials;
 use crate::deadline::Deadline;
-use crate::upstream::{Credentials, UpstreamError};
+use crate::upstream::UpstreamError;
 
 /// Added to a call's lease beyond its deadline and the store timeout: the
 /// owner records its verdict by then, and a repeat arriving in between must

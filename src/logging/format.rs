@@ -1,13 +1,12 @@
 //! The log line format, text or JSON, written for speed: every call writes
-//! one line, and tracing-subscriber's own formatter spent ~14k instructions
-//! on it (Debug-escaping every string character by character, colour
-//! styling even when off). The timestamp is humantime's RFC 3339 (its
-//! calendar arithmetic per line measured ~440 instructions per call more
-//! than a date cached per second, 0.4 %: not worth code of our own). JSON
-//! strings are escaped by serde_json, into a byte buffer checked as UTF-8
-//! once per line (handing each of serde_json's writes to the line's
-//! `fmt::Write` cost 2.8k instructions per call more). The lines look the
-//! same as tracing-subscriber's:
+//! one line, and tracing-subscriber's own formatter spent several times
+//! this one's instructions on it (Debug-escaping every string character by
+//! character, colour styling even when off). The timestamp is humantime's
+//! RFC 3339 (a date cached per second saved too little to be worth code of
+//! our own). JSON strings are escaped by serde_json, into a byte buffer
+//! checked as UTF-8 once per line (handing each of serde_json's writes to
+//! the line's `fmt::Write` cost more). The figures: BENCHMARKS.md, "Design
+//! choices measured". The lines look the same as tracing-subscriber's:
 //!
 //! ```text
 //! 2026-11-25T15:37:03.182571Z  INFO gormic_gateway::call_log: call rpc="CloseInvoice" grpc_code="OK" latency_ms=0.412

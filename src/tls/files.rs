@@ -14,7 +14,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::TlsError;
-use crate::reload::Snapshot;
+use crate::reload::change::Snapshot;
 
 /// A file named on the command line, with the flag that named it.
 #[derive(Debug, Clone)]

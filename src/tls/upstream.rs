@@ -15,7 +15,7 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme
 
 use super::files::{self, FileArg};
 use super::{ALPN, TlsArgs, TlsError};
-use crate::reload::{ChangeGate, Reloaded, Snapshot};
+use crate::reload::change::{ChangeGate, Reloaded, Snapshot};
 
 /// The rustls client configuration for upstream HTTPS connections, read
 /// once (see [`UpstreamTls`] for one that follows file changes).

@@ -8,13 +8,11 @@
 //! measured reason: the gateway reads the context of every call and writes
 //! a `traceparent` on every upstream request, export on or off, and the
 //! SDK's propagator (an `Extractor` over the metadata, an `Injector` for
-//! the header) cost, by scripts/bench.d/instructions.sh (callgrind,
-//! release build), 106,936-107,059 instructions per call instead of
-//! 103,939-104,426 without a `traceparent` (+2.8k, 2.7 %), and 111,643-
-//! 111,882 instead of 106,112-106,464 with one (+5.5k, 5.2 %). Per call,
-//! reading a `traceparent` went from 1.4k to 3.9k instructions (a `Vec` of
-//! the parts, a `Context` and its `Arc`) and writing one from 0.4k to 3.2k
-//! (a `Context`, then `format!`). The SDK is also looser than the spec:
+//! the header) allocates on both sides (a `Vec` of the parts, a `Context`
+//! and its `Arc` to read; a `Context`, then `format!`, to write), which
+//! made every call measurably dearer, with or without a `traceparent`
+//! (BENCHMARKS.md, "Design choices measured"). The SDK is also looser than
+//! the spec:
 //! ids of any length up to 32/16 digits (`u128::from_str_radix`), the
 //! Level 2 random flag dropped, one `tracestate` value only, no 512-byte
 //! bound.

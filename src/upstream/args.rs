@@ -29,8 +29,8 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Upstream")]
 pub struct UpstreamArgs {
-    /// Upstream requests in flight at once: with HTTP/1.1 the most
-    /// connections open, with HTTP/2 the most streams; split between the
+    /// Upstream requests in flight at once (at least 1): with HTTP/1.1 the
+    /// most connections open, with HTTP/2 the most streams; split between the
     /// worker threads (each has its own connections), at least one each.
     /// 1024 is Envoy's default; a call past it waits for a slot
     /// (--upstream-max-pending).

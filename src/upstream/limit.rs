@@ -11,13 +11,13 @@
 //! HTTP client and connection pool (`super::client`), and a connection idle
 //! in one worker's pool cannot serve another's call. With one process-wide
 //! set of slots, a slot freed on one worker let another open a connection
-//! while the first kept its idle one: under a burst of 10,000 calls the
-//! upstream saw 1,720 connections for a cap of 1,024 (`scripts/limits`,
-//! BENCHMARKS.md). Split exactly (the remainder to the first workers), the
-//! cap holds: each worker opens at most its share. The cost: a worker whose
-//! share is busy queues its calls even when another worker has room. A
-//! worker's share is at least one slot, so with fewer slots than workers
-//! the cap is the number of workers.
+//! while the first kept its idle one: under a burst the upstream saw far
+//! more connections than the cap (`scripts/limits`; BENCHMARKS.md, "Memory:
+//! 10,000 calls in flight"). Split exactly (the remainder to the first
+//! workers), the cap holds: each worker opens at most its share. The cost: a
+//! worker whose share is busy queues its calls even when another worker has
+//! room. A worker's share is at least one slot, so with fewer slots than
+//! workers the cap is the number of workers.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -42,21 +42,26 @@ const WINDOW: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Retries")]
 pub struct RetryArgs {
-    /// Attempts per call, the first included (1 turns gateway retries off).
-    /// 3 rides out a stale connection or a one-off 503 without multiplying
-    /// load by much when the upstream is down.
-    #[arg(long, env = "GORMIC_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=10))]
+    /// Attempts per call, the first included: 1 to 10 (1 turns gateway
+    /// retries off). 3 rides out a stale connection or a one-off 503 without
+    /// multiplying load by much when the upstream is down.
+    #[arg(long, env = "GORMIC_MAX_ATTEMPTS", value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=10))]
     pub max_attempts: u32,
 
-    /// Retries allowed, as a fraction of the calls of the last 10 s
+    /// Retries allowed, as a fraction of the calls of the last 10 s, 0 to 10
     /// (0.2 = at most 20 % extra upstream requests), on top of the floor;
     /// kept per worker thread.
-    #[arg(long, env = "GORMIC_RETRY_BUDGET_RATIO", default_value_t = 0.2, value_parser = parse_ratio)]
+    #[arg(long, env = "GORMIC_RETRY_BUDGET_RATIO", value_name = "RATIO", default_value_t = 0.2, value_parser = parse_ratio)]
     pub retry_budget_ratio: f64,
 
     /// Retries always allowed per second (per worker thread) whatever the
     /// ratio, so that a quiet gateway can still retry a stale connection.
-    #[arg(long, env = "GORMIC_RETRY_BUDGET_MIN_PER_SECOND", default_value_t = 10)]
+    #[arg(
+        long,
+        env = "GORMIC_RETRY_BUDGET_MIN_PER_SECOND",
+        value_name = "N",
+        default_value_t = 10
+    )]
     pub retry_budget_min_per_second: u32,
 }
 

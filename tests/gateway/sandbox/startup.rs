@@ -1,13 +1,14 @@
-//! Start-up refusals: a bad fixture file is reported with its file, place
-//! and problem (by the library and by the binary, which exits before it
-//! binds anything), and the binary without --upstream or --sandbox refuses
-//! to start, naming both.
+//! Start-up: a bad fixture file is reported with its file, place and
+//! problem (by the library and by the binary, which exits before it binds
+//! anything); the binary without --upstream or --sandbox refuses to start,
+//! naming both; a port in use is reported once, naming its flag; and the
+//! sandbox listens where `GORMIC_LISTEN` says (loopback by default).
 
 use std::path::PathBuf;
 
 use gormic_gateway::sandbox::{Fixture, FixtureError};
 
-use crate::support::binary::run_to_exit;
+use crate::support::binary::{SERVING, Serving, run_to_exit};
 
 /// Writes `content` to a file of this test's own in the target tmp dir.
 fn fixture_file(name: &str, content: &str) -> PathBuf {
@@ -99,4 +100,55 @@ async fn the_binary_without_upstream_or_sandbox_refuses_to_start() {
         stderr.contains("--upstream") && stderr.contains("--sandbox"),
         "{stderr}"
     );
+}
+
+#[tokio::test]
+async fn a_port_in_use_is_reported_once_naming_its_flag() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+    let addr = taken.local_addr().expect("its address").to_string();
+    for (args, flag) in [
+        (
+            ["--listen", addr.as_str(), "--admin-listen", "off"],
+            "--listen",
+        ),
+        (
+            ["--listen", "127.0.0.1:0", "--admin-listen", addr.as_str()],
+            "--admin-listen",
+        ),
+    ] {
+        let mut all = vec!["--sandbox"];
+        all.extend(args);
+        let output = run_to_exit(&all).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{flag}: {stderr}");
+        assert_eq!(
+            stderr.matches("cannot listen on").count(),
+            1,
+            "{flag}: said once: {stderr}"
+        );
+        assert!(
+            stderr.contains(&format!("cannot listen on {addr} ({flag}): ")),
+            "{flag}: {stderr}"
+        );
+        assert!(
+            !stderr.contains(SERVING),
+            "{flag}: nothing served: {stderr}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_sandbox_listens_where_gormic_listen_says() {
+    let serving = Serving::start_with_env(
+        &["--sandbox", "--log-format", "json"],
+        &[("GORMIC_LISTEN", "127.0.0.1:0")],
+    )
+    .await;
+    let addr = serving.grpc_addr();
+    assert!(
+        addr.ip().is_loopback() && addr.port() != 50051,
+        "an ephemeral loopback port, as GORMIC_LISTEN says: {addr}"
+    );
+    let (status, stderr) = serving.terminate().await;
+    assert_eq!(status.code(), Some(0), "{stderr:#?}");
 }
