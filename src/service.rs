@@ -200,7 +200,7 @@ impl InvoiceGateway {
         let (answer, replayed, reason) = match outcome.answer {
             Ok(Answer::Fresh(message)) => (Ok(message), false, None),
             Ok(Answer::Replayed(answer)) => (answer, true, None),
-            Err(error) => {
+            Err(ref error) => {
                 if let Some(shed) = error.shed_reason() {
                     self.metrics.call_shed(shed);
                 }
