@@ -211,7 +211,7 @@ impl InvoiceGateway {
         let (answer, replayed, reason) = match outcome.answer {
             Ok(Answer::Fresh(message)) => (Ok(message), false, None),
             Ok(Answer::Replayed(answer)) => (answer, true, None),
-            Err(error) => {
+            Err(ref error) => {
                 if let Some(shed) = error.shed_reason() {
                     self.shed.call_shed(shed);
                 }

@@ -63,20 +63,24 @@ pub(crate) enum Start {
 }
 
 /// Why a keyed call is answered without reaching the upstream.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
     /// The key is not a valid `idempotency-key` (the reason).
+    #[error("invalid idempotency-key: {0}")]
     InvalidKey(String),
     /// A call with the same key is still in progress.
-    InProgress {
-        retry_after: Duration,
-    },
+    #[error("idempotency key in progress")]
+    InProgress { retry_after: Duration },
     /// The key was used before with a different request.
+    #[error("idempotency key reused")]
     Reused,
     /// A call with this key reached the upstream; its outcome is unknown.
+    #[error("idempotency outcome unknown")]
     OutcomeUnknown,
     /// The store could not be reached, or not within the call's deadline.
+    #[error("idempotency store unavailable: {0}")]
     StoreUnavailable(String),
+    #[error("idempotency store full")]
     StoreFull,
 }
 

@@ -266,12 +266,23 @@ async fn send_invoice_not_generated() {
 async fn closing_an_unknown_invoice_is_not_found_without_a_spec_code() {
     let (_gateway, mut org) = start().await;
     let result = org.close("inv-nope").await;
+    let message = result.as_ref().err().map(|s| s.message().to_owned());
     assert_refused(result, NotFound, "UPSTREAM_HTTP_ERROR");
+    // The sandbox's words reach the message, not only the details.
+    assert_eq!(
+        message.as_deref(),
+        Some(r#"upstream answered HTTP 404 Not Found: invoice "inv-nope" not found"#)
+    );
 }
 
 #[tokio::test]
 async fn creating_for_an_unknown_order_is_not_found_without_a_spec_code() {
     let (_gateway, mut org) = start().await;
     let result = org.create("ord-nope", Standard, None).await;
+    let message = result.as_ref().err().map(|s| s.message().to_owned());
     assert_refused(result, NotFound, "UPSTREAM_HTTP_ERROR");
+    assert_eq!(
+        message.as_deref(),
+        Some(r#"upstream answered HTTP 404 Not Found: order "ord-nope" not found"#)
+    );
 }
