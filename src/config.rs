@@ -23,6 +23,7 @@ use crate::limits::LimitArgs;
 use crate::logging::LogArgs;
 use crate::metrics::MetricsArgs;
 use crate::server::{ConnectionLimits, ServerOptions};
+use crate::store::StoreArgs;
 use crate::tls::TlsArgs;
 use crate::trace::{TraceArgs, TraceConfig};
 use crate::units::parse_duration;
@@ -92,6 +93,9 @@ pub struct Cli {
 
     #[command(flatten)]
     pub idempotency: IdempotencyArgs,
+
+    #[command(flatten)]
+    pub store: StoreArgs,
 
     #[command(flatten)]
     pub admin: AdminArgs,

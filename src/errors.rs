@@ -14,7 +14,9 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::credentials::Refusal as CredentialsRefusal;
 use crate::deadline::TimeoutBound;
-use crate::idempotency::step::Refusal as IdempotencyRefusal;
+use crate::idempotency::step::{
+    Refusal as IdempotencyRefusal, StoreUnavailable as IdempotencyStoreUnavailable,
+};
 use crate::limits::{RequestTooLarge, SHED_RETRY_DELAY};
 use crate::upstream::{Fault, Rejection, RetryAfter, UNREACHABLE_RETRY_DELAY, UpstreamError};
 pub use crate::validation::FieldViolation;
@@ -94,7 +96,7 @@ pub enum CallError {
     #[error("idempotency outcome unknown")]
     IdempotencyOutcomeUnknown,
     #[error("idempotency store unavailable")]
-    IdempotencyStoreUnavailable(String),
+    IdempotencyStoreUnavailable(IdempotencyStoreUnavailable),
     #[error("idempotency store full")]
     IdempotencyStoreFull,
     #[error("request too large")]
@@ -132,8 +134,8 @@ impl From<IdempotencyRefusal> for CallError {
             }
             IdempotencyRefusal::Reused => Self::IdempotencyKeyReused,
             IdempotencyRefusal::OutcomeUnknown => Self::IdempotencyOutcomeUnknown,
-            IdempotencyRefusal::StoreUnavailable(detail) => {
-                Self::IdempotencyStoreUnavailable(detail)
+            IdempotencyRefusal::StoreUnavailable(refusal) => {
+                Self::IdempotencyStoreUnavailable(refusal)
             }
             IdempotencyRefusal::StoreFull => Self::IdempotencyStoreFull,
         }
@@ -383,13 +385,23 @@ impl CallError {
                         .to_owned(),
                 )
             }
-            Self::IdempotencyStoreUnavailable(detail) => {
-                let metadata = HashMap::from([("detail".to_owned(), detail.clone())]);
+            Self::IdempotencyStoreUnavailable(refusal) => {
+                let detail = &refusal.detail;
+                let mut metadata = HashMap::from([
+                    ("detail".to_owned(), detail.clone()),
+                    ("request_sent".to_owned(), "false".to_owned()),
+                ]);
+                if refusal.wait_shortfall {
+                    metadata.insert("wait_shortfall".to_owned(), "true".to_owned());
+                }
                 details.set_error_info(
                     reason::IDEMPOTENCY_STORE_UNAVAILABLE,
                     GATEWAY_DOMAIN,
                     metadata,
                 );
+                if let Some(retry_after) = refusal.retry_after {
+                    details.set_retry_info(Some(retry_after));
+                }
                 (
                     Code::Unavailable,
                     format!("idempotency store unavailable: {detail}; nothing was sent"),

@@ -196,9 +196,7 @@ async fn serve(
         signal.await;
         let _ = stop.send(true);
     };
-    let idempotency = Idempotency::from_args(&cli.idempotency)
-        .await
-        .map_err(|e| e.to_string())?;
+    let idempotency = Idempotency::open(&cli.idempotency, &cli.store).map_err(|e| e.to_string())?;
     let mut upstream_options = config.upstream_options.clone();
     let upstream_url = match (&config.upstream, sandbox) {
         (Target::Url(url), _) => url.clone(),
@@ -211,6 +209,9 @@ async fn serve(
     let metrics = Metrics::new(&cli.metrics);
     let upstream = Upstream::new(&upstream_url, upstream_options).map_err(|e| e.to_string())?;
     metrics.register_connections(upstream.gauges());
+    if let Some(store) = idempotency.shared_store() {
+        metrics.register_series(std::sync::Arc::new(store.collector()));
+    }
     metrics.count_log_lines_dropped_from(logging::dropped_lines);
     let tracer = Tracer::start(
         &config.trace,
@@ -252,6 +253,7 @@ async fn serve(
         max_in_flight = config.max_in_flight,
         upstream_max_connections = config.upstream_options.max_connections,
         idempotency_store = %cli.idempotency.idempotency_store,
+        idempotency_store_replicas = %cli.store.idempotency_store_replicas,
         credentials = files.credentials.as_ref().map(CredentialMap::len),
         cors_allowed_origins = %config.server.cors,
         otlp_endpoint = config.trace.endpoint.as_ref().map(|e| e.to_string()),

@@ -109,6 +109,37 @@ impl Collector for ConnectionCollector {
     }
 }
 
+/// Series a component declares and encodes itself, read at scrape time
+/// (the shared store's). `encode` must be cheap and must not block.
+pub trait Series: Send + Sync + std::fmt::Debug + 'static {
+    fn encode(&self, encoder: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error>;
+}
+
+/// The [`Series`] registered after the registry was built, in that order.
+#[derive(Debug, Clone, Default)]
+pub(super) struct LateSeries {
+    series: Arc<Mutex<Vec<Arc<dyn Series>>>>,
+}
+
+impl LateSeries {
+    pub fn register(&self, series: Arc<dyn Series>) {
+        self.series
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(series);
+    }
+}
+
+impl Collector for LateSeries {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        for one in series.iter() {
+            one.encode(&mut encoder)?;
+        }
+        Ok(())
+    }
+}
+
 /// `gormic_gateway_calls_in_flight`: the admission cap's count, read at
 /// scrape time (0 until a cap is set).
 #[derive(Debug, Clone, Default)]

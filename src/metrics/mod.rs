@@ -29,7 +29,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
-pub use external::ConnectionGauges;
+pub use external::{ConnectionGauges, Series};
 pub use histogram::{LATENCY_BUCKETS, LatencyHistogram};
 
 use crate::limits::InFlightLimit;
@@ -302,6 +302,7 @@ struct Inner {
     tls_expiry: external::ExpiryCollector,
     connections: external::ConnectionCollector,
     in_flight: external::InFlightCollector,
+    late: external::LateSeries,
 }
 
 /// `gormic_gateway_calls_total`, with or without the organization label.
@@ -508,6 +509,8 @@ impl Metrics {
         let connections = external::ConnectionCollector::default();
         registry.register_collector(Box::new(connections.clone()));
         registry.register_collector(Box::new(process::ProcessCollector));
+        let late = external::LateSeries::default();
+        registry.register_collector(Box::new(late.clone()));
 
         Self {
             inner: Arc::new(Inner {
@@ -533,6 +536,7 @@ impl Metrics {
                 tls_expiry,
                 connections,
                 in_flight,
+                late,
             }),
         }
     }
@@ -729,6 +733,12 @@ impl Metrics {
     /// over all registered, read at scrape time).
     pub fn register_connections(&self, gauges: Arc<dyn ConnectionGauges>) {
         self.inner.connections.register(gauges);
+    }
+
+    /// Adds series a component declares itself (the shared store's), read
+    /// at scrape time.
+    pub fn register_series(&self, series: Arc<dyn Series>) {
+        self.inner.late.register(series);
     }
 
     /// The text exposition of every series, as served on `/metrics` with
