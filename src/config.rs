@@ -31,6 +31,7 @@ use crate::metrics::MetricsArgs;
 use crate::reload::Reloads;
 use crate::sandbox::{Fixture, FixtureError};
 use crate::server::{ConnectionLimits, ServerOptions};
+use crate::store::StoreArgs;
 use crate::tls::{self, ServerTls, TlsArgs, TlsError, UpstreamTls};
 use crate::trace::{TraceArgs, TraceConfig};
 use crate::units::parse_duration;
@@ -119,6 +120,9 @@ pub struct Cli {
 
     #[command(flatten)]
     pub idempotency: IdempotencyArgs,
+
+    #[command(flatten)]
+    pub store: StoreArgs,
 
     #[command(flatten)]
     pub admin: AdminArgs,
@@ -247,6 +251,8 @@ pub struct Config {
     /// What is re-read while serving, and how often.
     pub reloads: Reloads,
     pub idempotency: IdempotencyArgs,
+    /// The shared store's replication requirement (`--idempotency-store-replicas`).
+    pub store: StoreArgs,
     pub metrics: MetricsArgs,
     pub logs: LogArgs,
 }
@@ -416,6 +422,7 @@ impl Config {
                 credentials,
             },
             idempotency: cli.idempotency.clone(),
+            store: cli.store.clone(),
             metrics: cli.metrics.clone(),
             logs: cli.logs.clone(),
         })

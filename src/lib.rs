@@ -32,6 +32,7 @@ pub mod runtime;
 pub mod sandbox;
 pub mod server;
 pub mod service;
+pub mod store;
 pub mod tls;
 pub mod trace;
 pub mod units;

@@ -98,9 +98,8 @@ async fn serve(
         signal.await;
         let _ = stop.send(true);
     };
-    let idempotency = Idempotency::from_args(&config.idempotency)
-        .await
-        .map_err(|e| e.to_string())?;
+    let idempotency =
+        Idempotency::open(&config.idempotency, &config.store).map_err(|e| e.to_string())?;
     let upstream_url = match &config.upstream {
         Destination::Url(url) => url.clone(),
         Destination::Sandbox(fixture) => start_sandbox(fixture.clone()).await?,
@@ -110,6 +109,9 @@ async fn serve(
         .map_err(|e| e.to_string())?
         .with_metrics(metrics.clone());
     metrics.register_connections(upstream.gauges());
+    if let Some(store) = idempotency.shared_store() {
+        metrics.register_collector(Box::new(store.collector()));
+    }
     metrics.count_log_lines_dropped_from(logging::dropped_lines);
     let tracer = Tracer::start(
         &config.trace,
@@ -151,6 +153,7 @@ async fn serve(
         max_in_flight = config.max_in_flight,
         upstream_max_connections = config.upstream_options.max_connections,
         idempotency_store = %config.idempotency.idempotency_store,
+        idempotency_store_replicas = %config.store.idempotency_store_replicas,
         credentials = config.credentials.as_ref().map(CredentialMap::len),
         cors_allowed_origins = %config.server.cors,
         otlp_endpoint = config.trace.endpoint.as_ref().map(|e| e.to_string()),

@@ -96,11 +96,25 @@ impl CallError {
                 "an earlier call with this idempotency-key reached the upstream and its outcome \
                  is unknown: check the invoice's state, then use a new key",
             ),
-            Self::Idempotency(Idempotency::StoreUnavailable(detail)) => Failure::gateway(
-                Reason::IDEMPOTENCY_STORE_UNAVAILABLE,
-                format!("idempotency store unavailable: {detail}; nothing was sent"),
-            )
-            .with("detail", detail.as_str()),
+            Self::Idempotency(Idempotency::StoreUnavailable(refusal)) => {
+                let failure = Failure::gateway(
+                    Reason::IDEMPOTENCY_STORE_UNAVAILABLE,
+                    format!(
+                        "idempotency store unavailable: {}; nothing was sent",
+                        refusal.detail
+                    ),
+                )
+                .with("detail", refusal.detail.as_str())
+                .with("request_sent", "false");
+                let failure = match refusal.wait_shortfall {
+                    true => failure.with("wait_shortfall", "true"),
+                    false => failure,
+                };
+                match refusal.retry_after {
+                    Some(delay) => failure.retry_after(delay),
+                    None => failure,
+                }
+            }
             Self::Idempotency(Idempotency::StoreFull) => Failure::gateway(
                 Reason::IDEMPOTENCY_STORE_FULL,
                 "idempotency store full; nothing was sent",

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::builder::TypedValueParser;
 
+use crate::store::StoreUrl;
 use crate::units::{parse_bytes, parse_duration};
 use clap::error::ErrorKind;
 
@@ -20,11 +21,13 @@ const MAX_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
 #[command(next_help_heading = "Idempotency")]
 pub struct IdempotencyArgs {
     /// Where the records of idempotency keys live: `memory` (this process
-    /// only: zero set-up, right for one replica) or
-    /// `redis://[user:password@]host:port[/db]` (`rediss://` for TLS, verified
-    /// against the system's trust store) to share keys across replicas, with
-    /// Redis or Valkey set to `maxmemory-policy noeviction`. The password is
-    /// never printed.
+    /// only: zero set-up, right for one replica) or a Redis shared by every
+    /// replica, set to `maxmemory-policy noeviction`:
+    /// `redis://[user:password@]host:port[/db]` (one server or a managed
+    /// endpoint), `redis+sentinel://[user:password@]host:port[,host:port…]/service[?db=N]`
+    /// (the Sentinels' primary) or `redis+cluster://[user:password@]host:port[,host:port…]`
+    /// (a Redis Cluster); `rediss…` for TLS, verified against the system's
+    /// trust store. The password is never printed.
     #[arg(
         long,
         env = "GORMIC_IDEMPOTENCY_STORE",
@@ -101,35 +104,9 @@ impl fmt::Display for StoreLocation {
     }
 }
 
-/// A checked `redis://` or `rediss://` URL. `Debug` and `Display` show it
-/// with the password replaced by `***`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct RedisUrl {
-    url: String,
-    redacted: String,
-}
-
-impl RedisUrl {
-    /// The URL without its password, for logs and errors.
-    pub fn redacted(&self) -> &str {
-        &self.redacted
-    }
-
-    /// The URL with its password, for the Redis client only.
-    pub(crate) fn expose(&self) -> &str {
-        &self.url
-    }
-
-    pub fn is_tls(&self) -> bool {
-        self.url.starts_with("rediss:")
-    }
-}
-
-impl fmt::Debug for RedisUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.redacted)
-    }
-}
+/// A checked store URL (one server, Sentinel or Cluster: see
+/// [`crate::store::StoreUrl`]); its password is never shown.
+pub type RedisUrl = StoreUrl;
 
 /// Parses `--idempotency-store`. Its errors name the flag and never repeat
 /// the value, which may hold a password (clap's own errors would).
@@ -162,54 +139,12 @@ impl TypedValueParser for StoreParser {
     }
 }
 
-/// `memory`, or a Redis URL. The error never contains the password.
+/// `memory`, or a store URL. The error never contains the password.
 pub fn parse_store(value: &str) -> Result<StoreLocation, String> {
-    const EXPECTED: &str =
-        "expected `memory`, `redis://[user:password@]host:port[/db]` or `rediss://…`";
     if value == "memory" {
         return Ok(StoreLocation::Memory);
     }
-    let url = url::Url::parse(value).map_err(|e| match e {
-        url::ParseError::RelativeUrlWithoutBase => EXPECTED.to_owned(),
-        // url's messages describe the defect without quoting the input.
-        e => format!("not a URL: {e}; {EXPECTED}"),
-    })?;
-    if !matches!(url.scheme(), "redis" | "rediss") {
-        return Err(format!("{EXPECTED}, not a {}: URL", url.scheme()));
-    }
-    let Some(host) = url.host_str().filter(|h| !h.is_empty()) else {
-        return Err(format!("the URL has no host; {EXPECTED}"));
-    };
-    let db = url.path().trim_start_matches('/');
-    if !db.is_empty() && db.parse::<u16>().is_err() {
-        return Err("the path must be a database number such as /0".into());
-    }
-    if url.query().is_some() || url.fragment().is_some() {
-        // The redis crate reads options there (`#insecure` turns certificate
-        // checks off); none is needed, so none is accepted.
-        return Err("the URL must not have a query or a fragment".into());
-    }
-    let mut redacted = format!("{}://", url.scheme());
-    if !url.username().is_empty() {
-        redacted.push_str(url.username());
-    }
-    if url.password().is_some() {
-        redacted.push_str(":***");
-    }
-    if !url.username().is_empty() || url.password().is_some() {
-        redacted.push('@');
-    }
-    redacted.push_str(host);
-    if let Some(port) = url.port() {
-        redacted.push_str(&format!(":{port}"));
-    }
-    if !db.is_empty() {
-        redacted.push_str(&format!("/{db}"));
-    }
-    Ok(StoreLocation::Redis(RedisUrl {
-        url: value.to_owned(),
-        redacted,
-    }))
+    StoreUrl::parse(value).map(StoreLocation::Redis)
 }
 
 fn parse_ttl(value: &str) -> Result<Duration, String> {

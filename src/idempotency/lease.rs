@@ -4,36 +4,9 @@
 //! because the request may have reached the upstream.
 
 use std::fmt;
-use std::sync::Arc;
 
-use super::memory::MemoryStore;
-use super::record::IN_PROGRESS_LEN;
-use super::redis::{RedisKey, RedisStore};
-use super::{Digest, MAX_OUTCOME_BYTES, Outcome, Scope, StoreError};
-
-/// What a lease's verdict left in the store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Recorded {
-    /// As asked: the outcome is recorded, the key is marked unknown, or
-    /// (release) the record is gone.
-    Done,
-    /// `complete` could not keep the outcome; the key is marked "outcome
-    /// unknown" instead, so a repeat is told to reconcile rather than given
-    /// a wrong answer or a second attempt.
-    AsUnknown(UnknownCause),
-    /// The record was no longer this lease's (it outlived the TTL and was
-    /// taken afresh, or it vanished): nothing was changed.
-    NotOwner,
-}
-
-/// Why an outcome was recorded as unknown.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UnknownCause {
-    /// Larger than [`MAX_OUTCOME_BYTES`].
-    TooLarge { bytes: usize },
-    /// The memory store's byte bound had no room for it.
-    NoRoom,
-}
+use super::verdict::{Pending, Recorded, UnknownCause};
+use super::{Claim, MAX_OUTCOME_BYTES, Outcome, StoreError};
 
 /// Ownership of an in-progress record. Finish it with exactly one of
 /// [`complete`](Lease::complete), [`release`](Lease::release) or
@@ -43,31 +16,6 @@ pub enum UnknownCause {
 pub struct Lease {
     claim: Option<Claim>,
     pending: Pending,
-}
-
-/// What identifies the record this lease owns, per store.
-pub(crate) enum Claim {
-    Memory {
-        store: Arc<MemoryStore>,
-        scope: Scope,
-        token: u64,
-    },
-    Redis {
-        store: Arc<RedisStore>,
-        key: RedisKey,
-        /// The exact value this lease wrote: it holds a unique owner token,
-        /// so "the stored value is still this" is the ownership check.
-        held: [u8; IN_PROGRESS_LEN],
-        digest: Digest,
-    },
-}
-
-/// The verdict being recorded; kept in the lease so that a cancelled
-/// verdict is still carried out by `Drop`.
-pub(crate) enum Pending {
-    Unknown,
-    Release,
-    Complete(Outcome),
 }
 
 impl Lease {
@@ -128,56 +76,19 @@ impl Lease {
     }
 }
 
-impl Claim {
-    async fn finish(&self, pending: &Pending) -> Result<Recorded, StoreError> {
-        match self {
-            Self::Memory {
-                store,
-                scope,
-                token,
-            } => Ok(store.finish(scope, *token, pending)),
-            Self::Redis {
-                store,
-                key,
-                held,
-                digest,
-            } => store.finish(key, held, digest, pending).await,
-        }
-    }
-}
-
 impl Drop for Lease {
     fn drop(&mut self) {
         let Some(claim) = self.claim.take() else {
             return;
         };
         let pending = std::mem::replace(&mut self.pending, Pending::Unknown);
-        match claim {
-            // A short critical section under a mutex: nothing to wait for.
-            Claim::Memory {
-                store,
-                scope,
-                token,
-            } => {
-                store.finish(&scope, token, &pending);
-            }
-            Claim::Redis {
-                store,
-                key,
-                held,
-                digest,
-            } => RedisStore::finish_detached(store, key, held, digest, pending),
-        }
+        claim.finish_detached(pending);
     }
 }
 
 impl fmt::Debug for Lease {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let store = match &self.claim {
-            Some(Claim::Memory { .. }) => "memory",
-            Some(Claim::Redis { .. }) => "redis",
-            None => "finished",
-        };
+        let store = self.claim.as_ref().map_or("finished", Claim::store_name);
         f.debug_struct("Lease").field("store", &store).finish()
     }
 }

@@ -12,8 +12,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
-use super::lease::{Claim, Pending, Recorded, UnknownCause};
-use super::{Begin, ConfigError, Digest, Lease, MAX_LEASE, Outcome, Scope, StoreError};
+use super::lease::Lease;
+use super::verdict::{Pending, Recorded, UnknownCause};
+use super::{Begin, Claim, ConfigError, Digest, MAX_LEASE, Outcome, Scope, StoreError};
 
 /// A power of two well above the worker count: two calls rarely meet on
 /// one mutex, and each shard stays small enough to sweep in microseconds.

@@ -2,8 +2,8 @@
 //! the same `idempotency-key` gets the first call's answer again instead of
 //! a second invoice, on whichever replica the retry lands. This module owns
 //! the protocol and its two stores, [`memory`] (one replica) and [`redis`]
-//! (shared across replicas); the call path decides when to begin and how to
-//! finish.
+//! (shared across replicas, through [`crate::store`]); the call path decides
+//! when to begin and how to finish.
 //!
 //! # Protocol
 //! A record is found by its [`Scope`] (organization, RPC, api-key, key; all
@@ -37,17 +37,24 @@ mod outcome;
 mod record;
 pub mod redis;
 pub(crate) mod step;
+mod verdict;
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 pub use args::{IdempotencyArgs, RedisUrl, StoreLocation, parse_store};
 pub use key::{Digest, IdempotencyKey, MAX_KEY_BYTES, Scope, parse_key, request_digest};
-pub use lease::{Lease, Recorded, UnknownCause};
+pub use lease::Lease;
 pub use memory::Usage;
 pub use metrics::{IdempotencyMetrics, IdempotencyResult};
 pub use outcome::{MAX_OUTCOME_BYTES, Outcome};
+pub use verdict::{Recorded, UnknownCause};
+
+use crate::store::StoreArgs;
+use verdict::Pending;
 
 /// The call metadata that carries the key.
 pub const METADATA_KEY: &str = "idempotency-key";
@@ -84,6 +91,12 @@ pub enum StoreError {
     /// No room for a new record (memory store bounds; Redis out of memory).
     #[error("idempotency store full")]
     Full,
+    /// Fewer replicas than `--idempotency-store-replicas` acknowledged the
+    /// lease in time: it was released, and the call must not be sent (a
+    /// failover could lose the lease, and a retry create a second invoice).
+    /// The text names the store and the counts.
+    #[error("idempotency store unavailable: {0}")]
+    NotReplicated(String),
 }
 
 /// The flags describe a store that cannot be used.
@@ -108,20 +121,42 @@ enum Store {
 }
 
 impl Idempotency {
-    /// Opens the store the flags name. A Redis store is not contacted here:
-    /// it connects on first use and reconnects by itself, so the gateway
-    /// starts while Redis is down (calls with a key fail until it is back).
+    /// Opens the store the flags name, with the store flags' defaults.
     /// Call inside the Tokio runtime.
     pub async fn from_args(args: &IdempotencyArgs) -> Result<Self, ConfigError> {
+        Self::open(args, &StoreArgs::default())
+    }
+
+    /// Opens the store the flags name. A Redis store is not contacted here:
+    /// it connects in the background and reconnects by itself, so the
+    /// gateway starts while Redis is down (calls with a key fail until it is
+    /// back). Call inside the Tokio runtime.
+    pub fn open(args: &IdempotencyArgs, store_args: &StoreArgs) -> Result<Self, ConfigError> {
         let store = match &args.idempotency_store {
             StoreLocation::Memory => Self::memory(args)?,
-            StoreLocation::Redis(url) => Store::Redis(Arc::new(redis::RedisStore::new(
-                url,
-                args.idempotency_ttl,
-                args.idempotency_store_timeout,
-            )?)),
+            StoreLocation::Redis(url) => {
+                let shared = crate::store::Store::open(
+                    url,
+                    args.idempotency_store_timeout,
+                    store_args.idempotency_store_replicas,
+                )
+                .map_err(|e| ConfigError::Start(e.to_string()))?;
+                Store::Redis(Arc::new(redis::RedisStore::new(
+                    shared,
+                    args.idempotency_ttl,
+                )?))
+            }
         };
         Ok(Self { store })
+    }
+
+    /// The shared store the records live in (`None` with `memory`): the
+    /// handle quotas and cooldowns share, and whose metrics to register.
+    pub fn shared_store(&self) -> Option<&crate::store::Store> {
+        match &self.store {
+            Store::Memory(_) => None,
+            Store::Redis(store) => Some(store.shared()),
+        }
     }
 
     /// Looks the key up and, if it is new, takes a lease on it for `lease`
@@ -134,9 +169,31 @@ impl Idempotency {
         digest: Digest,
         lease: Duration,
     ) -> Result<Begin, StoreError> {
+        self.begin_within(scope, digest, lease, None).await
+    }
+
+    /// [`Self::begin`], ending by `deadline` (the call's): a lease that
+    /// waits for replicas gives up in time to answer by then.
+    pub async fn begin_within(
+        &self,
+        scope: &Scope,
+        digest: Digest,
+        lease: Duration,
+        deadline: Option<Instant>,
+    ) -> Result<Begin, StoreError> {
         match &self.store {
             Store::Memory(store) => store.begin(scope, digest, lease),
-            Store::Redis(store) => store.begin(scope, digest, lease).await,
+            Store::Redis(store) => store.begin(scope, digest, lease, deadline).await,
+        }
+    }
+
+    /// How long a call refused for the store's sake should wait before a
+    /// retry (`RetryInfo`): until the store's next connection attempt while
+    /// it is down, else 1 s.
+    pub fn retry_after(&self) -> Duration {
+        match &self.store {
+            Store::Memory(_) => Duration::from_secs(1),
+            Store::Redis(store) => store.shared().retry_after(),
         }
     }
 
@@ -169,6 +226,52 @@ impl Idempotency {
         match &self.store {
             Store::Memory(store) => Some(store.usage()),
             Store::Redis(_) => None,
+        }
+    }
+}
+
+/// What identifies the record a lease owns, per store: the one place that
+/// knows both stores, so that the lease knows neither.
+pub(crate) enum Claim {
+    Memory {
+        store: Arc<memory::MemoryStore>,
+        scope: Scope,
+        token: u64,
+    },
+    Redis(redis::Held),
+}
+
+impl Claim {
+    async fn finish(&self, pending: &Pending) -> Result<Recorded, StoreError> {
+        match self {
+            Self::Memory {
+                store,
+                scope,
+                token,
+            } => Ok(store.finish(scope, *token, pending)),
+            Self::Redis(held) => held.finish(pending).await,
+        }
+    }
+
+    /// Carries out `pending` without waiting (for `Drop`).
+    fn finish_detached(self, pending: Pending) {
+        match self {
+            // A short critical section under a mutex: nothing to wait for.
+            Self::Memory {
+                store,
+                scope,
+                token,
+            } => {
+                store.finish(&scope, token, &pending);
+            }
+            Self::Redis(held) => held.finish_detached(pending),
+        }
+    }
+
+    fn store_name(&self) -> &'static str {
+        match self {
+            Self::Memory { .. } => "memory",
+            Self::Redis(_) => "redis",
         }
     }
 }

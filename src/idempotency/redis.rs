@@ -1,13 +1,26 @@
-//! The shared store (`--idempotency-store redis://…`): records in Redis or
-//! Valkey, so a retry landing on another replica finds the first call's
-//! record. Every operation is one atomic script (a key is taken with
+//! The shared store (`--idempotency-store redis://…`, `redis+sentinel://…`,
+//! `redis+cluster://…`): records in Redis or Valkey, reached through the
+//! gateway's one [`Store`] (its connection machinery follows failovers), so
+//! a retry landing on another replica finds the first call's record. Every
+//! operation is one atomic script on one key (a key is taken with
 //! `SET NX PX` inside it; a verdict compares the owner's exact value before
-//! it sets or deletes), sent by EVALSHA with a fallback to loading the script,
-//! and bounded by `--idempotency-store-timeout`.
+//! it sets or deletes), bounded by `--idempotency-store-timeout`.
 //!
-//! Keys are `gormic:idem:v1:<64 hex digits of the scope hash>`; values are
-//! the records of [`super::record`]. Nothing in Redis names an organization,
-//! an api-key or an idempotency key.
+//! Keys are `gormic:idem:v1:<64 hex digits of the scope hash>`, the same
+//! bytes whatever the deployment: one key per script, so no hash tag is
+//! needed in a cluster, and a rolling upgrade reads the records already
+//! there. Values are the records of [`super::record`]. Nothing in Redis names
+//! an organization, an api-key or an idempotency key.
+//!
+//! **Durable leases.** A lease and a verdict wait (`WAIT`, in the same round
+//! trip) for the replicas `--idempotency-store-replicas` requires. A lease
+//! fewer replicas acknowledged in time is released at once and the call
+//! fails UNAVAILABLE, unsent ([`StoreError::NotReplicated`]): sent, it could
+//! be created again by a retry after a failover that lost the lease. A
+//! verdict fewer replicas acknowledged stands (the caller has its answer);
+//! if the primary is lost before it replicates, the lease that did
+//! replicate makes repeats read "in progress", then "outcome unknown", never
+//! a fresh key. What WAIT does not cover is in docs/operations.md.
 //!
 //! Set-up expected of the server (documented for operators):
 //! - `maxmemory-policy noeviction`: when full, Redis refuses writes and the
@@ -15,16 +28,10 @@
 //!   keys. An evicting policy would silently forget live records, and a
 //!   retry could then act twice. Verdicts that find Redis full leave the
 //!   record in progress; it turns "outcome unknown" when its lease ends.
-//! - Persistence (`appendonly yes`) or a replica, if losing records on a
-//!   restart is not acceptable: a record lost with its server lets a retry
-//!   of that key act again.
-//! - One primary (no Redis Cluster); ACL user with `GET SET DEL PTTL EVALSHA
-//!   EVAL SCRIPT` on `gormic:idem:*` keys.
-//!
-//! The connection: one multiplexed connection per store through
-//! [`ConnectionManager`], which reconnects after errors. It is created
-//! without connecting, so the gateway starts while Redis is down; its
-//! background tasks run on the runtime of the call that needed them.
+//! - Replicas (and persistence, `appendonly yes`), if losing records to a
+//!   failed server is not acceptable.
+//! - An ACL user with `GET SET DEL PTTL EVALSHA EVAL WAIT ROLE PING` (plus
+//!   `CLUSTER` in a cluster) on `gormic:idem:*` keys.
 
 use std::sync::Arc;
 use std::sync::LazyLock;
@@ -32,13 +39,14 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use bytes::Bytes;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{RedisError, Script, Value};
+use redis::Value;
+use tokio::time::Instant;
 
-use super::args::RedisUrl;
-use super::lease::{Claim, Pending, Recorded};
+use super::lease::Lease;
 use super::record::{self, IN_PROGRESS_LEN, Record};
-use super::{Begin, ConfigError, Digest, Lease, MAX_LEASE, Scope, StoreError};
+use super::verdict::{Pending, Recorded};
+use super::{Begin, Claim, ConfigError, Digest, MAX_LEASE, Scope, StoreError};
+use crate::store::{Failure, FailureKind, Script, Store, Wait};
 
 /// Versioned so that a future layout never reads these records by mistake.
 pub const KEY_PREFIX: &str = "gormic:idem:v1:";
@@ -47,6 +55,7 @@ pub(crate) type RedisKey = [u8; KEY_PREFIX.len() + 64];
 /// Takes a new key or reports the existing record and its remaining life.
 static BEGIN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
+        "idempotency_begin",
         // Reads first: a Redis out of memory refuses any SET, even one that
         // NX would turn into a no-op, and a repeat must still replay then.
         r"-- KEYS[1] record; ARGV[1] in-progress record; ARGV[2] its time to live (ms)
@@ -64,6 +73,7 @@ return redis.error_reply('record appeared during an atomic script')",
 /// Replaces the record if it is still exactly what this lease wrote.
 static REPLACE_IF_HELD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
+        "idempotency_verdict",
         r"-- KEYS[1] record; ARGV[1] the lease's record; ARGV[2] new record; ARGV[3] its time to live (ms)
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
@@ -76,6 +86,7 @@ return 0",
 /// Deletes the record if it is still exactly what this lease wrote.
 static DELETE_IF_HELD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
+        "idempotency_release",
         r"-- KEYS[1] record; ARGV[1] the lease's record
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
@@ -85,57 +96,24 @@ return 0",
 });
 
 pub(crate) struct RedisStore {
-    connection: ConnectionManager,
-    timeout: Duration,
+    store: Store,
     ttl_ms: u64,
-    /// The URL without its password, to name the store in errors.
-    target: String,
-    /// The password as written and percent-decoded: scrubbed from error
-    /// texts, should a client error ever quote it.
-    secrets: Vec<String>,
     token_seed: [u8; 8],
     token_counter: AtomicU64,
 }
 
+/// What identifies the record a Redis lease owns.
+pub(crate) struct Held {
+    store: Arc<RedisStore>,
+    key: RedisKey,
+    /// The exact value this lease wrote: it holds a unique owner token, so
+    /// "the stored value is still this" is the ownership check.
+    held: [u8; IN_PROGRESS_LEN],
+    digest: Digest,
+}
+
 impl RedisStore {
-    pub(crate) fn new(
-        url: &RedisUrl,
-        ttl: Duration,
-        timeout: Duration,
-    ) -> Result<Self, ConfigError> {
-        let target = url.redacted().to_owned();
-        let mut secrets = Vec::new();
-        if let Some(password) = url::Url::parse(url.expose())
-            .ok()
-            .and_then(|u| u.password().map(str::to_owned))
-        {
-            let decoded = percent_encoding::percent_decode_str(&password)
-                .decode_utf8_lossy()
-                .into_owned();
-            secrets.push(decoded);
-            secrets.push(password);
-        }
-        let refuse = |reason: String| ConfigError::Store {
-            store: target.clone(),
-            reason: scrub(reason, &secrets),
-        };
-        if url.is_tls() {
-            // The redis crate builds its rustls configuration with the
-            // process-wide default provider and cannot be handed one: make it
-            // ring (the project's provider). If another default was
-            // installed already, that one stays.
-            let _ = rustls::crypto::ring::default_provider().install_default();
-        }
-        let client = redis::Client::open(url.expose()).map_err(|e| refuse(e.to_string()))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            // No retry loop inside the manager: a call fails fast while Redis
-            // is down (the caller's own retries are the back-off), and the
-            // next call starts a fresh connection attempt.
-            .set_number_of_retries(0);
-        let connection = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| refuse(e.to_string()))?;
+    pub(crate) fn new(store: Store, ttl: Duration) -> Result<Self, ConfigError> {
         let mut token_seed = [0; 8];
         let mut counter_seed = [0; 8];
         let random = ring::rand::SystemRandom::new();
@@ -143,37 +121,40 @@ impl RedisStore {
             .and_then(|()| ring::rand::SecureRandom::fill(&random, &mut counter_seed))
             .map_err(|_| ConfigError::Start("no random source for lease owner tokens".into()))?;
         Ok(Self {
-            connection,
-            timeout,
+            store,
             ttl_ms: millis(ttl).max(1),
-            target,
-            secrets,
             token_seed,
             token_counter: AtomicU64::new(u64::from_be_bytes(counter_seed)),
         })
     }
 
     pub(crate) fn timeout(&self) -> Duration {
-        self.timeout
+        self.store.timeout()
     }
 
     pub(crate) fn target(&self) -> &str {
-        &self.target
+        self.store.target()
     }
 
+    pub(crate) fn shared(&self) -> &Store {
+        &self.store
+    }
+
+    /// Takes a lease (or reads the record), within the store timeout and
+    /// `deadline`; the lease waits for the required replicas.
     pub(crate) async fn begin(
         self: &Arc<Self>,
         scope: &Scope,
         digest: Digest,
         lease: Duration,
+        deadline: Option<Instant>,
     ) -> Result<Begin, StoreError> {
         let lease_ms = millis(lease.min(MAX_LEASE));
         let ttl_ms = self.ttl_ms.max(lease_ms);
         let held = record::in_progress(&digest, self.next_token(), lease_ms, ttl_ms);
         let key = redis_key(scope);
-        let mut invocation = BEGIN.prepare_invoke();
-        invocation.key(&key[..]).arg(&held[..]).arg(ttl_ms);
-        let mut connection = self.connection.clone();
+        let mut call = BEGIN.call(&[&key[..]]);
+        call.arg(&held[..]).arg(ttl_ms);
         // Until the answer is read, the SET may have happened unseen (the
         // answer lost, or this future cancelled): the guard then undoes it,
         // or the key would read "unknown" for a call that never sent anything.
@@ -182,26 +163,41 @@ impl RedisStore {
             key,
             held,
         };
-        let reply = self
-            .bounded(invocation.invoke_async::<Value>(&mut connection))
-            .await;
-        let reply = match reply {
+        let reply = match self.store.run(&call, Wait::Replicas, deadline).await {
             Ok(reply) => reply,
             Err(failure) => {
                 if !failure.may_have_applied {
                     undo.store = None;
                 }
-                return Err(failure.error);
+                return Err(store_error(failure));
             }
         };
         undo.store = None;
-        match reply {
-            Value::Int(1) => Ok(Begin::Proceed(Lease::new(Claim::Redis {
-                store: self.clone(),
-                key,
-                held,
-                digest,
-            }))),
+        match reply.value {
+            Value::Int(1) => {
+                if let Some(shortfall) = reply.shortfall {
+                    // Not on enough replicas to survive a failover: give it
+                    // back before anything is sent.
+                    let released = self.delete_if_held(&key, &held).await;
+                    if let Err(error) = released {
+                        tracing::warn!(%error, "idempotency: could not release a lease its replicas did not acknowledge; \
+                             its record reads outcome unknown once the lease ends");
+                    }
+                    return Err(StoreError::NotReplicated(format!(
+                        "{}: {} of {} replicas acknowledged the lease in time \
+                         (--idempotency-store-replicas); it was released",
+                        self.target(),
+                        shortfall.acknowledged,
+                        shortfall.required
+                    )));
+                }
+                Ok(Begin::Proceed(Lease::new(Claim::Redis(Held {
+                    store: self.clone(),
+                    key,
+                    held,
+                    digest,
+                }))))
+            }
             Value::Array(items) => match <[Value; 2]>::try_from(items) {
                 Ok([Value::BulkString(stored), Value::Int(pttl)]) => {
                     self.classify(Bytes::from(stored), pttl, &digest)
@@ -214,7 +210,7 @@ impl RedisStore {
 
     fn classify(&self, stored: Bytes, pttl: i64, digest: &Digest) -> Result<Begin, StoreError> {
         let (stored_digest, stored) = record::decode(stored).map_err(|reason| {
-            StoreError::Unavailable(format!("{}: unreadable record: {reason}", self.target))
+            StoreError::Unavailable(format!("{}: unreadable record: {reason}", self.target()))
         })?;
         if stored_digest != *digest {
             return Ok(Begin::Mismatch);
@@ -240,7 +236,7 @@ impl RedisStore {
         })
     }
 
-    pub(crate) async fn finish(
+    async fn finish(
         &self,
         key: &RedisKey,
         held: &[u8; IN_PROGRESS_LEN],
@@ -252,18 +248,25 @@ impl RedisStore {
             Pending::Unknown => record::unknown(digest).to_vec(),
             Pending::Complete(outcome) => record::outcome(digest, outcome),
         };
-        let mut invocation = REPLACE_IF_HELD.prepare_invoke();
-        invocation
-            .key(&key[..])
-            .arg(&held[..])
-            .arg(replacement)
-            .arg(self.ttl_ms);
-        let mut connection = self.connection.clone();
+        let mut call = REPLACE_IF_HELD.call(&[&key[..]]);
+        call.arg(&held[..]).arg(replacement).arg(self.ttl_ms);
         let reply = self
-            .bounded(invocation.invoke_async::<Value>(&mut connection))
+            .store
+            .run(&call, Wait::Replicas, None)
             .await
-            .map_err(|failure| failure.error)?;
-        self.owned(reply, "verdict")
+            .map_err(store_error)?;
+        if let Some(shortfall) = reply.shortfall {
+            // The caller has its answer; the lease did replicate, so if this
+            // record is lost with the primary, repeats read "in progress",
+            // then "outcome unknown", never a fresh key.
+            tracing::warn!(
+                acknowledged = shortfall.acknowledged,
+                required = shortfall.required,
+                "idempotency: fewer replicas than required acknowledged an outcome record in time; \
+                 it stands on the primary"
+            );
+        }
+        self.owned(reply.value, "verdict")
     }
 
     async fn delete_if_held(
@@ -271,38 +274,14 @@ impl RedisStore {
         key: &RedisKey,
         held: &[u8; IN_PROGRESS_LEN],
     ) -> Result<Recorded, StoreError> {
-        let mut invocation = DELETE_IF_HELD.prepare_invoke();
-        invocation.key(&key[..]).arg(&held[..]);
-        let mut connection = self.connection.clone();
+        let mut call = DELETE_IF_HELD.call(&[&key[..]]);
+        call.arg(&held[..]);
         let reply = self
-            .bounded(invocation.invoke_async::<Value>(&mut connection))
+            .store
+            .run(&call, Wait::None, None)
             .await
-            .map_err(|failure| failure.error)?;
-        self.owned(reply, "release")
-    }
-
-    /// A lease dropped without a verdict, or whose verdict was cancelled:
-    /// carried out by a task, since `Drop` must not wait.
-    pub(crate) fn finish_detached(
-        store: Arc<Self>,
-        key: RedisKey,
-        held: [u8; IN_PROGRESS_LEN],
-        digest: Digest,
-        pending: Pending,
-    ) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            tracing::warn!(
-                "idempotency: lease dropped outside the runtime; \
-                 its record reads outcome unknown once the lease ends"
-            );
-            return;
-        };
-        runtime.spawn(async move {
-            if let Err(error) = store.finish(&key, &held, &digest, &pending).await {
-                tracing::warn!(%error, "idempotency: could not record the verdict of a dropped lease; \
-                     its record reads outcome unknown once the lease ends");
-            }
-        });
+            .map_err(store_error)?;
+        self.owned(reply.value, "release")
     }
 
     fn owned(&self, reply: Value, what: &str) -> Result<Recorded, StoreError> {
@@ -313,58 +292,8 @@ impl RedisStore {
         }
     }
 
-    /// Runs one store operation within the store timeout.
-    async fn bounded<T>(
-        &self,
-        operation: impl Future<Output = Result<T, RedisError>>,
-    ) -> Result<T, Failure> {
-        match tokio::time::timeout(self.timeout, operation).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(error)) => Err(self.failure(&error)),
-            Err(_) => Err(self.timed_out()),
-        }
-    }
-
-    fn timed_out(&self) -> Failure {
-        Failure {
-            error: StoreError::Unavailable(format!(
-                "{}: no answer within {}",
-                self.target,
-                humantime::format_duration(self.timeout)
-            )),
-            may_have_applied: true,
-        }
-    }
-
-    fn failure(&self, error: &RedisError) -> Failure {
-        if error.is_timeout() {
-            // The client's own timeouts are set to ours.
-            return self.timed_out();
-        }
-        let text = error.to_string();
-        // Under `noeviction`, Redis refuses writes with an OOM error; inside
-        // a script it may come wrapped in a script error.
-        if error.code() == Some("OOM") || text.contains("OOM command not allowed") {
-            return Failure {
-                error: StoreError::Full,
-                may_have_applied: false,
-            };
-        }
-        Failure {
-            error: StoreError::Unavailable(format!(
-                "{}: {}",
-                self.target,
-                scrub(text, &self.secrets)
-            )),
-            // A refused connection or an error reply means the script did not
-            // run to a write that went unreported.
-            may_have_applied: !(error.is_connection_refusal()
-                || matches!(error.kind(), redis::ErrorKind::Server(_))),
-        }
-    }
-
     fn unexpected(&self, what: &str) -> StoreError {
-        StoreError::Unavailable(format!("{}: unexpected reply to {what}", self.target))
+        StoreError::Unavailable(format!("{}: unexpected reply to {what}", self.target()))
     }
 
     /// Unique across replicas: 8 random bytes per process, then a counter.
@@ -373,6 +302,39 @@ impl RedisStore {
         token[..8].copy_from_slice(&self.token_seed);
         token[8..].copy_from_slice(&self.token_counter.fetch_add(1, Relaxed).to_be_bytes());
         token
+    }
+}
+
+impl Held {
+    pub(crate) async fn finish(&self, pending: &Pending) -> Result<Recorded, StoreError> {
+        self.store
+            .finish(&self.key, &self.held, &self.digest, pending)
+            .await
+    }
+
+    /// A lease dropped without a verdict, or whose verdict was cancelled:
+    /// carried out by a task, since `Drop` must not wait.
+    pub(crate) fn finish_detached(self, pending: Pending) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(
+                "idempotency: lease dropped outside the runtime; \
+                 its record reads outcome unknown once the lease ends"
+            );
+            return;
+        };
+        runtime.spawn(async move {
+            if let Err(error) = self.finish(&pending).await {
+                tracing::warn!(%error, "idempotency: could not record the verdict of a dropped lease; \
+                     its record reads outcome unknown once the lease ends");
+            }
+        });
+    }
+}
+
+fn store_error(failure: Failure) -> StoreError {
+    match failure.kind {
+        FailureKind::Full => StoreError::Full,
+        FailureKind::Unavailable => StoreError::Unavailable(failure.detail),
     }
 }
 
@@ -399,12 +361,6 @@ impl Drop for UndoBegin {
     }
 }
 
-struct Failure {
-    error: StoreError,
-    /// Whether the operation may have taken effect with its answer lost.
-    may_have_applied: bool,
-}
-
 fn redis_key(scope: &Scope) -> RedisKey {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut key = [0; KEY_PREFIX.len() + 64];
@@ -420,15 +376,6 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
-fn scrub(mut text: String, secrets: &[String]) -> String {
-    for secret in secrets {
-        if !secret.is_empty() && text.contains(secret.as_str()) {
-            text = text.replace(secret.as_str(), "***");
-        }
-    }
-    text
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -440,12 +387,5 @@ mod tests {
         let key = std::str::from_utf8(&key).unwrap();
         assert_eq!(key, format!("gormic:idem:v1:{}", "ab".repeat(32)));
         assert_eq!(&key[KEY_PREFIX.len()..], scope.to_hex());
-    }
-
-    #[test]
-    fn scrub_hides_the_password() {
-        let secrets = ["p w".to_owned(), "p%20w".to_owned()];
-        assert_eq!(scrub("auth p w, p%20w".into(), &secrets), "auth ***, ***");
-        assert_eq!(scrub("x".into(), &[String::new()]), "x");
     }
 }

@@ -77,11 +77,25 @@ pub enum Refusal {
     /// A call with this key reached the upstream; its outcome is unknown.
     #[error("idempotency outcome unknown")]
     OutcomeUnknown,
-    /// The store could not be reached, or not within the call's deadline.
-    #[error("idempotency store unavailable: {0}")]
-    StoreUnavailable(String),
+    /// The store could not be reached, not within the call's deadline, or
+    /// not durably (a lease too few replicas acknowledged). Nothing was sent.
+    #[error("idempotency store unavailable: {}", .0.detail)]
+    StoreUnavailable(StoreUnavailable),
     #[error("idempotency store full")]
     StoreFull,
+}
+
+/// Why a keyed call was refused for the store's sake, unsent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreUnavailable {
+    /// Names the store (password redacted), never a key.
+    pub detail: String,
+    /// When a retry may succeed (`RetryInfo`); `None` when none will (a
+    /// stored answer that does not decode).
+    pub retry_after: Option<Duration>,
+    /// The lease was written but fewer replicas than
+    /// `--idempotency-store-replicas` acknowledged it in time; released.
+    pub wait_shortfall: bool,
 }
 
 /// What a start counts as (`gormic_gateway_idempotency_requests_total`);
@@ -123,14 +137,27 @@ pub(crate) async fn start(
     // The store bounds each operation by its own timeout; the call's
     // deadline may be nearer. A begin cut short undoes what it may have
     // written (the store's guard), so the key stays free.
-    let begun = tokio::time::timeout_at(deadline.at(), store.begin(&scope, digest, lease))
-        .await
-        .map_err(|_| {
-            Refusal::StoreUnavailable(format!(
+    let unavailable = |detail: String, wait_shortfall: bool| {
+        Refusal::StoreUnavailable(StoreUnavailable {
+            detail,
+            retry_after: Some(store.retry_after()),
+            wait_shortfall,
+        })
+    };
+    let begun = tokio::time::timeout_at(
+        deadline.at(),
+        store.begin_within(&scope, digest, lease, Some(deadline.at())),
+    )
+    .await
+    .map_err(|_| {
+        unavailable(
+            format!(
                 "no answer within the call's deadline ({} in all)",
                 crate::units::format_millis(deadline.budget())
-            ))
-        })?;
+            ),
+            false,
+        )
+    })?;
     match begun {
         Ok(Begin::Proceed(lease)) => Ok(Start::Fresh(lease)),
         Ok(Begin::Replay(outcome)) => Ok(Start::Replay(outcome)),
@@ -141,7 +168,8 @@ pub(crate) async fn start(
         }),
         Ok(Begin::Mismatch) => Err(Refusal::Reused),
         Ok(Begin::OutcomeUnknown) => Err(Refusal::OutcomeUnknown),
-        Err(StoreError::Unavailable(detail)) => Err(Refusal::StoreUnavailable(detail)),
+        Err(StoreError::Unavailable(detail)) => Err(unavailable(detail, false)),
+        Err(StoreError::NotReplicated(detail)) => Err(unavailable(detail, true)),
         Err(StoreError::Full) => Err(Refusal::StoreFull),
     }
 }
@@ -152,7 +180,11 @@ pub(crate) fn replay<M: Message + Default>(
     outcome: &Outcome,
 ) -> Result<Result<M, Status>, Refusal> {
     outcome.replay::<M>().map_err(|error| {
-        Refusal::StoreUnavailable(format!("a stored answer does not decode: {error}"))
+        Refusal::StoreUnavailable(StoreUnavailable {
+            detail: format!("a stored answer does not decode: {error}"),
+            retry_after: None,
+            wait_shortfall: false,
+        })
     })
 }
 

@@ -211,6 +211,13 @@ impl Metrics {
         self.inner.connections.register(gauges);
     }
 
+    /// Adds series a component encodes itself from its own state at scrape
+    /// time (the shared store's), as `register_connections` does for the
+    /// upstream's gauges.
+    pub fn register_collector(&self, collector: Box<dyn prometheus_client::collector::Collector>) {
+        self.lock().registry.register_collector(collector);
+    }
+
     /// The text exposition of every series, as served on `/metrics` with
     /// [`CONTENT_TYPE`].
     pub fn encode(&self) -> String {

@@ -1,0 +1,560 @@
+//! Where the primary is, for each kind of deployment, and how to tell that
+//! a server still is one:
+//! - one server or a managed endpoint: the URL's host, looked up again on
+//!   every connection (a failover that moves the DNS name is followed);
+//! - Sentinel: the primary the Sentinels name (redis-rs's Sentinel client,
+//!   which checks it with `ROLE`); a task subscribed to `+switch-master` on
+//!   a Sentinel has the supervisor ask again at once, since the client does
+//!   not follow a failover on a connection already open
+//!   (redis-rs/redis-rs#1438);
+//! - Cluster: redis-rs's async cluster client, which routes each command to
+//!   its key's primary and follows MOVED and ASK; `CLUSTER NODES` tells the
+//!   primaries and their replicas.
+//!
+//! Each new connection is checked with `ROLE` (a managed name may still
+//! point at the demoted server for a moment), which also counts the
+//! replicas a write may wait for.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
+use redis::{
+    AsyncConnectionConfig, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisConnectionInfo,
+    Role, TlsMode, Value,
+};
+use tokio::sync::Notify;
+
+use super::link::{Cause, Conn, Live, Shared, cause_of};
+use super::url::{Node, StoreUrl, Topology};
+use super::{Failure, FailureKind};
+
+/// Connections for writes that wait for replicas, per primary (`WAIT`
+/// holds its connection until the replicas answer, so one connection would
+/// serialise every durable write behind the previous one's wait).
+const NODE_POOL: usize = 8;
+/// The same for a cluster: each cluster connection holds one connection per
+/// node already.
+const CLUSTER_POOL: usize = 4;
+/// How often the `+switch-master` subscription checks its Sentinel answers.
+const SENTINEL_PING: Duration = Duration::from_secs(1);
+/// Pause before the subscription tries the next Sentinel.
+const SENTINEL_RETRY: Duration = Duration::from_millis(200);
+
+/// A new connection and what was learnt making it.
+pub(super) struct Found {
+    pub main: Conn,
+    pub pool: Vec<Conn>,
+    pub clients: Vec<redis::Client>,
+    /// `host:port` of the primary (every primary, sorted, in a cluster).
+    pub primaries: Vec<String>,
+    pub replicas: u32,
+}
+
+/// What a look at a live connection's primary found.
+pub(super) struct Inspection {
+    pub primaries: Vec<String>,
+    pub replicas: u32,
+}
+
+pub(super) enum Finder {
+    Single {
+        client: Box<redis::Client>,
+    },
+    Sentinel {
+        client: Box<SentinelClient>,
+        switched: Arc<Notify>,
+        /// The `+switch-master` subscription; ends with the finder.
+        _listener: AbortOnDrop,
+        primary: Option<Box<redis::Client>>,
+    },
+    Cluster {
+        client: Box<ClusterClient>,
+        seeds: Vec<redis::Client>,
+    },
+}
+
+/// Aborts a task when dropped.
+pub(super) struct AbortOnDrop(pub tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Finder {
+    /// Builds the clients (no I/O); a Sentinel finder starts its
+    /// subscription task on the current runtime.
+    pub(super) fn new(url: &StoreUrl, timeout: Duration) -> Result<Self, String> {
+        match url.topology() {
+            Topology::Single => Ok(Self::Single {
+                client: Box::new(redis::Client::open(url.expose()).map_err(|e| e.to_string())?),
+            }),
+            Topology::Sentinel {
+                sentinels,
+                service,
+                sentinel_auth,
+            } => {
+                let addresses = sentinels.iter().map(|n| address(n, url.is_tls()));
+                let mut builder =
+                    SentinelClientBuilder::new(addresses, service, SentinelServerType::Master)
+                        .map_err(|e| e.to_string())?
+                        .set_client_to_redis_db(url.db());
+                if let Some(user) = url.username() {
+                    builder = builder.set_client_to_redis_username(user);
+                }
+                if let Some(password) = url.password() {
+                    builder = builder.set_client_to_redis_password(password);
+                }
+                if url.is_tls() {
+                    builder = builder.set_client_to_redis_tls_mode(TlsMode::Secure);
+                }
+                if *sentinel_auth {
+                    if let Some(user) = url.username() {
+                        builder = builder.set_client_to_sentinel_username(user);
+                    }
+                    if let Some(password) = url.password() {
+                        builder = builder.set_client_to_sentinel_password(password);
+                    }
+                }
+                let client = builder.build().map_err(|e| e.to_string())?;
+                let sentinel_infos = sentinels
+                    .iter()
+                    .map(|n| {
+                        info(
+                            n,
+                            url.is_tls(),
+                            if *sentinel_auth { url.username() } else { None },
+                            if *sentinel_auth { url.password() } else { None },
+                            0,
+                        )
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| e.to_string())?;
+                let switched = Arc::new(Notify::new());
+                let listener = tokio::spawn(listen_for_switches(
+                    sentinel_infos,
+                    service.clone(),
+                    switched.clone(),
+                    timeout,
+                ));
+                Ok(Self::Sentinel {
+                    client: Box::new(client),
+                    switched,
+                    _listener: AbortOnDrop(listener.abort_handle()),
+                    primary: None,
+                })
+            }
+            Topology::Cluster { nodes } => {
+                let infos = nodes
+                    .iter()
+                    .map(|n| info(n, url.is_tls(), url.username(), url.password(), 0))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| e.to_string())?;
+                let client = ClusterClientBuilder::new(infos.clone())
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    // MOVED and ASK are followed within the call's bound;
+                    // short waits, since a failing shard's calls fail closed
+                    // anyway and the store timeout bounds them.
+                    .retries(4)
+                    .min_retry_wait(10)
+                    .max_retry_wait(200)
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                let seeds = infos
+                    .into_iter()
+                    .map(redis::Client::open)
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| e.to_string())?;
+                Ok(Self::Cluster {
+                    client: Box::new(client),
+                    seeds,
+                })
+            }
+        }
+    }
+
+    pub(super) fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster { .. })
+    }
+
+    /// Resolves once the Sentinels announce a new primary of our service
+    /// (never, for the other kinds).
+    pub(super) async fn switched(&self) {
+        match self {
+            Self::Sentinel { switched, .. } => switched.notified().await,
+            _ => std::future::pending().await,
+        }
+    }
+
+    /// Finds the primary and connects to it.
+    pub(super) async fn connect(&mut self, shared: &Shared) -> Result<Found, Failure> {
+        match self {
+            Self::Single { client } => connect_node(shared, (**client).clone()).await,
+            Self::Sentinel {
+                client, primary, ..
+            } => {
+                let found = client.async_get_client().await.map_err(|e| Failure {
+                    kind: FailureKind::Unavailable,
+                    detail: format!(
+                        "{}: no primary from the Sentinels: {}",
+                        shared.target,
+                        shared.scrub(e.to_string())
+                    ),
+                    may_have_applied: false,
+                })?;
+                *primary = Some(Box::new(found.clone()));
+                connect_node(shared, found).await
+            }
+            Self::Cluster { client, seeds } => {
+                let connection = client
+                    .get_async_connection()
+                    .await
+                    .map_err(|e| shared.failure(&e))?;
+                let mut main = Conn::Cluster(connection);
+                let inspection = cluster_nodes(&mut main)
+                    .await
+                    .map_err(|e| shared.failure(&e))?;
+                let mut pool = Vec::new();
+                if shared.replicas.required(inspection.replicas) > 0 {
+                    pool = cluster_pool(client).await.unwrap_or_default();
+                }
+                Ok(Found {
+                    main,
+                    pool,
+                    clients: seeds.clone(),
+                    primaries: inspection.primaries,
+                    replicas: inspection.replicas,
+                })
+            }
+        }
+    }
+
+    /// Looks at the primary of a live connection: its replicas, or (as the
+    /// error) why the connection must be replaced.
+    pub(super) async fn inspect(
+        &self,
+        shared: &Shared,
+        live: &Live,
+    ) -> Result<Inspection, Option<Cause>> {
+        let mut main = live.main.clone();
+        if self.is_cluster() {
+            return cluster_nodes(&mut main).await.map_err(|e| cause_of(&e));
+        }
+        let address = shared.primaries();
+        match role(&mut main).await {
+            Ok(Some(Role::Primary { replicas, .. })) => Ok(Inspection {
+                primaries: address,
+                replicas: count(replicas.len()),
+            }),
+            Ok(Some(_)) => Err(Some(Cause::Demoted)),
+            Ok(None) => Ok(Inspection {
+                primaries: address,
+                replicas: 0,
+            }),
+            Err(e) => Err(cause_of(&e)),
+        }
+    }
+
+    /// Connections for writes that wait, for a live connection made without
+    /// them; `None` if they cannot be made now.
+    pub(super) async fn pool(&self, shared: &Shared, _live: &Live) -> Option<Vec<Conn>> {
+        match self {
+            Self::Single { client } => node_pool(shared, client).await,
+            Self::Sentinel {
+                primary: Some(client),
+                ..
+            } => node_pool(shared, client).await,
+            Self::Sentinel { primary: None, .. } => None,
+            Self::Cluster { client, .. } => cluster_pool(client).await,
+        }
+    }
+}
+
+fn connection_config(timeout: Duration) -> AsyncConnectionConfig {
+    AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+}
+
+/// Connects to a server that must be the primary.
+async fn connect_node(shared: &Shared, client: redis::Client) -> Result<Found, Failure> {
+    let address = client.get_connection_info().addr().to_string();
+    let connection = client
+        .get_multiplexed_async_connection_with_config(&connection_config(shared.timeout))
+        .await
+        .map_err(|e| shared.failure(&e))?;
+    let mut main = Conn::Node(connection);
+    let replicas = match role(&mut main).await.map_err(|e| shared.failure(&e))? {
+        Some(Role::Primary { replicas, .. }) => count(replicas.len()),
+        Some(Role::Replica {
+            primary_ip,
+            primary_port,
+            ..
+        }) => {
+            return Err(Failure {
+                kind: FailureKind::Unavailable,
+                detail: format!(
+                    "{}: {address} is a replica (of {primary_ip}:{primary_port}), not the primary",
+                    shared.target
+                ),
+                may_have_applied: false,
+            });
+        }
+        Some(_) => {
+            return Err(Failure {
+                kind: FailureKind::Unavailable,
+                detail: format!(
+                    "{}: {address} is not a primary (a Sentinel? name Sentinels with \
+                     redis+sentinel://)",
+                    shared.target
+                ),
+                may_have_applied: false,
+            });
+        }
+        // Not allowed to ask (an ACL without ROLE): taken as the primary,
+        // with no replicas to wait for unless the flag names a number.
+        None => 0,
+    };
+    let mut pool = Vec::new();
+    if shared.replicas.required(replicas) > 0 {
+        pool = node_pool(shared, &client).await.unwrap_or_default();
+    }
+    Ok(Found {
+        main,
+        pool,
+        clients: vec![client],
+        primaries: vec![address],
+        replicas,
+    })
+}
+
+async fn node_pool(shared: &Shared, client: &redis::Client) -> Option<Vec<Conn>> {
+    let config = connection_config(shared.timeout);
+    let mut pool = Vec::with_capacity(NODE_POOL);
+    for _ in 0..NODE_POOL {
+        let connection = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .ok()?;
+        pool.push(Conn::Node(connection));
+    }
+    Some(pool)
+}
+
+async fn cluster_pool(client: &ClusterClient) -> Option<Vec<Conn>> {
+    let mut pool = Vec::with_capacity(CLUSTER_POOL);
+    for _ in 0..CLUSTER_POOL {
+        pool.push(Conn::Cluster(client.get_async_connection().await.ok()?));
+    }
+    Some(pool)
+}
+
+/// The server's `ROLE`; `None` if it may not be asked.
+async fn role(main: &mut Conn) -> redis::RedisResult<Option<Role>> {
+    match main.command(&redis::cmd("ROLE")).await {
+        Ok(value) => Ok(redis::from_redis_value::<Role>(value).ok()),
+        Err(e)
+            if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm)
+                || e.to_string().contains("unknown command") =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// A cluster's primaries (those serving slots, not failed) and the fewest
+/// connected replicas any of them has, from `CLUSTER NODES`.
+async fn cluster_nodes(main: &mut Conn) -> redis::RedisResult<Inspection> {
+    let Conn::Cluster(cluster) = main else {
+        return Ok(Inspection {
+            primaries: Vec::new(),
+            replicas: 0,
+        });
+    };
+    let value = cluster
+        .route_command(
+            redis::cmd("CLUSTER").arg("NODES").clone(),
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+        )
+        .await?;
+    let text = match value {
+        Value::BulkString(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Value::VerbatimString { text, .. } => text,
+        Value::SimpleString(text) => text,
+        Value::ServerError(e) => return Err(e.into()),
+        _ => String::new(),
+    };
+    Ok(parse_cluster_nodes(&text))
+}
+
+pub(super) fn parse_cluster_nodes(text: &str) -> Inspection {
+    struct Line<'a> {
+        id: &'a str,
+        address: &'a str,
+        flags: &'a str,
+        primary: &'a str,
+        connected: bool,
+        slots: bool,
+    }
+    let lines: Vec<Line<'_>> = text
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 8 {
+                return None;
+            }
+            let address = fields[1].split(['@', ',']).next().unwrap_or_default();
+            Some(Line {
+                id: fields[0],
+                address,
+                flags: fields[2],
+                primary: fields[3],
+                connected: fields[7] == "connected",
+                slots: fields.len() > 8,
+            })
+        })
+        .collect();
+    let failed = |flags: &str| flags.split(',').any(|f| f == "fail" || f == "noaddr");
+    let mut primaries = Vec::new();
+    let mut fewest = None::<u32>;
+    for line in &lines {
+        let is_primary = line.flags.split(',').any(|f| f == "master");
+        if !is_primary || failed(line.flags) || !line.slots {
+            continue;
+        }
+        primaries.push(line.address.to_owned());
+        let replicas = lines
+            .iter()
+            .filter(|r| r.primary == line.id && r.connected && !failed(r.flags))
+            .count();
+        fewest = Some(fewest.map_or(count(replicas), |f| f.min(count(replicas))));
+    }
+    primaries.sort();
+    Inspection {
+        primaries,
+        replicas: fewest.unwrap_or(0),
+    }
+}
+
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+fn address(node: &Node, tls: bool) -> ConnectionAddr {
+    if tls {
+        ConnectionAddr::TcpTls {
+            host: node.host.clone(),
+            port: node.port,
+            insecure: false,
+            tls_params: None,
+        }
+    } else {
+        ConnectionAddr::Tcp(node.host.clone(), node.port)
+    }
+}
+
+fn info(
+    node: &Node,
+    tls: bool,
+    username: Option<&str>,
+    password: Option<&str>,
+    db: i64,
+) -> redis::RedisResult<ConnectionInfo> {
+    let mut redis = RedisConnectionInfo::default().set_db(db);
+    if let Some(user) = username {
+        redis = redis.set_username(user);
+    }
+    if let Some(password) = password {
+        redis = redis.set_password(password);
+    }
+    Ok(address(node, tls)
+        .into_connection_info()?
+        .set_redis_settings(redis))
+}
+
+/// Subscribes to `+switch-master` on one Sentinel after another, for as
+/// long as the store lives, and wakes the supervisor when our service's
+/// primary changes.
+async fn listen_for_switches(
+    sentinels: Vec<ConnectionInfo>,
+    service: String,
+    switched: Arc<Notify>,
+    timeout: Duration,
+) {
+    let mut next = 0;
+    loop {
+        let info = sentinels[next % sentinels.len()].clone();
+        next += 1;
+        let subscribed = async {
+            let client = redis::Client::open(info).ok()?;
+            let pubsub = tokio::time::timeout(timeout, client.get_async_pubsub())
+                .await
+                .ok()?
+                .ok()?;
+            let (mut sink, stream) = pubsub.split();
+            tokio::time::timeout(timeout, sink.subscribe("+switch-master"))
+                .await
+                .ok()?
+                .ok()?;
+            Some((sink, stream))
+        };
+        if let Some((mut sink, mut stream)) = subscribed.await {
+            loop {
+                tokio::select! {
+                    message = stream.next() => {
+                        let Some(message) = message else { break };
+                        // "<service> <old ip> <old port> <new ip> <new port>"
+                        let payload = message.get_payload_bytes();
+                        if payload.split(|b| *b == b' ').next() == Some(service.as_bytes()) {
+                            switched.notify_one();
+                        }
+                    }
+                    () = tokio::time::sleep(SENTINEL_PING) => {
+                        let pong = tokio::time::timeout(timeout, sink.ping::<Value>()).await;
+                        if !matches!(pong, Ok(Ok(_))) {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(SENTINEL_RETRY).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_nodes_tell_the_primaries_and_their_fewest_replicas() {
+        let text = "\
+a1 127.0.0.1:7001@17001 myself,master - 0 0 1 connected 0-5460
+a2 127.0.0.1:7002@17002,host2 master - 0 0 2 connected 5461-10922
+a3 127.0.0.1:7003@17003 master,fail - 0 0 3 disconnected 10923-16383
+a6 127.0.0.1:7006@17006 master - 0 0 7 connected 10923-16383
+r4 127.0.0.1:7004@17004 slave a1 0 0 1 connected
+r5 127.0.0.1:7005@17005 slave a2 0 0 2 connected
+r7 127.0.0.1:7007@17007 slave a2 0 0 2 connected
+r8 127.0.0.1:7008@17008 slave a6 0 0 7 disconnected
+e9 127.0.0.1:7009@17009 master - 0 0 0 connected
+";
+        let inspection = parse_cluster_nodes(text);
+        assert_eq!(
+            inspection.primaries,
+            ["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7006"]
+        );
+        // a6's only replica is disconnected.
+        assert_eq!(inspection.replicas, 0);
+        let healthy = text.replace("a6 0 0 7 disconnected", "a6 0 0 7 connected");
+        assert_eq!(parse_cluster_nodes(&healthy).replicas, 1);
+        assert_eq!(parse_cluster_nodes("").replicas, 0);
+    }
+}

@@ -1,0 +1,198 @@
+//! The one task that keeps the store's connection: it finds the primary
+//! (`finder`), connects, checks it is one, publishes the connection to the
+//! calls (`link`), and replaces it when a call gives it up (broken,
+//! demoted) or the Sentinels announce a failover. It also looks at the
+//! primary now and then: its replicas (for `auto` waits), and in a cluster
+//! which nodes are primaries (the metrics, the failover log line).
+//!
+//! The attempts back off from [`FIRST_RETRY`] to [`MAX_RETRY`]: a new
+//! primary is in use at most about that long after it is known, and a dead
+//! store sees at most a few attempts a second from each gateway.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::finder::{Finder, Found};
+use super::link::{Cause, Live, Shared, State};
+
+/// First pause after a failed connection attempt.
+const FIRST_RETRY: Duration = Duration::from_millis(50);
+/// Longest pause between attempts: a failover is followed within about this
+/// once the new primary is known, even if its announcement was missed.
+const MAX_RETRY: Duration = Duration::from_millis(500);
+/// How often a live primary is asked for its role and replicas (`ROLE`):
+/// rarely, since a demotion is also seen on the first write (`READONLY`) and
+/// a `WAIT` shortfall asks again at once.
+const INSPECT_PRIMARY: Duration = Duration::from_secs(30);
+/// How often a cluster's topology is read (`CLUSTER NODES`), for the
+/// primaries' metric, the failover log line and `auto` replicas; a failed
+/// call asks again sooner (at most every [`INSPECT_SOON`]).
+const INSPECT_CLUSTER: Duration = Duration::from_secs(5);
+const INSPECT_SOON: Duration = Duration::from_millis(500);
+
+/// Keeps the connection: runs until the store is dropped (aborted).
+pub(super) async fn supervise(shared: Arc<Shared>, mut finder: Finder) {
+    let mut retry = FIRST_RETRY;
+    let mut generation = 0_u64;
+    let mut last_primary: Option<String> = None;
+    let mut was_down = false;
+    loop {
+        let cause = Cause::from_u8(shared.cause.swap(Cause::None as u8, Relaxed));
+        let attempt =
+            tokio::time::timeout(shared.timeout.saturating_mul(2), finder.connect(&shared))
+                .await
+                .unwrap_or_else(|_| Err(shared.timed_out()));
+        let found = match attempt {
+            Ok(found) => found,
+            Err(failure) => {
+                if !was_down {
+                    tracing::warn!(store = %shared.target, error = %failure.detail,
+                        "store: no usable primary; calls with an idempotency key fail until one is found");
+                    was_down = true;
+                }
+                let jitter = retry.mul_f64(0.8 + 0.4 * fastrand::f64());
+                shared.publish(State::Down {
+                    failure,
+                    retry_at: Instant::now() + jitter,
+                });
+                tokio::select! {
+                    () = tokio::time::sleep(jitter) => {}
+                    () = finder.switched() => {}
+                }
+                retry = (retry * 2).min(MAX_RETRY);
+                // Keep the cause for the next attempt's log line.
+                shared.cause.fetch_max(cause as u8, Relaxed);
+                shared.publish(State::Connecting);
+                continue;
+            }
+        };
+        retry = FIRST_RETRY;
+        generation += 1;
+        let address = found.primaries.join(",");
+        let failover = match &last_primary {
+            Some(previous) if *previous != address => true,
+            Some(_) => matches!(cause, Cause::Demoted | Cause::Switched),
+            None => false,
+        };
+        if failover {
+            shared.failovers.fetch_add(1, Relaxed);
+            tracing::warn!(
+                store = %shared.target,
+                previous = last_primary.as_deref().unwrap_or_default(),
+                primary = %address,
+                "store: failover followed; calls with an idempotency key use the new primary"
+            );
+        } else if last_primary.is_some() || was_down {
+            tracing::info!(store = %shared.target, primary = %address, "store: connected again");
+        }
+        if last_primary.is_some() {
+            shared.reconnects.fetch_add(1, Relaxed);
+        }
+        was_down = false;
+        last_primary = Some(address);
+        let live = accept(&shared, found, generation);
+        shared.publish(State::Up(live));
+        watch(&shared, &mut finder, generation).await;
+    }
+}
+
+fn accept(shared: &Shared, found: Found, generation: u64) -> Arc<Live> {
+    shared.connected_replicas.store(found.replicas, Relaxed);
+    *shared
+        .primaries
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner) = found.primaries;
+    Arc::new(Live {
+        generation,
+        main: found.main,
+        pool: found.pool.into_boxed_slice(),
+        next: AtomicUsize::new(0),
+        clients: found.clients.into_boxed_slice(),
+        answered_ms: AtomicU64::new(shared.now_ms()),
+    })
+}
+
+/// While the connection of `generation` is live: looks at the primary now
+/// and then, and returns once the connection is given up.
+async fn watch(shared: &Arc<Shared>, finder: &mut Finder, generation: u64) {
+    let interval = if finder.is_cluster() {
+        INSPECT_CLUSTER
+    } else {
+        INSPECT_PRIMARY
+    };
+    loop {
+        tokio::select! {
+            () = shared.wake.notified() => {}
+            () = tokio::time::sleep(interval) => {}
+            () = finder.switched() => {
+                shared.invalidate(generation, Cause::Switched);
+            }
+        }
+        let live = match &**shared.state.load() {
+            State::Up(live) if live.generation == generation => live.clone(),
+            _ => return,
+        };
+        // Not more often than INSPECT_SOON, however many calls ask.
+        let now = shared.now_ms();
+        let last = shared.last_inspection_ms.load(Relaxed);
+        if now.saturating_sub(last) < INSPECT_SOON.as_millis() as u64 {
+            tokio::time::sleep(INSPECT_SOON).await;
+        }
+        shared.last_inspection_ms.store(shared.now_ms(), Relaxed);
+        match finder.inspect(shared, &live).await {
+            Ok(inspection) => {
+                shared
+                    .connected_replicas
+                    .store(inspection.replicas, Relaxed);
+                note_cluster_failovers(shared, &inspection.primaries);
+                if shared.required_replicas() > 0
+                    && live.pool.is_empty()
+                    && let Some(pool) = finder.pool(shared, &live).await
+                {
+                    // The same connection, now with connections for waits.
+                    let with_pool = Arc::new(Live {
+                        generation,
+                        main: live.main.clone(),
+                        pool: pool.into_boxed_slice(),
+                        next: AtomicUsize::new(0),
+                        clients: live.clients.clone(),
+                        answered_ms: AtomicU64::new(live.answered_ms.load(Relaxed)),
+                    });
+                    let current = shared.state.load();
+                    if matches!(&**current, State::Up(l) if Arc::ptr_eq(l, &live)) {
+                        shared
+                            .state
+                            .compare_and_swap(&*current, Arc::new(State::Up(with_pool)));
+                    }
+                }
+            }
+            Err(Some(cause)) => shared.invalidate(generation, cause),
+            Err(None) => {}
+        }
+    }
+}
+
+/// Logs and counts each cluster shard whose primary changed.
+fn note_cluster_failovers(shared: &Shared, primaries: &[String]) {
+    let mut known = shared
+        .primaries
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if *known == primaries {
+        return;
+    }
+    if shared.topology == "cluster" {
+        for new in primaries.iter().filter(|p| !known.contains(p)) {
+            shared.failovers.fetch_add(1, Relaxed);
+            tracing::warn!(
+                store = %shared.target,
+                primary = %new,
+                "store: failover followed; a cluster shard has a new primary"
+            );
+        }
+    }
+    *known = primaries.to_vec();
+}
