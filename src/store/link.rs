@@ -172,19 +172,32 @@ impl Shared {
     }
 
     /// The live connection; waits (until `bound`) while one is being made.
+    /// Lock-free when there is one: the waiter list is joined only while
+    /// connecting.
     pub(super) async fn live(&self, bound: Instant) -> Result<Arc<Live>, Failure> {
         loop {
+            if let Some(ready) = self.ready() {
+                return ready;
+            }
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            match &**self.state.load() {
-                State::Up(live) => return Ok(live.clone()),
-                State::Down { failure, .. } => return Err(failure.clone()),
-                State::Connecting => {}
+            // A change between the first look and `enable` is not missed.
+            if let Some(ready) = self.ready() {
+                return ready;
             }
             if tokio::time::timeout_at(bound, changed).await.is_err() {
                 return Err(self.timed_out());
             }
+        }
+    }
+
+    /// The connection or the failure, unless a connection is being made.
+    fn ready(&self) -> Option<Result<Arc<Live>, Failure>> {
+        match &**self.state.load() {
+            State::Up(live) => Some(Ok(live.clone())),
+            State::Down { failure, .. } => Some(Err(failure.clone())),
+            State::Connecting => None,
         }
     }
 
