@@ -344,9 +344,11 @@ impl Shared {
 pub(super) fn cause_of(error: &RedisError) -> Option<Cause> {
     use redis::{ErrorKind, ServerErrorKind};
     match error.kind() {
-        ErrorKind::Server(
-            ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown | ServerErrorKind::BusyLoading,
-        ) => Some(Cause::Demoted),
+        ErrorKind::Server(ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown) => {
+            Some(Cause::Demoted)
+        }
+        // Restarted and still loading its data: the same server.
+        ErrorKind::Server(ServerErrorKind::BusyLoading) => Some(Cause::Lost),
         ErrorKind::Server(_) | ErrorKind::Extension => {
             // A write refused inside a script comes wrapped in its error.
             let text = error.to_string();

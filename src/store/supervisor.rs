@@ -60,7 +60,7 @@ pub(super) async fn supervise(shared: Arc<Shared>, mut finder: Finder) {
                 });
                 tokio::select! {
                     () = tokio::time::sleep(jitter) => {}
-                    () = finder.switched() => {}
+                    _ = finder.switched() => {}
                 }
                 retry = (retry * 2).min(MAX_RETRY);
                 // Keep the cause for the next attempt's log line.
@@ -127,8 +127,11 @@ async fn watch(shared: &Arc<Shared>, finder: &mut Finder, generation: u64) {
         tokio::select! {
             () = shared.wake.notified() => {}
             () = tokio::time::sleep(interval) => {}
-            () = finder.switched() => {
-                shared.invalidate(generation, Cause::Switched);
+            to = finder.switched() => {
+                // Unless this connection already reached the new primary.
+                if !shared.primaries().contains(&to) {
+                    shared.invalidate(generation, Cause::Switched);
+                }
             }
         }
         let live = match &**shared.state.load() {
