@@ -646,8 +646,9 @@ async fn when_a_cluster_shard_loses_its_primary_only_its_keys_fail_closed_until_
             .create_invoice(keyed(&format!("ord-{key}"), key))
             .await
             .unwrap_or_else(|status| panic!("{key}, on a healthy shard: {status:?}"));
+        // Not held up by the failed shard, which takes seconds to fail over.
         assert!(
-            started.elapsed() < Duration::from_secs(1),
+            started.elapsed() < RECOVERY,
             "{key}: {:?}",
             started.elapsed()
         );

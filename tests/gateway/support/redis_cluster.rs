@@ -41,7 +41,12 @@ impl RedisCluster {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = create.spawn().expect("run redis-cli --cluster create");
+        let mut child = create.spawn().unwrap_or_else(|e| {
+            panic!(
+                "cannot run redis-cli ({e}); the cluster tests need it: install it with \
+                 `apt-get install redis-tools`, or run scripts/test, which does"
+            )
+        });
         let deadline = Instant::now() + PATIENCE;
         let status = loop {
             if let Some(status) = child.try_wait().expect("wait for redis-cli") {
