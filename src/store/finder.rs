@@ -263,7 +263,9 @@ impl Finder {
     ) -> Result<Inspection, Option<Cause>> {
         let mut main = live.main.clone();
         if self.is_cluster() {
-            return cluster_nodes(&mut main).await.map_err(|e| cause_of(&e));
+            // The cluster client repairs its own connections: one node
+            // failing to answer is no reason to drop the others'.
+            return cluster_nodes(&mut main).await.map_err(|_| None);
         }
         let address = shared.primaries();
         match role(&mut main).await {

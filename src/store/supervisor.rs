@@ -87,6 +87,8 @@ pub(super) async fn supervise(shared: Arc<Shared>, mut finder: Finder) {
             );
         } else if last_primary.is_some() || was_down {
             tracing::info!(store = %shared.target, primary = %address, "store: connected again");
+        } else {
+            tracing::info!(store = %shared.target, primary = %address, "store: connected");
         }
         if last_primary.is_some() {
             shared.reconnects.fetch_add(1, Relaxed);
