@@ -172,6 +172,43 @@ async fn until<T: std::fmt::Debug, F: Future<Output = T>>(
     }
 }
 
+/// Keyed creates of order `ord-<key>`, the key from `next_key` each time,
+/// every 20 ms until one succeeds, each refusal before being the store's
+/// (unsent, with RetryInfo); bounded by PATIENCE.
+async fn until_keyed_succeeds(
+    gateway: &TestGateway,
+    what: &str,
+    mut next_key: impl FnMut() -> String,
+) -> tonic::Response<pb::CreateInvoiceResponse> {
+    let client = gateway.client.clone();
+    until(
+        what,
+        PATIENCE,
+        || {
+            let key = next_key();
+            let mut client = client.clone();
+            async move {
+                client
+                    .create_invoice(keyed(&format!("ord-{key}"), &key))
+                    .await
+            }
+        },
+        Result::is_ok,
+        |answer| assert_store_refusal(answer.as_ref().expect_err("a refusal")),
+    )
+    .await
+    .unwrap_or_else(|status| panic!("{what}: {status:?}"))
+}
+
+/// Fresh keys: `<prefix>-1`, `<prefix>-2`…
+fn fresh_keys(prefix: &str) -> impl FnMut() -> String {
+    let (prefix, mut n) = (prefix.to_owned(), 0);
+    move || {
+        n += 1;
+        format!("{prefix}-{n}")
+    }
+}
+
 /// Waits until the store has a primary.
 async fn wait_up(store: &Idempotency) {
     let shared = store.shared_store().expect("a shared store").clone();
@@ -330,26 +367,12 @@ async fn a_sentinel_failover_under_keyed_load_creates_no_key_twice_and_keyed_cal
     // Keyed calls work again on both gateways within RECOVERY of the new
     // primary being known to the Sentinels.
     for (name, gateway) in [("a", &a), ("b", &b)] {
-        let client = gateway.client.clone();
-        let mut tries = 0;
-        until(
+        until_keyed_succeeds(
+            gateway,
             "a fresh keyed call to succeed after the failover",
-            PATIENCE,
-            || {
-                tries += 1;
-                let key = format!("after-{name}-{tries}");
-                let mut client = client.clone();
-                async move {
-                    client
-                        .create_invoice(keyed(&format!("ord-{key}"), &key))
-                        .await
-                }
-            },
-            Result::is_ok,
-            |answer| assert_store_refusal(answer.as_ref().expect_err("a refusal")),
+            fresh_keys(&format!("after-{name}")),
         )
-        .await
-        .expect("a keyed call after the failover");
+        .await;
         let recovered = known.elapsed();
         eprintln!("gateway {name}: keyed calls back {recovered:?} after the new primary was known");
         assert!(
@@ -464,26 +487,13 @@ async fn a_managed_endpoint_that_moves_to_the_promoted_replica_is_followed() {
 
     // The open connection now reaches a replica: READONLY, and the gateway
     // reconnects through the name, to the new primary.
-    let client = gw.client.clone();
-    let mut tries = 0;
-    let answer = until(
+    let answer = until_keyed_succeeds(
+        &gw,
         "keyed calls to reach the promoted primary",
-        PATIENCE,
-        || {
-            tries += 1;
-            let key = format!("after-{tries}");
-            let mut client = client.clone();
-            async move {
-                client
-                    .create_invoice(keyed(&format!("ord-{key}"), &key))
-                    .await
-            }
-        },
-        Result::is_ok,
-        |answer| assert_store_refusal(answer.as_ref().expect_err("a refusal")),
+        fresh_keys("after"),
     )
     .await;
-    assert!(!replayed(answer.expect("created").metadata()));
+    assert!(!replayed(answer.metadata()));
     let health = store.shared_store().expect("shared").health();
     assert_eq!(health.failovers, 1, "a demotion followed: {health:?}");
     assert_eq!(health.state, StoreState::Up);
@@ -669,25 +679,11 @@ async fn when_a_cluster_shard_loses_its_primary_only_its_keys_fail_closed_until_
     assert!(victim_refused > 0, "the failed shard's keys failed closed");
     let new_primary = block_in_place(|| cluster.wait_for_new_primary(victim_slot, victim));
     let known = Instant::now();
-    let client = gw.client.clone();
-    let mut remaining = victim_next.cloned().collect::<Vec<_>>().into_iter();
-    until(
-        "the failed shard's keys to work again",
-        PATIENCE,
-        || {
-            let key = remaining.next().expect("victim keys left");
-            let mut client = client.clone();
-            async move {
-                client
-                    .create_invoice(keyed(&format!("ord-{key}"), &key))
-                    .await
-            }
-        },
-        Result::is_ok,
-        |answer| assert_store_refusal(answer.as_ref().expect_err("a refusal")),
-    )
-    .await
-    .expect("a key of the failed shard after its failover");
+    let mut remaining = victim_next.cloned();
+    until_keyed_succeeds(&gw, "the failed shard's keys to work again", || {
+        remaining.next().expect("victim keys left")
+    })
+    .await;
     eprintln!(
         "shard back {:?} after its new primary was known, {:?} after the kill; {victim_refused} refusals",
         known.elapsed(),
@@ -738,14 +734,14 @@ async fn with_one_replica_required_a_lease_a_paused_replica_cannot_acknowledge_f
     metrics.register_series(Arc::new(store.shared_store().expect("shared").collector()));
     let mut gw = gateway(&upstream, store.clone()).await;
     gw.client
-        .create_invoice(keyed("ord-1", "k-1"))
+        .create_invoice(keyed("ord-k-1", "k-1"))
         .await
         .expect("the replica acknowledges");
 
     let pid = replica.pid().expect("the replica runs");
     signal(pid, "STOP");
     let deadline = Duration::from_secs(2);
-    let mut request = keyed("ord-2", "k-2");
+    let mut request = keyed("ord-k-2", "k-2");
     request.set_timeout(deadline);
     let started = Instant::now();
     let status = gw
@@ -784,18 +780,12 @@ async fn with_one_replica_required_a_lease_a_paused_replica_cannot_acknowledge_f
     );
 
     // The replica back: the same key proceeds, sent once.
-    let client = gw.client.clone();
-    until(
-        "the key to proceed once the replica is back",
-        PATIENCE,
-        || {
-            let mut client = client.clone();
-            async move { client.create_invoice(keyed("ord-2", "k-2")).await }
-        },
-        Result::is_ok,
-        |answer| assert_store_refusal(answer.as_ref().expect_err("a refusal")),
-    )
-    .await
-    .expect("the key proceeds");
-    assert_eq!(sent_per_order(&upstream.requests()).get("ord-2"), Some(&1));
+    until_keyed_succeeds(&gw, "the key to proceed once the replica is back", || {
+        "k-2".to_owned()
+    })
+    .await;
+    assert_eq!(
+        sent_per_order(&upstream.requests()).get("ord-k-2"),
+        Some(&1)
+    );
 }

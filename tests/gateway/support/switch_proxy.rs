@@ -69,37 +69,30 @@ mod tests {
         let addr = |r: &RedisServer| SocketAddr::from(([127, 0, 0, 1], r.port()));
         let proxy = SwitchProxy::start(addr(&a)).await;
         let client = redis::Client::open(proxy.redis_url()).expect("URL");
-        let port_of = |info: String| {
-            info.lines()
-                .find_map(|l| l.strip_prefix("tcp_port:"))
-                .map(|p| p.trim().to_owned())
-        };
         let mut before = client
             .get_multiplexed_async_connection()
             .await
             .expect("connect");
-        let info: String = redis::cmd("INFO")
-            .arg("server")
-            .query_async(&mut before)
-            .await
-            .expect("INFO");
-        assert_eq!(port_of(info), Some(a.port().to_string()));
+        assert_eq!(served_by(&mut before).await, a.port());
         proxy.switch_to(addr(&b));
         let mut after = client
             .get_multiplexed_async_connection()
             .await
             .expect("connect");
+        assert_eq!(served_by(&mut after).await, b.port());
+        assert_eq!(served_by(&mut before).await, a.port());
+    }
+
+    /// The port of the server a connection reaches (`INFO server`).
+    async fn served_by(connection: &mut redis::aio::MultiplexedConnection) -> u16 {
         let info: String = redis::cmd("INFO")
             .arg("server")
-            .query_async(&mut after)
+            .query_async(connection)
             .await
             .expect("INFO");
-        assert_eq!(port_of(info), Some(b.port().to_string()));
-        let info: String = redis::cmd("INFO")
-            .arg("server")
-            .query_async(&mut before)
-            .await
-            .expect("INFO");
-        assert_eq!(port_of(info), Some(a.port().to_string()));
+        info.lines()
+            .find_map(|l| l.strip_prefix("tcp_port:"))
+            .and_then(|p| p.trim().parse().ok())
+            .expect("a tcp_port")
     }
 }
