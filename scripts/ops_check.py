@@ -69,6 +69,7 @@ FLAGS = [
     # idempotency
     "idempotency-store", "idempotency-ttl", "idempotency-max-entries",
     "idempotency-max-bytes", "idempotency-store-timeout",
+    "idempotency-store-replicas",
     # observability
     "admin-listen", "otlp-endpoint", "otel-service-name", "otlp-timeout",
     "metrics-organization-label",
@@ -94,6 +95,10 @@ COUNTERS = [
     "gormic_gateway_idempotency_requests_total",
     "gormic_gateway_reloads_total",
     "gormic_gateway_log_lines_dropped_total",
+    # the shared store (a Redis --idempotency-store only)
+    "gormic_gateway_store_failovers_total",
+    "gormic_gateway_store_reconnects_total",
+    "gormic_gateway_store_wait_shortfalls_total",
     "process_cpu_seconds_total",
 ]
 GAUGES = [
@@ -104,6 +109,9 @@ GAUGES = [
     "gormic_gateway_upstream_pending_requests",
     "gormic_gateway_upstream_breaker_state",
     "gormic_gateway_tls_certificate_expiry_timestamp_seconds",
+    "gormic_gateway_store_state",
+    "gormic_gateway_store_primary_info",
+    "gormic_gateway_store_replicas_required",
     "process_resident_memory_bytes",
     "process_open_fds",
     "process_max_fds",

@@ -98,6 +98,11 @@ def settings():
         # --upstream-http2) to the upstream's HTTP/2 port, instead of
         # HTTP/1.1: one multiplexed connection per worker.
         "upstream_http2": os.environ.get("BENCH_UPSTREAM_HTTP2", "") == "1",
+        # Keyed calls on the gateway path: one idempotency key per RPC,
+        # created once before anything is measured; every measured call then
+        # takes the key's lease step (one store round trip, a WAIT with
+        # --idempotency-store-replicas) and is answered from its record.
+        "keyed": os.environ.get("BENCH_KEYED", "") == "1",
     }
     config["concurrency"].sort()
     # Calibration runs a fixed count to estimate each run's rate; the count
@@ -130,6 +135,8 @@ class Bench:
         self.log_calls = log_calls
         self.admin_port = admin_port
         self.count_source = "log"
+        # Fresh keys per invocation: a Redis store outlives the bench.
+        self.key_prefix = f"bench-{os.getpid()}-{int(time.time())}"
         self.rates = {}
         self.runs = []
         self.runs_file = open(out_dir / "runs.jsonl", "w")
@@ -150,6 +157,8 @@ class Bench:
         spec = self.bodies[rpc]
         headers = [f"api-key: {API_KEY}", f"organization-id: {ORGANIZATION}"]
         if path == "gateway":
+            if self.config["keyed"]:
+                headers.append(f"idempotency-key: {self.key_prefix}-{rpc}")
             return spec["grpc_file"], headers + ["content-type: application/grpc", "te: trailers"]
         if spec["rest_body"] is not None:
             headers.append("content-type: application/json")
@@ -202,8 +211,11 @@ class Bench:
             "self": resource.getrusage(resource.RUSAGE_SELF),
         }
 
-    def execute(self, kind, path, rpc, c, n, rep=None, latency=False):
+    def execute(self, kind, path, rpc, c, n, rep=None, latency=False, upstream_expected=None):
         problems = []
+        if upstream_expected is None:
+            # Keyed gateway calls replay the record the first one made.
+            upstream_expected = 0 if (self.config["keyed"] and path == "gateway") else n
         body, headers = self.request(path, rpc)
         log_file = self.work / "latency.tsv" if latency else None
         if log_file and log_file.exists():
@@ -243,8 +255,8 @@ class Bench:
 
         # Each stub_status read counts itself: +1 for the read after the run.
         upstream_requests = up_after - up_before - 1
-        if upstream_requests != n:
-            problems.append(f"upstream served {upstream_requests} requests for {n} calls")
+        if upstream_requests != upstream_expected:
+            problems.append(f"upstream served {upstream_requests} requests for {n} calls ({upstream_expected} expected)")
         peer_requests = peer_after - peer_before - 1
         if path == "peer" and peer_requests != n:
             problems.append(f"peer served {peer_requests} requests for {n} calls")
@@ -379,6 +391,12 @@ class Bench:
     def preflight(self):
         """A few calls down every path with all the checks, before measuring;
         picks the gateway's call counter (metrics when it has them)."""
+        if self.config["keyed"] and "gateway" in self.config["paths"]:
+            for rpc in self.config["rpcs"]:
+                record = self.execute("prime", "gateway", rpc, 1, 1, upstream_expected=1)
+                if not record["ok"]:
+                    raise Abort(f"creating the keyed {rpc}'s record failed: " + "; ".join(record["problems"]))
+            log("keyed: each RPC's idempotency key created; gateway calls replay it")
         for rpc in self.config["rpcs"]:
             for path in self.config["paths"]:
                 record = self.execute("preflight", path, rpc, 1, 20)
@@ -597,7 +615,8 @@ def main():
             + ", ".join(f"{k} {v if v is not None else '?'}" for k, v in meta.get("listen_backlog", {}).items()),
             f"- settings: reps={config['reps']} duration≈{config['duration_s']}s warm-up≈{config['warmup_s']}s "
             f"concurrency={' '.join(map(str, config['concurrency']))} rpcs={' '.join(config['rpcs'])}"
-            + (f" gateway args: {shlex.join(config['gateway_args'])}" if config["gateway_args"] else ""),
+            + (f" gateway args: {shlex.join(config['gateway_args'])}" if config["gateway_args"] else "")
+            + (" keyed (lease step and replay per gateway call)" if config["keyed"] else ""),
             f"- command: `{' '.join(f'{k}={shlex.quote(v)}' for k, v in meta['env'].items())}{' ' if meta['env'] else ''}{meta['command']}`; "
             f"runtime {meta['runtime_s']:.0f} s; raw results: {out}",
             "",

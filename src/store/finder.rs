@@ -66,7 +66,7 @@ pub(super) enum Finder {
     },
     Sentinel {
         client: Box<SentinelClient>,
-        switched: Arc<Notify>,
+        switched: Arc<Switched>,
         /// The `+switch-master` subscription; ends with the finder.
         _listener: AbortOnDrop,
         primary: Option<Box<redis::Client>>,
@@ -75,6 +75,15 @@ pub(super) enum Finder {
         client: Box<ClusterClient>,
         seeds: Vec<redis::Client>,
     },
+}
+
+/// The last `+switch-master` announcement of our service, for the
+/// supervisor.
+#[derive(Default)]
+pub(super) struct Switched {
+    notify: Notify,
+    /// The new primary, `ip:port`.
+    to: std::sync::Mutex<Option<String>>,
 }
 
 /// Aborts a task when dropped.
@@ -135,7 +144,7 @@ impl Finder {
                     })
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| e.to_string())?;
-                let switched = Arc::new(Notify::new());
+                let switched = Arc::new(Switched::default());
                 let listener = tokio::spawn(listen_for_switches(
                     sentinel_infos,
                     service.clone(),
@@ -184,10 +193,20 @@ impl Finder {
     }
 
     /// Resolves once the Sentinels announce a new primary of our service
-    /// (never, for the other kinds).
-    pub(super) async fn switched(&self) {
+    /// (never, for the other kinds), with its `ip:port`.
+    pub(super) async fn switched(&self) -> String {
         match self {
-            Self::Sentinel { switched, .. } => switched.notified().await,
+            Self::Sentinel { switched, .. } => loop {
+                switched.notify.notified().await;
+                let to = switched
+                    .to
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take();
+                if let Some(to) = to {
+                    return to;
+                }
+            },
             _ => std::future::pending().await,
         }
     }
@@ -244,7 +263,9 @@ impl Finder {
     ) -> Result<Inspection, Option<Cause>> {
         let mut main = live.main.clone();
         if self.is_cluster() {
-            return cluster_nodes(&mut main).await.map_err(|e| cause_of(&e));
+            // The cluster client repairs its own connections: one node
+            // failing to answer is no reason to drop the others'.
+            return cluster_nodes(&mut main).await.map_err(|_| None);
         }
         let address = shared.primaries();
         match role(&mut main).await {
@@ -485,7 +506,7 @@ fn info(
 async fn listen_for_switches(
     sentinels: Vec<ConnectionInfo>,
     service: String,
-    switched: Arc<Notify>,
+    switched: Arc<Switched>,
     timeout: Duration,
 ) {
     let mut next = 0;
@@ -510,10 +531,12 @@ async fn listen_for_switches(
                 tokio::select! {
                     message = stream.next() => {
                         let Some(message) = message else { break };
-                        // "<service> <old ip> <old port> <new ip> <new port>"
-                        let payload = message.get_payload_bytes();
-                        if payload.split(|b| *b == b' ').next() == Some(service.as_bytes()) {
-                            switched.notify_one();
+                        if let Some(to) = new_primary(message.get_payload_bytes(), &service) {
+                            *switched
+                                .to
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(to);
+                            switched.notify.notify_one();
                         }
                     }
                     () = tokio::time::sleep(SENTINEL_PING) => {
@@ -529,9 +552,35 @@ async fn listen_for_switches(
     }
 }
 
+/// The new primary (`ip:port`) a `+switch-master` message announces for
+/// `service`: "<service> <old ip> <old port> <new ip> <new port>".
+fn new_primary(payload: &[u8], service: &str) -> Option<String> {
+    let payload = std::str::from_utf8(payload).ok()?;
+    match payload.split(' ').collect::<Vec<_>>()[..] {
+        [name, _, _, ip, port] if name == service && port.parse::<u16>().is_ok() => {
+            Some(format!("{ip}:{port}"))
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_switch_master_message_names_the_new_primary_of_its_service() {
+        assert_eq!(
+            new_primary(b"gormic 10.0.0.1 6379 10.0.0.2 6380", "gormic").as_deref(),
+            Some("10.0.0.2:6380")
+        );
+        assert_eq!(
+            new_primary(b"other 10.0.0.1 6379 10.0.0.2 6380", "gormic"),
+            None
+        );
+        assert_eq!(new_primary(b"gormic 10.0.0.1 6379", "gormic"), None);
+        assert_eq!(new_primary(b"gormic a 1 b port", "gormic"), None);
+    }
 
     #[test]
     fn cluster_nodes_tell_the_primaries_and_their_fewest_replicas() {

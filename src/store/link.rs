@@ -172,19 +172,32 @@ impl Shared {
     }
 
     /// The live connection; waits (until `bound`) while one is being made.
+    /// Lock-free when there is one: the waiter list is joined only while
+    /// connecting.
     pub(super) async fn live(&self, bound: Instant) -> Result<Arc<Live>, Failure> {
         loop {
+            if let Some(ready) = self.ready() {
+                return ready;
+            }
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            match &**self.state.load() {
-                State::Up(live) => return Ok(live.clone()),
-                State::Down { failure, .. } => return Err(failure.clone()),
-                State::Connecting => {}
+            // A change between the first look and `enable` is not missed.
+            if let Some(ready) = self.ready() {
+                return ready;
             }
             if tokio::time::timeout_at(bound, changed).await.is_err() {
                 return Err(self.timed_out());
             }
+        }
+    }
+
+    /// The connection or the failure, unless a connection is being made.
+    fn ready(&self) -> Option<Result<Arc<Live>, Failure>> {
+        match &**self.state.load() {
+            State::Up(live) => Some(Ok(live.clone())),
+            State::Down { failure, .. } => Some(Err(failure.clone())),
+            State::Connecting => None,
         }
     }
 
@@ -331,9 +344,11 @@ impl Shared {
 pub(super) fn cause_of(error: &RedisError) -> Option<Cause> {
     use redis::{ErrorKind, ServerErrorKind};
     match error.kind() {
-        ErrorKind::Server(
-            ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown | ServerErrorKind::BusyLoading,
-        ) => Some(Cause::Demoted),
+        ErrorKind::Server(ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown) => {
+            Some(Cause::Demoted)
+        }
+        // Restarted and still loading its data: the same server.
+        ErrorKind::Server(ServerErrorKind::BusyLoading) => Some(Cause::Lost),
         ErrorKind::Server(_) | ErrorKind::Extension => {
             // A write refused inside a script comes wrapped in its error.
             let text = error.to_string();

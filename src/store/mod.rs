@@ -23,7 +23,9 @@
 //!   replica ([`pubsub`]: at most once, with [`Event::Gap`] after any
 //!   interruption; the subscription survives failovers and reconnections).
 //! - [`Store::health`] tells the state, the primaries and the replicas;
-//!   [`Store::collector`] gives the metrics to register.
+//!   [`Store::retry_after`] the delay to suggest to a caller refused for the
+//!   store's sake (`RetryInfo`); [`Store::collector`] gives the metrics to
+//!   register ([`metrics`]).
 //!
 //! Keys: every script touches keys of one hash slot only, since Redis
 //! Cluster runs a script on one node. A script of one key needs nothing

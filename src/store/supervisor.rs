@@ -60,7 +60,7 @@ pub(super) async fn supervise(shared: Arc<Shared>, mut finder: Finder) {
                 });
                 tokio::select! {
                     () = tokio::time::sleep(jitter) => {}
-                    () = finder.switched() => {}
+                    _ = finder.switched() => {}
                 }
                 retry = (retry * 2).min(MAX_RETRY);
                 // Keep the cause for the next attempt's log line.
@@ -87,6 +87,8 @@ pub(super) async fn supervise(shared: Arc<Shared>, mut finder: Finder) {
             );
         } else if last_primary.is_some() || was_down {
             tracing::info!(store = %shared.target, primary = %address, "store: connected again");
+        } else {
+            tracing::info!(store = %shared.target, primary = %address, "store: connected");
         }
         if last_primary.is_some() {
             shared.reconnects.fetch_add(1, Relaxed);
@@ -127,8 +129,11 @@ async fn watch(shared: &Arc<Shared>, finder: &mut Finder, generation: u64) {
         tokio::select! {
             () = shared.wake.notified() => {}
             () = tokio::time::sleep(interval) => {}
-            () = finder.switched() => {
-                shared.invalidate(generation, Cause::Switched);
+            to = finder.switched() => {
+                // Unless this connection already reached the new primary.
+                if !shared.primaries().contains(&to) {
+                    shared.invalidate(generation, Cause::Switched);
+                }
             }
         }
         let live = match &**shared.state.load() {

@@ -19,6 +19,8 @@ mod requests;
 mod retries;
 mod sandbox;
 mod secure;
+mod store_api;
+mod store_failover;
 mod tls;
 mod transport;
 mod upstream_errors;

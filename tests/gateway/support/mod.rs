@@ -17,10 +17,14 @@ pub mod idle_closing;
 pub mod logs;
 pub mod otlp;
 pub mod redis;
+pub mod redis_cluster;
+pub mod redis_command;
+pub mod redis_sentinel;
 pub mod refusing_streams;
 pub mod sandbox;
 pub mod secure;
 pub mod stores;
+pub mod switch_proxy;
 pub mod tinyproxy;
 pub mod wait;
 

@@ -54,8 +54,26 @@ impl RedisServer {
         panic!("redis-server did not start on a free port; its output:\n{last}");
     }
 
+    /// A server on `port` (a cluster node's, which must leave room for its
+    /// bus port); the error is what it printed if it did not start.
+    pub fn start_on(port: u16, config: &[&str]) -> Result<Self, String> {
+        let config: Vec<String> = config.iter().map(|s| (*s).to_owned()).collect();
+        let (child, output) = launch(port, &config)?;
+        Ok(Self {
+            child: Some(child),
+            port,
+            config,
+            output,
+        })
+    }
+
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The process id, to pause it (SIGSTOP) or resume it (SIGCONT).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// `redis://127.0.0.1:<port>`.
@@ -177,7 +195,7 @@ fn redis_server() -> PathBuf {
         })
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     listener.local_addr().expect("local address").port()
 }
@@ -185,10 +203,24 @@ fn free_port() -> u16 {
 /// Starts the server and waits for its readiness line; on failure, returns
 /// what it printed.
 fn launch(port: u16, config: &[String]) -> Result<(Child, Arc<Mutex<String>>), String> {
+    let mut args: Vec<String> = ["--port", &port.to_string(), "--bind", "127.0.0.1"]
+        .into_iter()
+        .chain(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .map(str::to_owned)
+        .collect();
+    args.extend_from_slice(config);
+    spawn_until(&args, READY)
+}
+
+/// Runs `redis-server ARGS` and waits for a line containing `ready` (a
+/// Sentinel prints another than a server); on failure, returns what it
+/// printed.
+pub fn spawn_until(
+    args: &[String],
+    ready_line: &str,
+) -> Result<(Child, Arc<Mutex<String>>), String> {
     let mut child = Command::new(redis_server())
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-        .args(config)
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -204,7 +236,7 @@ fn launch(port: u16, config: &[String]) -> Result<(Child, Arc<Mutex<String>>), S
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match ready.recv_timeout(left) {
-            Ok(line) if line.contains(READY) => return Ok((child, output)),
+            Ok(line) if line.contains(ready_line) => return Ok((child, output)),
             Ok(_) => {}
             Err(_) => {
                 // Exited (pipe closed) or never got ready.
