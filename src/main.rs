@@ -111,6 +111,7 @@ async fn serve(
     metrics.register_connections(upstream.gauges());
     if let Some(store) = idempotency.shared_store() {
         metrics.register_collector(Box::new(store.collector()));
+        upstream.share_cooldowns(store);
     }
     metrics.count_log_lines_dropped_from(logging::dropped_lines);
     let tracer = Tracer::start(
