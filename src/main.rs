@@ -150,6 +150,7 @@ async fn serve(
         upstream_proxy = upstream.proxy(),
         upstream_timeout = %humantime::format_duration(config.deadlines.upstream_timeout),
         upstream_connect_timeout = %humantime::format_duration(config.upstream_options.connect_timeout),
+        upstream_cooldown_max = %humantime::format_duration(config.upstream_options.cooldown_max),
         workers = config.server.workers,
         max_in_flight = config.max_in_flight,
         upstream_max_connections = config.upstream_options.max_connections,

@@ -69,8 +69,8 @@ impl Collector for CooldownCollector {
         let active = ConstGauge::new(i64::try_from(cooldowns.active()).unwrap_or(i64::MAX));
         active.encode(encoder.encode_descriptor(
             "gormic_gateway_upstream_cooldowns_active",
-            "Credentials (api-key and organization-id) the upstream rate-limited whose cooldown \
-             runs now: their calls are refused unsent.",
+            "Credentials the upstream rate-limited (a 429, or a 503 with Retry-After) whose \
+             cooldown runs now: their calls are refused unsent.",
             None,
             active.metric_type(),
         )?)?;
