@@ -62,6 +62,8 @@ FLAGS = [
     # upstream circuit breaker
     "upstream-breaker-failures", "upstream-breaker-gateway-errors",
     "upstream-breaker-backoff", "upstream-breaker-max-backoff",
+    # upstream rate limits
+    "upstream-cooldown-max",
     # TLS and credentials
     "tls-cert", "tls-key", "tls-client-ca", "tls-handshake-timeout",
     "reload-interval", "upstream-ca", "upstream-client-cert",
@@ -92,6 +94,8 @@ COUNTERS = [
     "gormic_gateway_upstream_connections_opened_total",
     "gormic_gateway_upstream_retries_total",
     "gormic_gateway_upstream_breaker_transitions_total",
+    "gormic_gateway_upstream_cooldowns_opened_total",
+    "gormic_gateway_upstream_cooldown_messages_total",
     "gormic_gateway_idempotency_requests_total",
     "gormic_gateway_reloads_total",
     "gormic_gateway_log_lines_dropped_total",
@@ -108,6 +112,7 @@ GAUGES = [
     "gormic_gateway_upstream_requests_limit",
     "gormic_gateway_upstream_pending_requests",
     "gormic_gateway_upstream_breaker_state",
+    "gormic_gateway_upstream_cooldowns_active",
     "gormic_gateway_tls_certificate_expiry_timestamp_seconds",
     "gormic_gateway_store_state",
     "gormic_gateway_store_primary_info",
@@ -132,6 +137,9 @@ EXPOSED_AT_START = {
     "gormic_gateway_upstream_pending_requests",
     "gormic_gateway_upstream_connections_opened_total",
     "gormic_gateway_upstream_breaker_state",
+    "gormic_gateway_upstream_cooldowns_active",
+    "gormic_gateway_upstream_cooldowns_opened_total",
+    "gormic_gateway_upstream_cooldown_messages_total",
     "gormic_gateway_log_lines_dropped_total",
     "process_cpu_seconds_total",
     "process_resident_memory_bytes",

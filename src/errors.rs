@@ -66,6 +66,9 @@ impl CallError {
         match self {
             Self::Overloaded { .. } => Some(ShedReason::InFlightLimit),
             Self::Upstream(UpstreamError::QueueFull) => Some(ShedReason::UpstreamQueueFull),
+            Self::Upstream(UpstreamError::RateLimited { .. }) => {
+                Some(ShedReason::UpstreamRateLimited)
+            }
             _ => None,
         }
     }

@@ -111,6 +111,7 @@ async fn serve(
     metrics.register_connections(upstream.gauges());
     if let Some(store) = idempotency.shared_store() {
         metrics.register_collector(Box::new(store.collector()));
+        upstream.share_cooldowns(store);
     }
     metrics.count_log_lines_dropped_from(logging::dropped_lines);
     let tracer = Tracer::start(
@@ -149,6 +150,7 @@ async fn serve(
         upstream_proxy = upstream.proxy(),
         upstream_timeout = %humantime::format_duration(config.deadlines.upstream_timeout),
         upstream_connect_timeout = %humantime::format_duration(config.upstream_options.connect_timeout),
+        upstream_cooldown_max = %humantime::format_duration(config.upstream_options.cooldown_max),
         workers = config.server.workers,
         max_in_flight = config.max_in_flight,
         upstream_max_connections = config.upstream_options.max_connections,

@@ -7,9 +7,12 @@
 //!
 //! 1. `request`: the URL and JSON body, built once (`wire` holds the
 //!    JSON shapes, `operation` which RPC uses which);
-//! 2. `exchange`: the circuit breaker (`breaker`) lets the call through,
-//!    then attempts follow one another while `retry` allows, all within
-//!    the call's [`Deadline`](crate::deadline::Deadline);
+//! 2. `exchange`: a credential the upstream rate-limited is refused while
+//!    its cooldown runs (`cooldown`, shared by the replicas through the
+//!    store); the circuit breaker (`breaker`) lets the call through, then
+//!    attempts follow one another while `retry` allows (never into a
+//!    cooldown), all within the call's
+//!    [`Deadline`](crate::deadline::Deadline);
 //! 3. `attempt`: each attempt takes a slot of the connection cap
 //!    (`limit`) and goes out on this worker's reqwest client (`client`),
 //!    through the proxy if any (`proxy`); its guard records its metric and
@@ -20,13 +23,14 @@
 //!    told by the request's body (`sent`).
 //!
 //! The flags are read in `args` (and `retry`, `breaker`); the upstream's
-//! metric series are declared in `metrics`.
+//! metric series are declared in `metrics` (the cooldowns' in `cooldown`).
 
 mod answer;
 mod args;
 mod attempt;
 mod breaker;
 mod client;
+mod cooldown;
 mod error;
 mod exchange;
 mod limit;
@@ -51,6 +55,7 @@ pub use args::{
     UpstreamArgs, UpstreamOptions,
 };
 pub use breaker::BreakerArgs;
+pub use cooldown::{DEFAULT_COOLDOWN, DEFAULT_COOLDOWN_MAX};
 pub use error::{Fault, Rejection, RetryAfter, UpstreamError};
 pub use limit::UpstreamGauges;
 pub use metrics::{BreakerState, UpstreamMetrics, UpstreamResult};
@@ -62,6 +67,7 @@ pub use retry::RetryArgs;
 
 use breaker::Breaker;
 use client::{Clients, Protocol, Settings};
+use cooldown::{CooldownSeries, Cooldowns};
 use limit::ConnectionLimit;
 use proxy::Proxy;
 use retry::RetryPolicy;
@@ -69,6 +75,7 @@ use retry::RetryPolicy;
 use crate::credentials::Credentials;
 use crate::deadline::Deadline;
 use crate::metrics::Metrics;
+use crate::store::Store;
 use crate::trace::CallSpan;
 
 /// `RetryInfo` of a call that could not reach the upstream (with the
@@ -94,6 +101,8 @@ struct Shared {
     limit: ConnectionLimit,
     breaker: Breaker,
     retry: RetryPolicy,
+    /// The credentials the upstream rate-limited, until their cooldowns end.
+    cooldowns: Arc<Cooldowns>,
     /// The proxy's name and secrets, and its refusals.
     proxy: Proxy,
 }
@@ -195,16 +204,29 @@ impl Upstream {
                 limit,
                 breaker: Breaker::new(&options.breaker),
                 retry,
+                cooldowns: Cooldowns::new(options.cooldown_max),
                 proxy,
             }),
             metrics: Metrics::default().series(),
         })
     }
 
-    /// Counts attempts, retries and breaker transitions in `metrics`.
+    /// Counts attempts, retries and breaker transitions in `metrics`, and
+    /// shows the cooldowns there.
     pub fn with_metrics(mut self, metrics: Metrics) -> Self {
         self.metrics = metrics.series();
+        metrics
+            .series::<CooldownSeries>()
+            .watch(&self.shared.cooldowns);
         self
+    }
+
+    /// Shares the upstream rate-limit cooldowns with every replica using
+    /// `store`: those this gateway opens are published, those the others
+    /// publish are applied (`cooldown`). Once, inside the runtime; nothing
+    /// with cooldowns off (`--upstream-cooldown-max 0s`).
+    pub fn share_cooldowns(&self, store: &Store) {
+        self.shared.cooldowns.share(store);
     }
 
     /// The connection cap's gauges, for the metrics.

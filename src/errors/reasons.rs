@@ -81,6 +81,10 @@ gateway_reasons! {
     IDEMPOTENCY_STORE_UNAVAILABLE => Unavailable;
     /// The idempotency store is full; nothing was sent.
     IDEMPOTENCY_STORE_FULL => ResourceExhausted;
+    /// The upstream rate-limited this api-key and organization-id (a 429,
+    /// or a 503 with `Retry-After`) and the cooldown has not ended; nothing
+    /// was sent, `RetryInfo` is the time left.
+    UPSTREAM_RATE_LIMITED => ResourceExhausted;
     /// Every upstream connection was busy and the queue for one was full;
     /// nothing was sent.
     UPSTREAM_QUEUE_FULL => ResourceExhausted;

@@ -122,6 +122,16 @@ impl CallError {
             .retry_after(SHED_RETRY_DELAY),
 
             // ---- the upstream
+            Self::Upstream(Upstream::RateLimited { retry_after }) => Failure::gateway(
+                Reason::UPSTREAM_RATE_LIMITED,
+                format!(
+                    "the upstream rate-limited this api-key and organization-id: calls with \
+                     them are refused until its cooldown ends, in {}; nothing was sent",
+                    millis(*retry_after)
+                ),
+            )
+            .with("request_sent", "false")
+            .retry_after(*retry_after),
             Self::Upstream(Upstream::QueueFull) => Failure::gateway(
                 Reason::UPSTREAM_QUEUE_FULL,
                 "every upstream connection is busy and the queue for one is full \

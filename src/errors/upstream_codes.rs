@@ -173,9 +173,15 @@ pub(super) fn rejected(rejection: &Rejection) -> Failure<'_> {
     if let Some(excerpt) = &rejection.body_excerpt {
         failure = failure.with("upstream_body", excerpt.as_str());
     }
-    match &rejection.retry_after {
+    let failure = match &rejection.retry_after {
         Some(RetryAfter::Delay(delay)) => failure.retry_after(*delay),
         Some(RetryAfter::Other(value)) => failure.with("retry_after", value.as_str()),
+        None => failure,
+    };
+    // The cooldown the answer opened: the gateway refuses the credential
+    // until then, so that is when a retry can go.
+    match rejection.cooldown {
+        Some(cooldown) => failure.retry_after(cooldown),
         None => failure,
     }
 }

@@ -218,6 +218,7 @@ impl Verdict {
             UpstreamError::Timeout { .. }
             | UpstreamError::Unreachable { .. }
             | UpstreamError::QueueFull
+            | UpstreamError::RateLimited { .. }
             | UpstreamError::CircuitOpen { .. }
             | UpstreamError::Internal { .. } => Self::Unknown,
         }

@@ -19,15 +19,23 @@ pub enum ShedReason {
     /// The queue of calls waiting for an upstream connection was full
     /// (`UPSTREAM_QUEUE_FULL`).
     UpstreamQueueFull,
+    /// The upstream rate-limited the call's credential and its cooldown
+    /// runs (`UPSTREAM_RATE_LIMITED`).
+    UpstreamRateLimited,
 }
 
 impl ShedReason {
-    const ALL: [Self; 2] = [Self::InFlightLimit, Self::UpstreamQueueFull];
+    const ALL: [Self; 3] = [
+        Self::InFlightLimit,
+        Self::UpstreamQueueFull,
+        Self::UpstreamRateLimited,
+    ];
 
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::InFlightLimit => "in_flight_limit",
             Self::UpstreamQueueFull => "upstream_queue_full",
+            Self::UpstreamRateLimited => "upstream_rate_limited",
         }
     }
 }
@@ -51,7 +59,8 @@ impl Series for ShedMetrics {
         registry.register(
             "gormic_gateway_calls_shed",
             "gRPC calls refused with RESOURCE_EXHAUSTED before reaching the upstream, by reason \
-             (in_flight_limit: refused at admission, counted nowhere else)",
+             (in_flight_limit: refused at admission, counted nowhere else; \
+             upstream_rate_limited: the credential's cooldown runs)",
             shed.family().clone(),
         );
         Self { shed }
@@ -106,6 +115,7 @@ mod tests {
         shed.call_shed(ShedReason::InFlightLimit);
         shed.call_shed(ShedReason::InFlightLimit);
         shed.call_shed(ShedReason::UpstreamQueueFull);
+        shed.call_shed(ShedReason::UpstreamRateLimited);
         let text = metrics.encode();
         let series = |reason: &str| {
             sample(
@@ -115,5 +125,6 @@ mod tests {
         };
         assert_eq!(series("in_flight_limit").as_deref(), Some("2"));
         assert_eq!(series("upstream_queue_full").as_deref(), Some("1"));
+        assert_eq!(series("upstream_rate_limited").as_deref(), Some("1"));
     }
 }

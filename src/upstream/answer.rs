@@ -1,8 +1,8 @@
 //! The upstream's answer, read whole and turned into a [`Reply`] or an
 //! [`UpstreamError`]: a 2xx whose body is the envelope is a success; any
 //! other answer is read as an error answer (`{"error": {"code": …}}`, or the
-//! start of whatever else the body holds), with its `Retry-After` and
-//! request id. The JSON shapes are `super::wire`'s.
+//! start of whatever else the body holds), with its `Retry-After` (seconds
+//! or an HTTP-date) and request id. The JSON shapes are `super::wire`'s.
 
 use http::header::RETRY_AFTER;
 
@@ -78,7 +78,8 @@ pub(super) async fn read<Op: Operation>(
         retry_after: response
             .headers()
             .get(RETRY_AFTER)
-            .map(|v| error::parse_retry_after(v.as_bytes())),
+            .map(|v| error::parse_retry_after(v.as_bytes(), std::time::SystemTime::now())),
+        cooldown: None,
         body_excerpt,
     })))
 }

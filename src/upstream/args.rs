@@ -11,6 +11,7 @@ use clap::Args;
 use clap::builder::{BoolishValueParser, TypedValueParser};
 
 use super::breaker::BreakerArgs;
+use super::cooldown::{DEFAULT_COOLDOWN_MAX, MAX_COOLDOWN_MAX};
 use super::proxy::ProxySetting;
 use super::retry::RetryArgs;
 use crate::units::parse_duration;
@@ -80,6 +81,16 @@ pub struct UpstreamArgs {
     )]
     pub upstream_proxy: Option<String>,
 
+    /// Longest cooldown of a credential (api-key and organization-id) the
+    /// upstream rate-limited (a 429, or a 503 with Retry-After): its calls
+    /// are refused unsent (RESOURCE_EXHAUSTED, UPSTREAM_RATE_LIMITED) for
+    /// the Retry-After, or 1s without one, but never longer than this, so
+    /// that a broken header cannot lock a key out. 60s covers the per-second
+    /// and per-minute windows rate limits use; 0s turns cooldowns off; at
+    /// most 1h.
+    #[arg(long, env = "GORMIC_UPSTREAM_COOLDOWN_MAX", value_name = "DURATION", default_value = "60s", value_parser = parse_cooldown_max)]
+    pub upstream_cooldown_max: Duration,
+
     #[command(flatten)]
     pub retry: RetryArgs,
 
@@ -104,6 +115,7 @@ impl UpstreamArgs {
             connect_timeout: self.upstream_connect_timeout,
             http2: self.upstream_http2,
             proxy,
+            cooldown_max: self.upstream_cooldown_max,
             retry: self.retry.clone(),
             breaker: self.breaker.clone(),
             tls: None,
@@ -123,6 +135,9 @@ pub struct UpstreamOptions {
     /// HTTP/2 only (`--upstream-http2`).
     pub http2: bool,
     pub proxy: ProxySetting,
+    /// `--upstream-cooldown-max`: the longest cooldown of a rate-limited
+    /// credential; zero turns cooldowns off.
+    pub cooldown_max: Duration,
     pub retry: RetryArgs,
     pub breaker: BreakerArgs,
     /// TLS client configuration for an `https://` upstream
@@ -147,6 +162,7 @@ impl Default for UpstreamOptions {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             http2: false,
             proxy: ProxySetting::Environment,
+            cooldown_max: DEFAULT_COOLDOWN_MAX,
             retry: RetryArgs::default(),
             breaker: BreakerArgs::default(),
             tls: None,
@@ -154,6 +170,20 @@ impl Default for UpstreamOptions {
             workers: 1,
         }
     }
+}
+
+/// `--upstream-cooldown-max`: a humantime duration from 0 (off) to
+/// [`MAX_COOLDOWN_MAX`].
+fn parse_cooldown_max(value: &str) -> Result<Duration, String> {
+    let max =
+        humantime::parse_duration(value).map_err(|e| format!("{e} (examples: 0s, 30s, 2m)"))?;
+    if max > MAX_COOLDOWN_MAX {
+        return Err(format!(
+            "at most {}: a longer refusal is a lockout",
+            humantime::format_duration(MAX_COOLDOWN_MAX)
+        ));
+    }
+    Ok(max)
 }
 
 #[cfg(test)]
@@ -184,6 +214,19 @@ mod tests {
         assert_eq!(options.proxy, ProxySetting::Environment);
         assert_eq!(options.breaker.upstream_breaker_failures, 5);
         assert_eq!(options.retry.max_attempts, 3);
+        assert_eq!(options.cooldown_max, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn the_cooldown_cap_takes_zero_for_off_and_at_most_an_hour() {
+        let max = |value: &str| parse(&["--upstream-cooldown-max", value]).map(|o| o.cooldown_max);
+        assert_eq!(max("0s"), Ok(Duration::ZERO));
+        assert_eq!(max("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(max("1h"), Ok(Duration::from_secs(3600)));
+        let error = max("2h").expect_err("over an hour");
+        assert!(error.contains("--upstream-cooldown-max"), "{error}");
+        assert!(error.contains("at most 1h"), "{error}");
+        assert!(max("soon").is_err());
     }
 
     #[test]

@@ -176,6 +176,7 @@ impl AttemptGuard<'_> {
             Err(UpstreamError::Unreachable { .. }) => (UpstreamResult::Connection, None),
             Err(
                 UpstreamError::QueueFull
+                | UpstreamError::RateLimited { .. }
                 | UpstreamError::CircuitOpen { .. }
                 | UpstreamError::Internal { .. },
             ) => return,

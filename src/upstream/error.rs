@@ -4,7 +4,7 @@
 //! caller's status). A transport error of the HTTP client becomes one in
 //! `super::transport`; an answer, in `super::answer`.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use crate::deadline::TimeoutBound;
 
@@ -48,6 +48,14 @@ pub enum UpstreamError {
     /// for one (`--upstream-max-pending`) was full; nothing was sent.
     #[error("upstream connection queue full")]
     QueueFull,
+    /// The upstream rate-limited this call's credential (a 429, or a 503
+    /// with `Retry-After`) and its cooldown has not ended
+    /// (`super::cooldown`): the call fails at once; nothing was sent.
+    #[error("upstream rate limit: the credential is cooling down")]
+    RateLimited {
+        /// What is left of the cooldown.
+        retry_after: Duration,
+    },
     /// The circuit breaker is open: the upstream was unreachable for the
     /// last calls, so this one fails at once; nothing was sent.
     #[error("upstream unreachable (circuit breaker open)")]
@@ -97,14 +105,21 @@ pub struct Rejection {
     pub request_id: Option<String>,
     /// The `Retry-After` header.
     pub retry_after: Option<RetryAfter>,
+    /// The cooldown this answer opened for the call's credential (a 429, or
+    /// a 503 with `Retry-After`; `super::cooldown`): the caller is told to
+    /// retry after it, since the gateway refuses the credential until then.
+    pub cooldown: Option<Duration>,
     /// The start of a body that carries no code (an HTML error page, say).
     pub body_excerpt: Option<String>,
 }
 
-/// A `Retry-After` header: delay seconds, or a form the gateway keeps verbatim.
+/// A `Retry-After` header: a delay, or a form the gateway keeps verbatim.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RetryAfter {
+    /// delay-seconds, or an HTTP-date as the time from the answer to it
+    /// (zero for a date already past).
     Delay(Duration),
+    /// Neither: kept verbatim for the caller.
     Other(String),
 }
 
@@ -117,6 +132,7 @@ impl UpstreamError {
             Self::Timeout { .. }
             | Self::Unreachable { .. }
             | Self::QueueFull
+            | Self::RateLimited { .. }
             | Self::CircuitOpen { .. }
             | Self::Internal { .. } => None,
         }
@@ -129,7 +145,10 @@ impl UpstreamError {
             Self::Timeout { request_sent, .. } | Self::Unreachable { request_sent, .. } => {
                 *request_sent
             }
-            Self::QueueFull | Self::CircuitOpen { .. } | Self::Internal { .. } => false,
+            Self::QueueFull
+            | Self::RateLimited { .. }
+            | Self::CircuitOpen { .. }
+            | Self::Internal { .. } => false,
         }
     }
 
@@ -161,10 +180,16 @@ impl UpstreamError {
     }
 }
 
-pub(super) fn parse_retry_after(value: &[u8]) -> RetryAfter {
+/// A `Retry-After` value (RFC 9110 §10.2.3) read at `now`: delay-seconds,
+/// or an HTTP-date (the three forms RFC 9110 allows, by `httpdate`) as the
+/// time from `now` to it.
+pub(super) fn parse_retry_after(value: &[u8], now: SystemTime) -> RetryAfter {
     let text = String::from_utf8_lossy(value).trim().to_owned();
-    match text.parse::<u64>() {
-        Ok(seconds) => RetryAfter::Delay(Duration::from_secs(seconds)),
+    if let Ok(seconds) = text.parse::<u64>() {
+        return RetryAfter::Delay(Duration::from_secs(seconds));
+    }
+    match httpdate::parse_http_date(&text) {
+        Ok(date) => RetryAfter::Delay(date.duration_since(now).unwrap_or(Duration::ZERO)),
         Err(_) => RetryAfter::Other(text),
     }
 }
@@ -183,15 +208,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn retry_after_seconds_and_other_forms() {
+    fn retry_after_seconds_dates_and_other_forms() {
+        // Wed, 21 Oct 2015 07:28:00 GMT
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_445_412_480);
         assert_eq!(
-            parse_retry_after(b" 7 "),
+            parse_retry_after(b" 7 ", now),
             RetryAfter::Delay(Duration::from_secs(7))
         );
         assert_eq!(
-            parse_retry_after(b"Wed, 21 Oct 2015 07:28:00 GMT"),
-            RetryAfter::Other("Wed, 21 Oct 2015 07:28:00 GMT".into())
+            parse_retry_after(b"Wed, 21 Oct 2015 07:28:30 GMT", now),
+            RetryAfter::Delay(Duration::from_secs(30)),
+            "an HTTP-date is the time until it"
         );
+        assert_eq!(
+            parse_retry_after(b"Wednesday, 21-Oct-15 07:29:00 GMT", now),
+            RetryAfter::Delay(Duration::from_secs(60)),
+            "the obsolete RFC 850 form too"
+        );
+        assert_eq!(
+            parse_retry_after(b"Wed, 21 Oct 2015 07:27:00 GMT", now),
+            RetryAfter::Delay(Duration::ZERO),
+            "a date already past is no wait"
+        );
+        for garbage in ["soon", "-5", "1.5", "Wed, 32 Oct 2015 07:28:00 GMT", ""] {
+            assert_eq!(
+                parse_retry_after(garbage.as_bytes(), now),
+                RetryAfter::Other(garbage.into()),
+                "{garbage:?}"
+            );
+        }
     }
 
     #[test]

@@ -1,9 +1,17 @@
-//! One call's exchange over all its attempts: the circuit breaker lets it
-//! through (`super::breaker`), then attempts (`super::attempt`) follow one
-//! another while the retry policy (`super::retry`) allows and the call's
-//! deadline lasts. The breaker learns how the whole exchange ended; the
-//! caller learns whether any attempt's request may have reached the
-//! upstream.
+//! One call's exchange over all its attempts: a credential cooling down
+//! after the upstream rate-limited it is refused unsent (`super::cooldown`),
+//! the circuit breaker lets the call through (`super::breaker`), then
+//! attempts (`super::attempt`) follow one another while the retry policy
+//! (`super::retry`) allows and the call's deadline lasts. A 429, or a 503
+//! with `Retry-After`, opens the credential's cooldown, and no retry lands
+//! inside one: a retry waits for the later of its backoff and the
+//! cooldown's end, is not made when that is past the deadline, and is
+//! given up when a cooldown runs at the moment it would go (opened
+//! meanwhile by another call or replica). The breaker learns how the whole
+//! exchange ended; the caller learns whether any attempt's request may have
+//! reached the upstream.
+
+use std::time::Duration;
 
 use tower::retry::budget::Budget as _;
 
@@ -32,6 +40,10 @@ impl Upstream {
         request: &Op::Request,
     ) -> Exchange<Op::Response> {
         let shared = &*self.shared;
+        // First: while no cooldown runs, this is one atomic load.
+        if let Some(retry_after) = shared.cooldowns.left(call.credentials) {
+            return Exchange::not_made(UpstreamError::RateLimited { retry_after });
+        }
         let prepared = match self.prepare::<Op>(request) {
             Ok(prepared) => prepared,
             Err(error) => return Exchange::not_made(error),
@@ -62,10 +74,13 @@ impl Upstream {
             let attempt = self.attempt::<Op>(&worker, &prepared, call).await;
             attempts += u32::from(attempt.made);
             sent |= attempt.sent;
-            let error = match attempt.result {
+            let mut error = match attempt.result {
                 Ok(reply) => break Ok(reply),
                 Err(error) => error,
             };
+            if let UpstreamError::Rejected(rejection) = &mut error {
+                rejection.cooldown = shared.cooldowns.answered(call.credentials, rejection);
+            }
             answered |= error.http_status().is_some();
             if !attempt.made
                 && let Some(earlier) = earlier.take()
@@ -82,6 +97,12 @@ impl Upstream {
                 remaining,
             ) {
                 Decision::Retry { delay, reason } => {
+                    // Not into a cooldown: wait for its end too, if in time.
+                    let delay = match shared.cooldowns.left(call.credentials) {
+                        Some(left) if left >= remaining => break Err(cooling(error, left)),
+                        Some(left) => delay.max(left),
+                        None => delay,
+                    };
                     self.metrics.retry(Op::ROUTE, reason);
                     tracing::debug!(
                         rpc = Op::ROUTE.rpc,
@@ -92,6 +113,13 @@ impl Upstream {
                     );
                     let _ = tokio::time::timeout_at(call.deadline.at(), tokio::time::sleep(delay))
                         .await;
+                    if let Some(left) = shared.cooldowns.left(call.credentials) {
+                        tracing::debug!(
+                            rpc = Op::ROUTE.rpc,
+                            "retry given up: the upstream rate-limited the credential meanwhile"
+                        );
+                        break Err(cooling(error, left));
+                    }
                     earlier = Some(error);
                 }
                 Decision::Stop => break Err(error),
@@ -104,6 +132,15 @@ impl Upstream {
             sent,
         }
     }
+}
+
+/// The failure of a call whose retry would land inside a cooldown: an
+/// answer's `RetryInfo` becomes what is left of the cooldown.
+fn cooling(mut error: UpstreamError, left: Duration) -> UpstreamError {
+    if let UpstreamError::Rejected(rejection) = &mut error {
+        rejection.cooldown = Some(left);
+    }
+    error
 }
 
 /// How the breaker should see a call's exchange: an answer, 502-504, no
@@ -165,6 +202,15 @@ mod tests {
             Outcome::Neutral
         );
         assert_eq!(breaker_outcome(&rejected(400), false), Outcome::Answered);
+        assert_eq!(
+            breaker_outcome(&rejected(429), false),
+            Outcome::Answered,
+            "a rate limit is an answer: it never opens the breaker"
+        );
+        let cooling_down: Result<Reply<()>, _> = Err(UpstreamError::RateLimited {
+            retry_after: Duration::from_secs(1),
+        });
+        assert_eq!(breaker_outcome(&cooling_down, false), Outcome::Neutral);
         assert_eq!(
             breaker_outcome(&rejected(503), false),
             Outcome::GatewayError

@@ -17,14 +17,15 @@ use gormic_gateway::idempotency::{
     Idempotency, IdempotencyArgs, MAX_OUTCOME_BYTES, METADATA_KEY, REPLAYED_METADATA_KEY,
 };
 use gormic_gateway::proto::v1 as pb;
+use gormic_gateway::upstream::UpstreamOptions;
 
 use crate::support::fake_upstream::envelope;
 use crate::support::hanging_up::HangingUpUpstream;
 use crate::support::redis::RedisServer;
 use crate::support::stores::{Backend, for_each_store, open_at};
 use crate::support::{
-    API_KEY, FakeUpstream, ORGANIZATION, Scripted, TestGateway, details, error_info, until,
-    with_metadata, within,
+    API_KEY, FakeUpstream, ORGANIZATION, Scripted, TestGateway, details, error_info, no_proxy,
+    until, with_metadata, within,
 };
 
 /// Bound of every wait for an event or a condition below; each holds
@@ -593,7 +594,16 @@ enum Repeat {
 async fn each_upstream_answer_leaves_the_key_replayed_released_or_unknown(backend: &Backend) {
     use Repeat::*;
     let upstream = FakeUpstream::start().await;
-    let mut gw = gateway(&upstream.url(), backend.open(Settings::default()).await).await;
+    // Cooldowns off: each 429 would refuse the repeat after it unsent
+    // (that case is tests/gateway/cooldowns.rs's).
+    let mut gw = TestGateway::builder(&upstream.url())
+        .idempotency(backend.open(Settings::default()).await)
+        .upstream(UpstreamOptions {
+            cooldown_max: Duration::ZERO,
+            ..no_proxy()
+        })
+        .start()
+        .await;
     let cases = [
         (Scripted::code("ORDER_CLOSED"), Replays),
         (Scripted::raw(400, "bad request"), Replays),

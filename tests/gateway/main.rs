@@ -5,6 +5,7 @@ mod support;
 
 mod admin;
 mod call_path;
+mod cooldowns;
 mod credentials;
 mod forwarding;
 mod grpc_web;

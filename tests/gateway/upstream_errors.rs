@@ -2,7 +2,7 @@
 //! `ErrorInfo`, `RequestInfo` and `RetryInfo` details carrying what the
 //! upstream said.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde_json::json;
 use tonic::Code;
@@ -342,7 +342,6 @@ async fn answers_without_a_code_map_by_http_status() {
         (409, Code::Aborted),
         (410, Code::FailedPrecondition),
         (422, Code::InvalidArgument),
-        (429, Code::ResourceExhausted),
         (500, Code::Internal),
         (501, Code::Unimplemented),
         (502, Code::Unavailable),
@@ -350,6 +349,9 @@ async fn answers_without_a_code_map_by_http_status() {
         (504, Code::DeadlineExceeded),
         (507, Code::Internal),
         (302, Code::Internal),
+        // Last: a 429 opens a cooldown for the credential, which would
+        // refuse the rows after it unsent (tests/gateway/cooldowns.rs).
+        (429, Code::ResourceExhausted),
     ];
     for (http, expected) in rows {
         upstream.respond(
@@ -393,8 +395,9 @@ async fn a_400_json_body_without_code_is_invalid_argument() {
 
 #[tokio::test]
 async fn retry_after_on_429_and_503_becomes_retry_info() {
-    let (upstream, mut gateway) = spawn_app().await;
     for (http, code) in [(429, Code::ResourceExhausted), (503, Code::Unavailable)] {
+        // A gateway each: either answer opens a cooldown for the credential.
+        let (upstream, mut gateway) = spawn_app().await;
         upstream.respond(Scripted::raw(http, "").header("retry-after", "17"));
         let status = fail(&mut gateway, Op::Close).await;
         assert_eq!(status.code(), code);
@@ -408,13 +411,33 @@ async fn retry_after_on_429_and_503_becomes_retry_info() {
 }
 
 #[tokio::test]
-async fn a_retry_after_date_is_kept_verbatim() {
+async fn a_retry_after_date_becomes_retry_info_and_another_form_is_kept_verbatim() {
     let (upstream, mut gateway) = spawn_app().await;
-    let date = "Wed, 21 Oct 2026 07:28:00 GMT";
-    upstream.respond(Scripted::raw(503, "").header("retry-after", date));
+    // HTTP-dates have whole seconds: this one is 19 to 20 s away.
+    let date = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(20));
+    upstream.respond(Scripted::raw(503, "").header("retry-after", &date));
     let status = fail(&mut gateway, Op::Close).await;
-    assert_eq!(error_info(&status).metadata["retry_after"], date);
-    assert!(details(&status).retry_info().is_none());
+    let delay = details(&status)
+        .retry_info()
+        .and_then(|retry| retry.retry_delay)
+        .expect("RetryInfo");
+    assert!(
+        delay > Duration::from_secs(18) && delay <= Duration::from_secs(20),
+        "the time until {date}: {delay:?}"
+    );
+    assert!(!error_info(&status).metadata.contains_key("retry_after"));
+
+    // A gateway of its own: the 503 opened a cooldown for the credential.
+    let (upstream, mut gateway) = spawn_app().await;
+    upstream.respond(Scripted::raw(503, "").header("retry-after", "in a while"));
+    let status = fail(&mut gateway, Op::Close).await;
+    assert_eq!(error_info(&status).metadata["retry_after"], "in a while");
+    let retry = details(&status).retry_info().cloned().expect("RetryInfo");
+    assert_eq!(
+        retry.retry_delay,
+        Some(gormic_gateway::upstream::DEFAULT_COOLDOWN),
+        "the default cooldown it opened"
+    );
 }
 
 #[tokio::test]

@@ -135,6 +135,16 @@ fn bounded(series: &str, label: &str, value: &str) -> bool {
         ]
         .contains(&value),
         "reason" | "result" | "file" => snake_case(value),
+        // The upstream cooldowns' series.
+        "source" => ["local", "replica"].contains(&value),
+        "event" => [
+            "published",
+            "publish_failed",
+            "received",
+            "malformed",
+            "gap",
+        ]
+        .contains(&value),
         "state" | "to" => ["closed", "open", "half_open"].contains(&value),
         "le" => value == "+Inf" || value.parse::<f64>().is_ok(),
         "version" => value == env!("CARGO_PKG_VERSION"),

@@ -30,6 +30,8 @@ pub struct Recorded {
     pub query: Option<String>,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// When the request arrived (its body read).
+    pub at: tokio::time::Instant,
 }
 
 impl Recorded {
@@ -81,6 +83,15 @@ impl Scripted {
             headers: vec![("content-type".into(), "text/html".into())],
             body: body.as_bytes().to_vec(),
             delay: None,
+        }
+    }
+
+    /// A 429 Too Many Requests, with `Retry-After: <retry_after>` when given.
+    pub fn too_many_requests(retry_after: Option<&str>) -> Self {
+        let answer = Self::raw(429, "Too Many Requests");
+        match retry_after {
+            Some(value) => answer.header("retry-after", value),
+            None => answer,
         }
     }
 
@@ -491,6 +502,7 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
         query: parts.uri.query().map(str::to_owned),
         headers: parts.headers,
         body,
+        at: tokio::time::Instant::now(),
     });
     shared.received.notify_waiters();
 

@@ -17,6 +17,7 @@ use gormic_gateway::metrics::Metrics;
 use gormic_gateway::proto::v1::invoice_service_client::InvoiceServiceClient;
 use gormic_gateway::server::ServerOptions;
 use gormic_gateway::service::InvoiceGateway;
+use gormic_gateway::store::Store;
 use gormic_gateway::trace::Tracer;
 use gormic_gateway::upstream::{Upstream, UpstreamOptions};
 
@@ -70,6 +71,7 @@ impl TestGateway {
             idempotency: None,
             metrics: None,
             tracer: None,
+            cooldowns_shared_through: None,
         }
     }
 
@@ -110,6 +112,7 @@ pub struct TestGatewayBuilder {
     idempotency: Option<Idempotency>,
     metrics: Option<Metrics>,
     tracer: Option<Tracer>,
+    cooldowns_shared_through: Option<Store>,
 }
 
 impl TestGatewayBuilder {
@@ -170,10 +173,22 @@ impl TestGatewayBuilder {
         self
     }
 
+    /// Shares the upstream's rate-limit cooldowns with every gateway using
+    /// `store`, as `main` does with a Redis store (left out by default: the
+    /// subscriber connection would add to the store's traffic that other
+    /// tests count).
+    pub fn share_cooldowns(mut self, store: &Store) -> Self {
+        self.cooldowns_shared_through = Some(store.clone());
+        self
+    }
+
     /// Starts the gateway, wired as `main` wires it, and connects its client.
     pub async fn start(self) -> TestGateway {
         let url = url::Url::parse(&self.upstream_url).expect("test upstream URL");
         let upstream = Upstream::new(&url, self.upstream).expect("HTTP client");
+        if let Some(store) = &self.cooldowns_shared_through {
+            upstream.share_cooldowns(store);
+        }
         if let Some(metrics) = &self.metrics {
             metrics.register_connections(upstream.gauges());
         }
