@@ -66,6 +66,8 @@ FLAGS = [
     "tls-cert", "tls-key", "tls-client-ca", "tls-handshake-timeout",
     "reload-interval", "upstream-ca", "upstream-client-cert",
     "upstream-client-key", "allow-insecure-upstream", "credentials",
+    # quotas
+    "quotas", "quota-store-failure",
     # idempotency
     "idempotency-store", "idempotency-ttl", "idempotency-max-entries",
     "idempotency-max-bytes", "idempotency-store-timeout",
@@ -94,6 +96,7 @@ COUNTERS = [
     "gormic_gateway_upstream_breaker_transitions_total",
     "gormic_gateway_idempotency_requests_total",
     "gormic_gateway_reloads_total",
+    "gormic_gateway_quota_checks_total",
     "gormic_gateway_log_lines_dropped_total",
     # the shared store (a Redis --idempotency-store only)
     "gormic_gateway_store_failovers_total",

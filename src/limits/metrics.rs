@@ -19,15 +19,18 @@ pub enum ShedReason {
     /// The queue of calls waiting for an upstream connection was full
     /// (`UPSTREAM_QUEUE_FULL`).
     UpstreamQueueFull,
+    /// A quota of `--quotas` had no call left (`QUOTA_EXCEEDED`).
+    Quota,
 }
 
 impl ShedReason {
-    const ALL: [Self; 2] = [Self::InFlightLimit, Self::UpstreamQueueFull];
+    const ALL: [Self; 3] = [Self::InFlightLimit, Self::UpstreamQueueFull, Self::Quota];
 
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::InFlightLimit => "in_flight_limit",
             Self::UpstreamQueueFull => "upstream_queue_full",
+            Self::Quota => "quota",
         }
     }
 }
@@ -106,6 +109,7 @@ mod tests {
         shed.call_shed(ShedReason::InFlightLimit);
         shed.call_shed(ShedReason::InFlightLimit);
         shed.call_shed(ShedReason::UpstreamQueueFull);
+        shed.call_shed(ShedReason::Quota);
         let text = metrics.encode();
         let series = |reason: &str| {
             sample(
@@ -115,5 +119,6 @@ mod tests {
         };
         assert_eq!(series("in_flight_limit").as_deref(), Some("2"));
         assert_eq!(series("upstream_queue_full").as_deref(), Some("1"));
+        assert_eq!(series("quota").as_deref(), Some("1"));
     }
 }
