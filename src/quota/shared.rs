@@ -110,7 +110,7 @@ fn micros(limit: Limit) -> (u64, u64) {
         .max(1);
     (
         interval,
-        interval.saturating_mul(u64::from(limit.burst - 1)),
+        interval.saturating_mul(u64::from(limit.burst.saturating_sub(1))),
     )
 }
 

@@ -489,25 +489,25 @@ async fn shared_store(redis: &RedisServer, timeout: Duration) -> Store {
         .expect("a Redis store")
 }
 
-/// A replica: its own buckets and store handle on the shared Redis.
-async fn replica(
-    upstream: &FakeUpstream,
-    dir: &TestDir,
-    quotas: &str,
-    redis: &RedisServer,
-    on_failure: StoreFailure,
-    metrics: &Metrics,
-) -> TestGateway {
-    let store = shared_store(redis, Duration::from_millis(500)).await;
-    TestGateway::builder(&upstream.url())
-        .metrics(metrics)
-        .quotas(Quotas::new(
-            quotas_file(dir, quotas),
-            Some(store),
-            on_failure,
-        ))
-        .start()
-        .await
+/// The replicas of one deployment: one upstream, one quotas file, one Redis.
+struct Deployment<'a> {
+    upstream: &'a FakeUpstream,
+    dir: &'a TestDir,
+    quotas: &'a str,
+    redis: &'a RedisServer,
+}
+
+impl Deployment<'_> {
+    /// A replica: buckets and a store handle of its own, on the shared Redis.
+    async fn replica(&self, on_failure: StoreFailure, metrics: &Metrics) -> TestGateway {
+        let store = shared_store(self.redis, Duration::from_millis(500)).await;
+        let table = quotas_file(self.dir, self.quotas);
+        TestGateway::builder(&self.upstream.url())
+            .metrics(metrics)
+            .quotas(Quotas::new(table, Some(store), on_failure))
+            .start()
+            .await
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -516,25 +516,15 @@ async fn two_replicas_on_one_redis_share_one_quota() {
     let dir = TestDir::new("quotas-shared");
     let file = format!("[default]\n{SLOW}\nburst = 4\n");
     let upstream = answering_upstream().await;
+    let deployment = Deployment {
+        upstream: &upstream,
+        dir: &dir,
+        quotas: &file,
+        redis: &redis,
+    };
     let (metrics_a, metrics_b) = (Metrics::default(), Metrics::default());
-    let mut a = replica(
-        &upstream,
-        &dir,
-        &file,
-        &redis,
-        StoreFailure::Local,
-        &metrics_a,
-    )
-    .await;
-    let mut b = replica(
-        &upstream,
-        &dir,
-        &file,
-        &redis,
-        StoreFailure::Local,
-        &metrics_b,
-    )
-    .await;
+    let mut a = deployment.replica(StoreFailure::Local, &metrics_a).await;
+    let mut b = deployment.replica(StoreFailure::Local, &metrics_b).await;
 
     // Ten calls, alternating: four pass in all, whichever replica took them.
     let mut passed = 0;
@@ -612,16 +602,14 @@ async fn with_redis_down_each_replica_enforces_the_quota_alone_by_default() {
     let dir = TestDir::new("quotas-redis-down");
     let file = format!("[default]\n{SLOW}\nburst = 2\n");
     let upstream = answering_upstream().await;
+    let deployment = Deployment {
+        upstream: &upstream,
+        dir: &dir,
+        quotas: &file,
+        redis: &redis,
+    };
     let metrics = Metrics::default();
-    let mut a = replica(
-        &upstream,
-        &dir,
-        &file,
-        &redis,
-        StoreFailure::Local,
-        &metrics,
-    )
-    .await;
+    let mut a = deployment.replica(StoreFailure::Local, &metrics).await;
     close(&mut a.client, "org-1").await.expect("through Redis");
     close(&mut a.client, "org-1").await.expect("through Redis");
     let status = close(&mut a.client, "org-1")
@@ -653,7 +641,7 @@ async fn with_redis_down_each_replica_enforces_the_quota_alone_by_default() {
         .count();
     assert_eq!(said, 1, "{}", logs.text());
 
-    // Back: shared again, and said so once.
+    // Back: shared again, and said so.
     redis.restart();
     until(
         "calls decided by Redis again",
@@ -675,25 +663,15 @@ async fn with_redis_down_allow_lets_calls_through_and_refuse_refuses_them() {
     let dir = TestDir::new("quotas-redis-modes");
     let file = format!("[default]\n{SLOW}\nburst = 1\n");
     let upstream = answering_upstream().await;
+    let deployment = Deployment {
+        upstream: &upstream,
+        dir: &dir,
+        quotas: &file,
+        redis: &redis,
+    };
     let metrics = Metrics::default();
-    let mut allow = replica(
-        &upstream,
-        &dir,
-        &file,
-        &redis,
-        StoreFailure::Allow,
-        &metrics,
-    )
-    .await;
-    let mut refuse = replica(
-        &upstream,
-        &dir,
-        &file,
-        &redis,
-        StoreFailure::Refuse,
-        &metrics,
-    )
-    .await;
+    let mut allow = deployment.replica(StoreFailure::Allow, &metrics).await;
+    let mut refuse = deployment.replica(StoreFailure::Refuse, &metrics).await;
     redis.kill();
 
     let (passed, _) = closes(&mut allow.client, "org-1", 4).await;
@@ -703,6 +681,13 @@ async fn with_redis_down_allow_lets_calls_through_and_refuse_refuses_them() {
         .await
         .expect_err("refuse: nothing passes unchecked");
     assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(
+        status
+            .message()
+            .starts_with("quota of organization:org-2 not checked: 0.001 calls per second"),
+        "{}",
+        status.message()
+    );
     let info = error_info(&status);
     assert_eq!(info.reason, reason::QUOTA_EXCEEDED);
     assert_eq!(info.metadata["quota_store"], "unavailable");
