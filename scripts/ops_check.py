@@ -68,6 +68,8 @@ FLAGS = [
     "tls-cert", "tls-key", "tls-client-ca", "tls-handshake-timeout",
     "reload-interval", "upstream-ca", "upstream-client-cert",
     "upstream-client-key", "allow-insecure-upstream", "credentials",
+    # quotas
+    "quotas", "quota-store-failure",
     # idempotency
     "idempotency-store", "idempotency-ttl", "idempotency-max-entries",
     "idempotency-max-bytes", "idempotency-store-timeout",
@@ -98,6 +100,7 @@ COUNTERS = [
     "gormic_gateway_upstream_cooldown_messages_total",
     "gormic_gateway_idempotency_requests_total",
     "gormic_gateway_reloads_total",
+    "gormic_gateway_quota_checks_total",
     "gormic_gateway_log_lines_dropped_total",
     # the shared store (a Redis --idempotency-store only)
     "gormic_gateway_store_failovers_total",

@@ -8,7 +8,8 @@
 //!
 //! Two steps, neither of which binds a port: [`Cli::settings`] checks the
 //! values (pure), then [`Config::load`] reads and checks the files they name
-//! (TLS certificates, keys and CAs, `--credentials`, the sandbox fixture).
+//! (TLS certificates, keys and CAs, `--credentials`, `--quotas`, the sandbox
+//! fixture).
 //! A bad file stops the binary there, naming the flag, the file and the
 //! problem; nothing is patched into the configuration afterwards.
 
@@ -28,6 +29,7 @@ use crate::idempotency::IdempotencyArgs;
 use crate::limits::LimitArgs;
 use crate::logging::LogArgs;
 use crate::metrics::MetricsArgs;
+use crate::quota::{QuotaArgs, QuotaFileError, QuotaTable, StoreFailure};
 use crate::reload::Reloads;
 use crate::sandbox::{Fixture, FixtureError};
 use crate::server::{ConnectionLimits, ServerOptions};
@@ -117,6 +119,9 @@ pub struct Cli {
 
     #[command(flatten)]
     pub credentials: CredentialsArgs,
+
+    #[command(flatten)]
+    pub quotas: QuotaArgs,
 
     #[command(flatten)]
     pub idempotency: IdempotencyArgs,
@@ -248,6 +253,10 @@ pub struct Config {
     pub max_in_flight: usize,
     /// `--credentials`: mTLS identities mapped to the keys sent upstream.
     pub credentials: Option<CredentialMap>,
+    /// `--quotas`: the quotas file, read and checked, with its buckets.
+    pub quotas: Option<QuotaTable>,
+    /// `--quota-store-failure`.
+    pub quota_store_failure: StoreFailure,
     /// What is re-read while serving, and how often.
     pub reloads: Reloads,
     pub idempotency: IdempotencyArgs,
@@ -291,6 +300,9 @@ pub enum ConfigError {
     /// The credentials error names the file and line; this adds the flag.
     #[error("--credentials {0}")]
     Credentials(#[from] CredentialsError),
+    /// The quotas error names the file, line and field; this adds the flag.
+    #[error("--quotas {0}")]
+    Quotas(#[from] QuotaFileError),
 }
 
 impl Cli {
@@ -367,7 +379,7 @@ impl Config {
     /// name, each read and checked once, in this order: the sandbox
     /// fixture, `--upstream` (no plain http:// off loopback without
     /// `--allow-insecure-upstream`), the server's TLS files, the upstream's,
-    /// `--credentials`.
+    /// `--credentials`, `--quotas`.
     pub fn load(cli: &Cli) -> Result<Config, ConfigError> {
         let Settings {
             listen,
@@ -403,6 +415,12 @@ impl Config {
             .as_deref()
             .map(CredentialMap::load)
             .transpose()?;
+        let quotas = cli
+            .quotas
+            .quotas
+            .as_deref()
+            .map(QuotaTable::load)
+            .transpose()?;
         upstream_options.tls = Some(upstream_tls.client_config());
         server.tls = server_tls.clone();
         Ok(Config {
@@ -415,11 +433,14 @@ impl Config {
             server,
             max_in_flight,
             credentials: credentials.clone(),
+            quotas: quotas.clone(),
+            quota_store_failure: cli.quotas.quota_store_failure,
             reloads: Reloads {
                 interval: cli.tls.reload_interval,
                 server_tls,
                 upstream_tls: Some(upstream_tls).filter(UpstreamTls::has_files),
                 credentials,
+                quotas,
             },
             idempotency: cli.idempotency.clone(),
             store: cli.store.clone(),
@@ -726,5 +747,38 @@ mod tests {
         assert!(config.upstream_options.tls.is_some() && config.server.tls.is_none());
         assert_eq!(config.upstream_options.proxy, ProxySetting::Off, "loopback");
         assert!(config.reloads.is_empty() && config.credentials.is_none());
+    }
+
+    #[test]
+    fn a_quotas_file_is_read_at_load_and_a_bad_one_names_flag_file_line_and_field() {
+        let dir = std::env::temp_dir().join(format!("gormic-config-quotas-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("quotas.toml");
+        std::fs::write(&path, "[default]\ncalls_per_second = 20\n").unwrap();
+        let cli = parse(&["--sandbox", "--quotas", path.to_str().unwrap()]).unwrap();
+        let config = Config::load(&cli).unwrap();
+        let quotas = config.quotas.as_ref().expect("--quotas");
+        assert_eq!(quotas.rules().default.expect("[default]").limit.burst, 20);
+        assert!(config.reloads.quotas.is_some(), "reloaded");
+        assert_eq!(config.quota_store_failure, StoreFailure::Local);
+
+        std::fs::write(&path, "[default]\ncalls_per_second = 20\nburst = -1\n").unwrap();
+        let error = Config::load(&cli).unwrap_err().to_string();
+        assert_eq!(
+            error,
+            format!(
+                "--quotas {}: line 3: default.burst must be a whole number from 1 to 1000000, \
+                 not -1",
+                path.display()
+            )
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        let cli = parse(&["--sandbox", "--quota-store-failure", "refuse"]).unwrap();
+        assert_eq!(cli.quotas.quota_store_failure, StoreFailure::Refuse);
+        let error = parse(&["--quota-store-failure", "open"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--quota-store-failure"), "{error}");
     }
 }

@@ -26,7 +26,7 @@ use crate::limits::RequestTooLarge;
 use crate::limits::ShedReason;
 use crate::upstream::UpstreamError;
 pub use crate::validation::FieldViolation;
-use crate::{credentials, idempotency};
+use crate::{credentials, idempotency, quota};
 
 /// `ErrorInfo.domain` of errors the upstream reported (its error codes).
 pub const UPSTREAM_DOMAIN: &str = "om.gormic.com";
@@ -44,6 +44,8 @@ pub enum CallError {
     Credentials(#[from] credentials::Refusal),
     #[error("invalid request")]
     InvalidRequest(Vec<FieldViolation>),
+    #[error(transparent)]
+    Quota(#[from] quota::QuotaExceeded),
     #[error(transparent)]
     Idempotency(#[from] idempotency::step::Refusal),
     #[error(transparent)]
@@ -69,6 +71,7 @@ impl CallError {
             Self::Upstream(UpstreamError::RateLimited { .. }) => {
                 Some(ShedReason::UpstreamRateLimited)
             }
+            Self::Quota(_) => Some(ShedReason::Quota),
             _ => None,
         }
     }

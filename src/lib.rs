@@ -25,6 +25,7 @@ pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod proto;
+pub mod quota;
 pub mod reload;
 pub mod request_id;
 pub mod routes;

@@ -23,6 +23,7 @@ use gormic_gateway::credentials::CredentialMap;
 use gormic_gateway::idempotency::Idempotency;
 use gormic_gateway::limits::InFlightLimit;
 use gormic_gateway::metrics::Metrics;
+use gormic_gateway::quota::Quotas;
 use gormic_gateway::sandbox::{self, Fixture};
 use gormic_gateway::service::InvoiceGateway;
 use gormic_gateway::trace::Tracer;
@@ -167,6 +168,8 @@ async fn serve(
         },
         metrics.clone(),
     ));
+    // The one store handle: quotas share idempotency's connections.
+    let shared_store = idempotency.shared_store().cloned();
     let mut gateway = InvoiceGateway::new(upstream)
         .map_err(|e| e.to_string())?
         .with_in_flight_limit(InFlightLimit::new(config.max_in_flight))
@@ -177,6 +180,9 @@ async fn serve(
     if let Some(credentials) = config.credentials.clone() {
         gateway = gateway.with_credentials(credentials);
     }
+    if let Some(table) = config.quotas.clone() {
+        gateway = gateway.with_quotas(quotas(table, shared_store, &config));
+    }
     readiness.set_ready(true);
     let hooks = server::Hooks {
         on_drain: Some(Box::new(move || readiness.set_ready(false))),
@@ -184,6 +190,31 @@ async fn serve(
     server::run_with(listener, gateway, shutdown, config.server, hooks).await?;
     let _ = admin_stop.send(());
     Ok(())
+}
+
+/// The quotas of `--quotas`, shared through the Redis store when there is
+/// one; said once at start-up.
+fn quotas(
+    table: gormic_gateway::quota::QuotaTable,
+    store: Option<gormic_gateway::store::Store>,
+    config: &Config,
+) -> Quotas {
+    let rules = table.rules();
+    tracing::info!(
+        quotas = %table.path().display(),
+        default = rules.default.is_some(),
+        organizations = rules.organizations.len(),
+        callers = rules.callers.len(),
+        shared = store.is_some(),
+        quota_store_failure = config.quota_store_failure.as_str(),
+        "quotas on: {}",
+        if store.is_some() {
+            "counted by every replica together in the store"
+        } else {
+            "counted by this replica alone (no Redis store)"
+        }
+    );
+    Quotas::new(table, store, config.quota_store_failure)
 }
 
 /// Runs the sandbox on a loopback port, in this process, and returns the URL

@@ -1,6 +1,7 @@
 //! Picking up files that change under a running gateway. [`Reloads`] is the
 //! list of what is re-read (the server's TLS files, with the certificate
-//! expiry gauge; the upstream's TLS files; the credentials file), polled by
+//! expiry gauge; the upstream's TLS files; the credentials file; the quotas
+//! file), polled by
 //! one task every `--reload-interval`, each outcome logged and counted in
 //! `gormic_gateway_reloads_total{file,result}`. Whether a file changed since
 //! it was last judged is [`change`]'s bookkeeping, which each reloadable
@@ -22,6 +23,7 @@ pub use change::Reloaded;
 
 use crate::credentials::CredentialMap;
 use crate::metrics::{Metrics, MetricsArgs, Series};
+use crate::quota::QuotaTable;
 use crate::tls::{ServerTls, UpstreamTls};
 
 /// A reload that did something, as [`watch`] reports it to its caller (for
@@ -62,7 +64,7 @@ impl Series for ReloadMetrics {
         let reloads = Family::<ReloadLabels, Counter>::default();
         registry.register(
             "gormic_gateway_reloads",
-            "Reloads of the certificates and credentials files, by file and result",
+            "Reloads of the certificates, credentials and quotas files, by file and result",
             reloads.clone(),
         );
         Self { reloads }
@@ -71,7 +73,7 @@ impl Series for ReloadMetrics {
 
 impl ReloadMetrics {
     /// A reload of `file` (a short constant naming the file set: `tls`,
-    /// `upstream_tls`, `credentials`) came to `outcome`.
+    /// `upstream_tls`, `credentials`, `quotas`) came to `outcome`.
     pub fn reload(&self, file: &'static str, outcome: Outcome) {
         self.reloads
             .get_or_create(&ReloadLabels {
@@ -96,19 +98,24 @@ pub struct Reloads {
     pub upstream_tls: Option<UpstreamTls>,
     /// `--credentials`.
     pub credentials: Option<CredentialMap>,
+    /// `--quotas`.
+    pub quotas: Option<QuotaTable>,
 }
 
 impl Reloads {
     /// Whether there is nothing to re-read.
     pub fn is_empty(&self) -> bool {
-        self.server_tls.is_none() && self.upstream_tls.is_none() && self.credentials.is_none()
+        self.server_tls.is_none()
+            && self.upstream_tls.is_none()
+            && self.credentials.is_none()
+            && self.quotas.is_none()
     }
 
     /// Sets the certificate expiry gauge, then re-reads everything every
     /// `interval`, in this one task, until `shutdown` resolves: each reload
     /// that replaced something or failed is logged (as [`watch`] does) and
     /// counted in `metrics` under its `file` label (`tls`, `upstream_tls`,
-    /// `credentials`), and the expiry gauge follows the server certificate
+    /// `credentials`, `quotas`), and the expiry gauge follows the server certificate
     /// in use. Returns at once when there is nothing to re-read.
     pub async fn run(self, shutdown: impl Future<Output = ()>, metrics: Metrics) {
         // Registered now, whatever is reloaded: the series is exposed from the start.
@@ -130,6 +137,9 @@ impl Reloads {
             }
             if let Some(map) = &self.credentials {
                 counted(&reloads, "credentials", map.reload());
+            }
+            if let Some(table) = &self.quotas {
+                counted(&reloads, "quotas", table.reload());
             }
         })
         .await;

@@ -7,6 +7,8 @@
 //! 3. the end-of-call record (`call_end`): metrics, log line, span;
 //! 4. the request's size (`limits`), its credentials (`credentials`), its
 //!    fields (`Operation::validate`);
+//!    its quotas (`quota`, with `--quotas`): a refused call takes no lease
+//!    and is never sent;
 //! 5. the idempotency key (`idempotency::step`): a lease, or a replay;
 //! 6. the upstream exchange with its retries (`upstream`);
 //! 7. the status of a failure (`errors`, the one table);
@@ -31,6 +33,7 @@ use crate::limits::{Admitted, InFlightLimit, RequestTooLarge, ShedMetrics, ShedR
 use crate::metrics::Metrics;
 use crate::proto::v1 as pb;
 use crate::proto::v1::invoice_service_server::InvoiceService;
+use crate::quota::Quotas;
 use crate::request_id::RequestId;
 use crate::tls::CallerIdentity;
 use crate::trace::{CallSpan, TraceContext, Tracer};
@@ -49,6 +52,8 @@ pub struct InvoiceGateway {
     idempotency: Idempotency,
     /// `--credentials`: mTLS identities mapped to the keys sent upstream.
     credentials: Option<CredentialMap>,
+    /// `--quotas`: `None` costs the call path one branch.
+    quotas: Option<Quotas>,
     metrics: Metrics,
     /// The call path's series, registered in `metrics`.
     calls: Arc<CallMetrics>,
@@ -63,6 +68,7 @@ impl std::fmt::Debug for InvoiceGateway {
             .field("upstream", &self.upstream)
             .field("max_in_flight", &self.in_flight.max())
             .field("credentials", &self.credentials.is_some())
+            .field("quotas", &self.quotas)
             .finish_non_exhaustive()
     }
 }
@@ -113,6 +119,7 @@ impl InvoiceGateway {
             deadlines: DeadlineArgs::default(),
             idempotency: Idempotency::in_memory()?,
             credentials: None,
+            quotas: None,
             calls: metrics.series(),
             shed: metrics.series(),
             idempotency_results: metrics.series(),
@@ -127,6 +134,7 @@ impl InvoiceGateway {
         self.calls = metrics.series();
         self.shed = metrics.series();
         self.idempotency_results = metrics.series();
+        self.quotas = self.quotas.map(|quotas| quotas.with_metrics(&metrics));
         metrics.count_in_flight(&self.in_flight);
         self.metrics = metrics;
         self
@@ -166,6 +174,13 @@ impl InvoiceGateway {
     /// Injects credentials by mTLS identity (`--credentials`).
     pub fn with_credentials(mut self, map: CredentialMap) -> Self {
         self.credentials = Some(map);
+        self
+    }
+
+    /// Checks every call against quotas (`--quotas`), counted in this
+    /// gateway's metrics.
+    pub fn with_quotas(mut self, quotas: Quotas) -> Self {
+        self.quotas = Some(quotas.with_metrics(&self.metrics));
         self
     }
 
@@ -280,6 +295,18 @@ impl InvoiceGateway {
         let violations = Op::validate(message);
         if !violations.is_empty() {
             return Outcome::refused(CallError::InvalidRequest(violations), organization);
+        }
+        if let Some(quotas) = &self.quotas
+            && let Err(refused) = quotas
+                .check(
+                    Op::ROUTE,
+                    extensions.get::<CallerIdentity>(),
+                    credentials.organization_id.as_bytes(),
+                    deadline.at(),
+                )
+                .await
+        {
+            return Outcome::refused(refused, organization);
         }
 
         let began = Instant::now();

@@ -1,7 +1,7 @@
 //! A failed call as one value ([`Failure`]): everything its status says,
 //! and the one function that renders it into a `tonic::Status` with its
 //! `google.rpc` details (`ErrorInfo` always; `RetryInfo`, `BadRequest`,
-//! `RequestInfo` when they apply).
+//! `QuotaFailure`, `RequestInfo` when they apply).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -30,6 +30,8 @@ pub struct Failure<'a> {
     pub message: Cow<'a, str>,
     /// `BadRequest` field violations: (field, description).
     pub violations: Vec<(&'static str, &'a str)>,
+    /// `QuotaFailure` violations: (subject, description).
+    pub quota_violations: Vec<(Cow<'a, str>, Cow<'a, str>)>,
     /// The upstream's request id, when it gave one: reported instead of the
     /// call's.
     pub request_id: Option<&'a str>,
@@ -50,6 +52,7 @@ impl<'a> Failure<'a> {
             retry_delay: None,
             message: message.into(),
             violations: Vec::new(),
+            quota_violations: Vec::new(),
             request_id: None,
         }
     }
@@ -89,6 +92,17 @@ impl<'a> Failure<'a> {
         self
     }
 
+    /// Adds a `QuotaFailure` violation: the quota's subject and its limit.
+    pub fn quota_violation(
+        mut self,
+        subject: impl Into<Cow<'a, str>>,
+        description: impl Into<Cow<'a, str>>,
+    ) -> Self {
+        self.quota_violations
+            .push((subject.into(), description.into()));
+        self
+    }
+
     /// The upstream's request id, reported instead of the call's.
     pub fn upstream_request_id(mut self, id: Option<&'a str>) -> Self {
         self.request_id = id;
@@ -109,6 +123,9 @@ impl<'a> Failure<'a> {
         }
         for (field, description) in self.violations {
             details.add_bad_request_violation(field, description);
+        }
+        for (subject, description) in self.quota_violations {
+            details.add_quota_failure_violation(subject, description);
         }
         if let Some(id) = self.request_id.or(request_id) {
             details.set_request_info(id, "");
@@ -178,5 +195,26 @@ mod tests {
         );
         let details = failure.into_status(None, None).get_error_details();
         assert!(details.request_info().is_none());
+    }
+
+    #[test]
+    fn a_quota_failure_renders_its_subject_and_description() {
+        let status = Failure::gateway(GatewayReason::QUOTA_EXCEEDED, "quota exceeded")
+            .quota_violation(
+                "organization:org-1",
+                "20 calls per second, burst 40 (--quotas)",
+            )
+            .into_status(None, None);
+        let details = status.get_error_details();
+        let violations = &details.quota_failure().expect("QuotaFailure").violations;
+        assert_eq!(violations.len(), 1);
+        assert_eq!(violations[0].subject, "organization:org-1");
+        assert_eq!(
+            violations[0].description,
+            "20 calls per second, burst 40 (--quotas)"
+        );
+        let status =
+            Failure::gateway(GatewayReason::OVERLOADED, "overloaded").into_status(None, None);
+        assert!(status.get_error_details().quota_failure().is_none());
     }
 }

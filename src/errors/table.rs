@@ -75,6 +75,28 @@ impl CallError {
                     .collect(),
             ),
 
+            // ---- quotas
+            Self::Quota(refused) => {
+                let description = refused.description();
+                let message = match refused.store_unavailable {
+                    false => format!("quota exceeded for {}: {description}", refused.subject),
+                    true => format!("quota of {} not checked: {description}", refused.subject),
+                };
+                let failure = Failure::gateway(Reason::QUOTA_EXCEEDED, message)
+                    .with("quota_subject", refused.subject.as_str())
+                    .with(
+                        "calls_per_second",
+                        refused.limit.calls_per_second.to_string(),
+                    )
+                    .with("burst", refused.limit.burst.to_string())
+                    .retry_after(refused.retry_after)
+                    .quota_violation(refused.subject.as_str(), description);
+                match refused.store_unavailable {
+                    true => failure.with("quota_store", "unavailable"),
+                    false => failure,
+                }
+            }
+
             // ---- the idempotency key
             Self::Idempotency(Idempotency::InvalidKey(description)) => {
                 invalid_request(vec![(IDEMPOTENCY_KEY, description.as_str())])

@@ -22,13 +22,16 @@ pub enum ShedReason {
     /// The upstream rate-limited the call's credential and its cooldown
     /// runs (`UPSTREAM_RATE_LIMITED`).
     UpstreamRateLimited,
+    /// A quota of `--quotas` had no call left (`QUOTA_EXCEEDED`).
+    Quota,
 }
 
 impl ShedReason {
-    const ALL: [Self; 3] = [
+    const ALL: [Self; 4] = [
         Self::InFlightLimit,
         Self::UpstreamQueueFull,
         Self::UpstreamRateLimited,
+        Self::Quota,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -36,6 +39,7 @@ impl ShedReason {
             Self::InFlightLimit => "in_flight_limit",
             Self::UpstreamQueueFull => "upstream_queue_full",
             Self::UpstreamRateLimited => "upstream_rate_limited",
+            Self::Quota => "quota",
         }
     }
 }
@@ -116,6 +120,7 @@ mod tests {
         shed.call_shed(ShedReason::InFlightLimit);
         shed.call_shed(ShedReason::UpstreamQueueFull);
         shed.call_shed(ShedReason::UpstreamRateLimited);
+        shed.call_shed(ShedReason::Quota);
         let text = metrics.encode();
         let series = |reason: &str| {
             sample(
@@ -126,5 +131,6 @@ mod tests {
         assert_eq!(series("in_flight_limit").as_deref(), Some("2"));
         assert_eq!(series("upstream_queue_full").as_deref(), Some("1"));
         assert_eq!(series("upstream_rate_limited").as_deref(), Some("1"));
+        assert_eq!(series("quota").as_deref(), Some("1"));
     }
 }

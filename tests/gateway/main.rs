@@ -16,6 +16,7 @@ mod network;
 mod observability;
 mod operations;
 mod otlp;
+mod quotas;
 mod requests;
 mod retries;
 mod sandbox;

@@ -15,6 +15,7 @@ use gormic_gateway::idempotency::Idempotency;
 use gormic_gateway::limits::InFlightLimit;
 use gormic_gateway::metrics::Metrics;
 use gormic_gateway::proto::v1::invoice_service_client::InvoiceServiceClient;
+use gormic_gateway::quota::Quotas;
 use gormic_gateway::server::ServerOptions;
 use gormic_gateway::service::InvoiceGateway;
 use gormic_gateway::store::Store;
@@ -72,6 +73,7 @@ impl TestGateway {
             metrics: None,
             tracer: None,
             cooldowns_shared_through: None,
+            quotas: None,
         }
     }
 
@@ -113,6 +115,7 @@ pub struct TestGatewayBuilder {
     metrics: Option<Metrics>,
     tracer: Option<Tracer>,
     cooldowns_shared_through: Option<Store>,
+    quotas: Option<Quotas>,
 }
 
 impl TestGatewayBuilder {
@@ -182,6 +185,12 @@ impl TestGatewayBuilder {
         self
     }
 
+    /// Checks every call against `quotas` (`--quotas`).
+    pub fn quotas(mut self, quotas: Quotas) -> Self {
+        self.quotas = Some(quotas);
+        self
+    }
+
     /// Starts the gateway, wired as `main` wires it, and connects its client.
     pub async fn start(self) -> TestGateway {
         let url = url::Url::parse(&self.upstream_url).expect("test upstream URL");
@@ -206,6 +215,9 @@ impl TestGatewayBuilder {
         }
         if let Some(tracer) = self.tracer {
             gateway = gateway.with_tracer(tracer);
+        }
+        if let Some(quotas) = self.quotas {
+            gateway = gateway.with_quotas(quotas);
         }
         let in_flight = gateway.in_flight_limit().clone();
 
