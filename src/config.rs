@@ -32,6 +32,7 @@ use crate::reload::Reloads;
 use crate::sandbox::{Fixture, FixtureError};
 use crate::server::{ConnectionLimits, ServerOptions};
 use crate::store::StoreArgs;
+use crate::tenant::{TenantArgs, TenantKey};
 use crate::tls::{self, ServerTls, TlsArgs, TlsError, UpstreamTls};
 use crate::trace::{TraceArgs, TraceConfig};
 use crate::units::parse_duration;
@@ -108,6 +109,9 @@ pub struct Cli {
 
     #[command(flatten)]
     pub limits: LimitArgs,
+
+    #[command(flatten)]
+    pub tenants: TenantArgs,
 
     #[command(flatten)]
     pub upstream_client: UpstreamArgs,
@@ -246,6 +250,8 @@ pub struct Config {
     /// With the server's TLS (`--tls-cert`), which follows reloads.
     pub server: ServerOptions,
     pub max_in_flight: usize,
+    /// `--tenant-key`: what fair shares count as a tenant.
+    pub tenant_key: TenantKey,
     /// `--credentials`: mTLS identities mapped to the keys sent upstream.
     pub credentials: Option<CredentialMap>,
     /// What is re-read while serving, and how often.
@@ -414,6 +420,7 @@ impl Config {
             deadlines,
             server,
             max_in_flight,
+            tenant_key: cli.tenants.tenant_key,
             credentials: credentials.clone(),
             reloads: Reloads {
                 interval: cli.tls.reload_interval,

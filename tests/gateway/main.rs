@@ -22,6 +22,7 @@ mod sandbox;
 mod secure;
 mod store_api;
 mod store_failover;
+mod tenants;
 mod tls;
 mod transport;
 mod upstream_errors;
