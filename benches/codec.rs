@@ -1,8 +1,9 @@
 //! Micro-benchmarks of the gateway's pure work per call, without the
 //! network (`cargo bench --bench codec`): the proto request as the REST JSON
-//! body, the REST answer as the proto response, and an upstream refusal as a
-//! gRPC status with its details. A regression here shows without the
-//! machine's scheduling noise that the end-to-end `scripts/bench` carries.
+//! body, the REST answer as the proto response, an upstream refusal as a
+//! gRPC status with its details, and the fairness step (tenant and share).
+//! A regression here shows without the machine's scheduling noise that the
+//! end-to-end `scripts/bench` carries.
 
 use std::hint::black_box;
 
@@ -63,5 +64,42 @@ fn error_mapping(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, request_to_json, json_to_response, error_mapping);
+/// The fairness step of an uncontended call: its tenant (a SipHash of the
+/// organization, and, without `--credentials`, a look-up in the trusted
+/// set), then its place in its tenant's share, taken and given back.
+fn fair_share(c: &mut Criterion) {
+    use gormic_gateway::credentials::Credentials;
+    use gormic_gateway::limits::InFlightLimit;
+    use gormic_gateway::tenant::{TenantKey, Tenants};
+
+    let credentials = Credentials {
+        api_key: http::HeaderValue::from_static("k"),
+        organization_id: http::HeaderValue::from_static("org-0001"),
+    };
+    let limit = InFlightLimit::new(10_000);
+    let tenants = Tenants::new(TenantKey::Organization);
+    let trusted = tenants.identify(&credentials, None, false);
+    tenants.answered(&trusted, 200);
+    let _admitted = limit.try_admit();
+    c.bench_function("fair share: tenant and share, trusted set", |b| {
+        b.iter(|| {
+            let tenant = tenants.identify(black_box(&credentials), None, false);
+            drop(black_box(limit.fair_share(tenant.id)));
+        })
+    });
+    c.bench_function("fair share: tenant and share, --credentials", |b| {
+        b.iter(|| {
+            let tenant = tenants.identify(black_box(&credentials), None, true);
+            drop(black_box(limit.fair_share(tenant.id)));
+        })
+    });
+}
+
+criterion_group!(
+    benches,
+    request_to_json,
+    json_to_response,
+    error_mapping,
+    fair_share
+);
 criterion_main!(benches);

@@ -59,6 +59,8 @@ FLAGS = [
     "http2-keepalive-interval", "http2-keepalive-timeout", "max-connection-age",
     "max-connection-age-grace", "http1-header-read-timeout", "max-attempts",
     "retry-budget-ratio", "retry-budget-min-per-second",
+    # many tenants
+    "tenant-key",
     # upstream circuit breaker
     "upstream-breaker-failures", "upstream-breaker-gateway-errors",
     "upstream-breaker-backoff", "upstream-breaker-max-backoff",
@@ -111,6 +113,9 @@ COUNTERS = [
 GAUGES = [
     "gormic_gateway_build_info",
     "gormic_gateway_calls_in_flight",
+    "gormic_gateway_tenants_in_flight",
+    "gormic_gateway_unverified_calls_in_flight",
+    "gormic_gateway_tenants_trusted",
     "gormic_gateway_upstream_requests_active",
     "gormic_gateway_upstream_requests_limit",
     "gormic_gateway_upstream_pending_requests",
@@ -135,6 +140,9 @@ METRICS = COUNTERS + GAUGES + HISTOGRAMS
 EXPOSED_AT_START = {
     "gormic_gateway_build_info",
     "gormic_gateway_calls_in_flight",
+    "gormic_gateway_tenants_in_flight",
+    "gormic_gateway_unverified_calls_in_flight",
+    "gormic_gateway_tenants_trusted",
     "gormic_gateway_upstream_requests_active",
     "gormic_gateway_upstream_requests_limit",
     "gormic_gateway_upstream_pending_requests",

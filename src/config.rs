@@ -34,6 +34,7 @@ use crate::reload::Reloads;
 use crate::sandbox::{Fixture, FixtureError};
 use crate::server::{ConnectionLimits, ServerOptions};
 use crate::store::StoreArgs;
+use crate::tenant::{TenantArgs, TenantKey};
 use crate::tls::{self, ServerTls, TlsArgs, TlsError, UpstreamTls};
 use crate::trace::{TraceArgs, TraceConfig};
 use crate::units::parse_duration;
@@ -110,6 +111,9 @@ pub struct Cli {
 
     #[command(flatten)]
     pub limits: LimitArgs,
+
+    #[command(flatten)]
+    pub tenants: TenantArgs,
 
     #[command(flatten)]
     pub upstream_client: UpstreamArgs,
@@ -251,6 +255,8 @@ pub struct Config {
     /// With the server's TLS (`--tls-cert`), which follows reloads.
     pub server: ServerOptions,
     pub max_in_flight: usize,
+    /// `--tenant-key`: what fair shares count as a tenant.
+    pub tenant_key: TenantKey,
     /// `--credentials`: mTLS identities mapped to the keys sent upstream.
     pub credentials: Option<CredentialMap>,
     /// `--quotas`: the quotas file, read and checked, with its buckets.
@@ -432,6 +438,7 @@ impl Config {
             deadlines,
             server,
             max_in_flight,
+            tenant_key: cli.tenants.tenant_key,
             credentials: credentials.clone(),
             quotas: quotas.clone(),
             quota_store_failure: cli.quotas.quota_store_failure,

@@ -23,7 +23,7 @@ pub use self::failure::Failure;
 pub use self::reasons::{GatewayReason, ReasonCode, reason};
 pub use self::upstream_codes::reason_of;
 use crate::limits::RequestTooLarge;
-use crate::limits::ShedReason;
+use crate::limits::{OverShare, ShedReason};
 use crate::upstream::UpstreamError;
 pub use crate::validation::FieldViolation;
 use crate::{credentials, idempotency, quota};
@@ -44,6 +44,8 @@ pub enum CallError {
     Credentials(#[from] credentials::Refusal),
     #[error("invalid request")]
     InvalidRequest(Vec<FieldViolation>),
+    #[error(transparent)]
+    TenantOverShare(#[from] OverShare),
     #[error(transparent)]
     Quota(#[from] quota::QuotaExceeded),
     #[error(transparent)]
@@ -71,6 +73,7 @@ impl CallError {
             Self::Upstream(UpstreamError::RateLimited { .. }) => {
                 Some(ShedReason::UpstreamRateLimited)
             }
+            Self::TenantOverShare(_) => Some(ShedReason::FairShare),
             Self::Quota(_) => Some(ShedReason::Quota),
             _ => None,
         }

@@ -34,6 +34,7 @@ pub mod sandbox;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod tenant;
 pub mod tls;
 pub mod trace;
 pub mod units;

@@ -1,10 +1,12 @@
 //! Hard limits on what one process holds: the cap on calls in flight
-//! (admission) and the cap on request message size, and the flags of every
-//! per-connection protection ([`LimitArgs`]; the server applies those). The
-//! upstream's cap on requests in flight and its queue live in
-//! `upstream::limit`. `metrics` declares the shed calls' series and lets
+//! (admission), the tenants' fair shares of it (`fair`), and the cap on
+//! request message size, and the flags of every per-connection protection
+//! ([`LimitArgs`]; the server applies those). The upstream's cap on
+//! requests in flight and its queue live in `upstream::limit`. `metrics`
+//! declares the shed calls' series and the tenants' gauges, and lets
 //! `gormic_gateway_calls_in_flight` read the admission cap.
 
+mod fair;
 mod metrics;
 
 use std::pin::Pin;
@@ -19,9 +21,11 @@ use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use tonic::body::Body;
 
+use crate::tenant::TenantId;
 use crate::units::{parse_duration, parse_size};
 
-pub use metrics::{ShedMetrics, ShedReason};
+pub use fair::OverShare;
+pub use metrics::{ShedMetrics, ShedReason, TenantMetrics};
 
 /// Default of `--max-in-flight`: a call waiting on a slow upstream holds
 /// ~9 KiB (measured by scripts/limits, BENCHMARKS.md), so 10 000 of them
@@ -42,8 +46,10 @@ pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
 pub struct LimitArgs {
     /// Calls served at once, process-wide, at least 1; past it a call is
     /// refused at once with RESOURCE_EXHAUSTED (reason OVERLOADED), never
-    /// forwarded. 10000 calls waiting on a slow upstream take ~148 MiB
-    /// (~9 KiB each, BENCHMARKS.md): size the container for it, or lower this.
+    /// forwarded. Shared fairly between tenants (--tenant-key) past all but
+    /// a sixteenth of it (reason TENANT_OVER_SHARE). 10000 calls waiting on
+    /// a slow upstream take ~148 MiB (~9 KiB each, BENCHMARKS.md): size the
+    /// container for it, or lower this.
     #[arg(long, env = "GORMIC_MAX_IN_FLIGHT", value_name = "N", default_value_t = DEFAULT_MAX_IN_FLIGHT, value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
     pub max_in_flight: usize,
 
@@ -118,12 +124,21 @@ struct InFlight {
     /// Shed calls not yet reported in a log line, and when the last line was.
     shed_unreported: AtomicU64,
     last_report: std::sync::Mutex<Option<Instant>>,
+    /// The tenants' calls in flight, and their shares.
+    fair: fair::FairShares,
 }
 
 /// One admitted call; gives its place back when dropped.
 #[derive(Debug)]
 pub struct Admitted {
     inner: Arc<InFlight>,
+}
+
+/// One of a tenant's calls, counted in its share; uncounted when dropped.
+#[derive(Debug)]
+pub struct TenantShare<'a> {
+    limit: &'a InFlightLimit,
+    tenant: TenantId,
 }
 
 impl InFlightLimit {
@@ -135,6 +150,7 @@ impl InFlightLimit {
                 shed_total: AtomicU64::new(0),
                 shed_unreported: AtomicU64::new(0),
                 last_report: std::sync::Mutex::new(None),
+                fair: fair::FairShares::new(max.max(1)),
             }),
         }
     }
@@ -167,6 +183,28 @@ impl InFlightLimit {
     /// Calls refused so far.
     pub fn shed_total(&self) -> u64 {
         self.inner.shed_total.load(Ordering::Relaxed)
+    }
+
+    /// The fairness step, for an admitted call of `tenant`: counted in its
+    /// share until the [`TenantShare`] is dropped, or refused because the
+    /// gateway is contended and the tenant holds its share (`fair`).
+    pub fn fair_share(&self, tenant: TenantId) -> Result<TenantShare<'_>, OverShare> {
+        self.inner.fair.enter(tenant, self.in_flight())?;
+        Ok(TenantShare {
+            limit: self,
+            tenant,
+        })
+    }
+
+    /// Tenants with calls in flight (the unverified organizations count as
+    /// one): the entries the fair shares' tables hold.
+    pub fn tenants_in_flight(&self) -> usize {
+        self.inner.fair.tenants()
+    }
+
+    /// `tenant`'s calls in flight.
+    pub fn tenant_in_flight(&self, tenant: TenantId) -> usize {
+        self.inner.fair.in_flight(tenant)
     }
 
     /// Logs the calls shed since the last line, at most once per
@@ -208,6 +246,12 @@ impl InFlightLimit {
 impl Drop for Admitted {
     fn drop(&mut self) {
         self.inner.current.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Drop for TenantShare<'_> {
+    fn drop(&mut self) {
+        self.limit.inner.fair.leave(self.tenant);
     }
 }
 

@@ -26,6 +26,7 @@ use gormic_gateway::metrics::Metrics;
 use gormic_gateway::quota::Quotas;
 use gormic_gateway::sandbox::{self, Fixture};
 use gormic_gateway::service::InvoiceGateway;
+use gormic_gateway::tenant::Tenants;
 use gormic_gateway::trace::Tracer;
 use gormic_gateway::upstream::Upstream;
 use gormic_gateway::{logging, server};
@@ -154,6 +155,7 @@ async fn serve(
         upstream_cooldown_max = %humantime::format_duration(config.upstream_options.cooldown_max),
         workers = config.server.workers,
         max_in_flight = config.max_in_flight,
+        tenant_key = %config.tenant_key,
         upstream_max_connections = config.upstream_options.max_connections,
         idempotency_store = %config.idempotency.idempotency_store,
         idempotency_store_replicas = %config.store.idempotency_store_replicas,
@@ -173,6 +175,7 @@ async fn serve(
     let mut gateway = InvoiceGateway::new(upstream)
         .map_err(|e| e.to_string())?
         .with_in_flight_limit(InFlightLimit::new(config.max_in_flight))
+        .with_tenants(Tenants::new(config.tenant_key))
         .with_deadlines(config.deadlines.clone())
         .with_idempotency(idempotency)
         .with_metrics(metrics)

@@ -6,11 +6,13 @@
 //! 2. the deadline (`deadline`), anchored at arrival, used by every step;
 //! 3. the end-of-call record (`call_end`): metrics, log line, span;
 //! 4. the request's size (`limits`), its credentials (`credentials`), its
-//!    fields (`Operation::validate`);
-//!    its quotas (`quota`, with `--quotas`): a refused call takes no lease
-//!    and is never sent;
+//!    fields (`Operation::validate`), its tenant's fair share (`tenant`,
+//!    `limits`), its quotas (`quota`, with `--quotas`): a refused call
+//!    takes no lease and is never sent;
 //! 5. the idempotency key (`idempotency::step`): a lease, or a replay;
-//! 6. the upstream exchange with its retries (`upstream`);
+//! 6. the upstream exchange with its retries (`upstream`), in the tenant's
+//!    turn; an answer that accepted the credentials makes the organization
+//!    trusted (`tenant`);
 //! 7. the status of a failure (`errors`, the one table);
 //! 8. the idempotency verdict, recorded within the deadline;
 //! 9. the record of the call, and the answer's metadata.
@@ -29,12 +31,15 @@ use crate::deadline::{Deadline, DeadlineArgs};
 use crate::errors::{CallError, StatusContext};
 use crate::idempotency::step::{Start, Verdict};
 use crate::idempotency::{self, Idempotency, IdempotencyMetrics, Lease};
-use crate::limits::{Admitted, InFlightLimit, RequestTooLarge, ShedMetrics, ShedReason};
+use crate::limits::{
+    Admitted, InFlightLimit, RequestTooLarge, ShedMetrics, ShedReason, TenantMetrics,
+};
 use crate::metrics::Metrics;
 use crate::proto::v1 as pb;
 use crate::proto::v1::invoice_service_server::InvoiceService;
 use crate::quota::Quotas;
 use crate::request_id::RequestId;
+use crate::tenant::{TenantKey, Tenants};
 use crate::tls::CallerIdentity;
 use crate::trace::{CallSpan, TraceContext, Tracer};
 use crate::upstream::{
@@ -52,6 +57,8 @@ pub struct InvoiceGateway {
     idempotency: Idempotency,
     /// `--credentials`: mTLS identities mapped to the keys sent upstream.
     credentials: Option<CredentialMap>,
+    /// Who each call is for (`--tenant-key`), and the organizations trusted.
+    tenants: Tenants,
     /// `--quotas`: `None` costs the call path one branch.
     quotas: Option<Quotas>,
     metrics: Metrics,
@@ -68,6 +75,7 @@ impl std::fmt::Debug for InvoiceGateway {
             .field("upstream", &self.upstream)
             .field("max_in_flight", &self.in_flight.max())
             .field("credentials", &self.credentials.is_some())
+            .field("tenant_key", &self.tenants.key())
             .field("quotas", &self.quotas)
             .finish_non_exhaustive()
     }
@@ -113,12 +121,17 @@ impl InvoiceGateway {
         let in_flight = InFlightLimit::new(crate::limits::DEFAULT_MAX_IN_FLIGHT);
         let metrics = Metrics::default();
         metrics.count_in_flight(&in_flight);
+        let tenants = Tenants::new(TenantKey::default());
+        metrics
+            .series::<TenantMetrics>()
+            .watch(&in_flight, &tenants);
         Ok(Self {
             upstream,
             in_flight,
             deadlines: DeadlineArgs::default(),
             idempotency: Idempotency::in_memory()?,
             credentials: None,
+            tenants,
             quotas: None,
             calls: metrics.series(),
             shed: metrics.series(),
@@ -136,6 +149,9 @@ impl InvoiceGateway {
         self.idempotency_results = metrics.series();
         self.quotas = self.quotas.map(|quotas| quotas.with_metrics(&metrics));
         metrics.count_in_flight(&self.in_flight);
+        metrics
+            .series::<TenantMetrics>()
+            .watch(&self.in_flight, &self.tenants);
         self.metrics = metrics;
         self
     }
@@ -155,7 +171,19 @@ impl InvoiceGateway {
     /// Replaces the cap on calls in flight.
     pub fn with_in_flight_limit(mut self, limit: InFlightLimit) -> Self {
         self.metrics.count_in_flight(&limit);
+        self.metrics
+            .series::<TenantMetrics>()
+            .watch(&limit, &self.tenants);
         self.in_flight = limit;
+        self
+    }
+
+    /// Replaces the tenants (`--tenant-key`, the trusted organizations).
+    pub fn with_tenants(mut self, tenants: Tenants) -> Self {
+        self.metrics
+            .series::<TenantMetrics>()
+            .watch(&self.in_flight, &tenants);
+        self.tenants = tenants;
         self
     }
 
@@ -296,6 +324,16 @@ impl InvoiceGateway {
         if !violations.is_empty() {
             return Outcome::refused(CallError::InvalidRequest(violations), organization);
         }
+        let tenant = self.tenants.identify(
+            &credentials,
+            extensions.get::<CallerIdentity>(),
+            self.credentials.is_some(),
+        );
+        // Counted in the tenant's share until the exchange is over.
+        let _share = match self.in_flight.fair_share(tenant.id) {
+            Ok(share) => share,
+            Err(over) => return Outcome::refused(over, organization),
+        };
         if let Some(quotas) = &self.quotas
             && let Err(refused) = quotas
                 .check(
@@ -341,12 +379,16 @@ impl InvoiceGateway {
             request_id: request_id.header(),
             span,
             deadline,
+            tenant: tenant.id,
         };
         let exchange = self.upstream.send::<Op>(&call, message).await;
         let upstream_status = match &exchange.result {
             Ok(reply) => Some(reply.http_status),
             Err(error) => error.http_status(),
         };
+        if let Some(status) = upstream_status {
+            self.tenants.answered(&tenant, status);
+        }
         let lease = lease.map(|lease| {
             let verdict = match &exchange.result {
                 Ok(_) => Verdict::Complete,

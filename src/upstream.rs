@@ -14,9 +14,9 @@
 //!    cooldown), all within the call's
 //!    [`Deadline`](crate::deadline::Deadline);
 //! 3. `attempt`: each attempt takes a slot of the connection cap
-//!    (`limit`) and goes out on this worker's reqwest client (`client`),
-//!    through the proxy if any (`proxy`); its guard records its metric and
-//!    span;
+//!    (`limit`, in its tenant's turn) and goes out on this worker's
+//!    reqwest client (`client`), through the proxy if any (`proxy`); its
+//!    guard records its metric and span;
 //! 4. `answer`: the answer, read whole, becomes a [`Reply`] or an
 //!    [`UpstreamError`] (`error`); a failure without an answer is
 //!    classified by `transport`, and whether its request may have left is
@@ -76,6 +76,7 @@ use crate::credentials::Credentials;
 use crate::deadline::Deadline;
 use crate::metrics::Metrics;
 use crate::store::Store;
+use crate::tenant::TenantId;
 use crate::trace::CallSpan;
 
 /// `RetryInfo` of a call that could not reach the upstream (with the
@@ -127,6 +128,8 @@ pub struct CallContext<'a> {
     pub span: Option<&'a CallSpan>,
     /// The call's deadline, from its arrival.
     pub deadline: Deadline,
+    /// Whose turn the call waits for when every upstream slot is taken.
+    pub tenant: TenantId,
 }
 
 /// A successful upstream answer, with the HTTP status for the call log.

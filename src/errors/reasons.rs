@@ -51,7 +51,7 @@ macro_rules! reason_code {
 }
 
 // In the order a call meets them: admission, size, credentials, validation,
-// quotas, idempotency key, upstream.
+// fair share, quotas, idempotency key, upstream.
 gateway_reasons! {
     /// `--max-in-flight` calls were already in flight; nothing was sent.
     OVERLOADED => ResourceExhausted;
@@ -70,6 +70,9 @@ gateway_reasons! {
     /// A request field (or the `idempotency-key`) is empty or invalid; see
     /// `BadRequest`.
     INVALID_REQUEST => InvalidArgument;
+    /// The gateway is contended and the call's tenant already holds its
+    /// fair share of `--max-in-flight`; nothing was sent.
+    TENANT_OVER_SHARE => ResourceExhausted;
     /// A quota of `--quotas` (the caller's or the organization's) has no
     /// call left now; nothing was sent. See `QuotaFailure` and `RetryInfo`.
     QUOTA_EXCEEDED => ResourceExhausted;

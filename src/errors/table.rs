@@ -75,6 +75,34 @@ impl CallError {
                     .collect(),
             ),
 
+            // ---- the tenant's fair share
+            Self::TenantOverShare(over) => {
+                let tenant = match over.unverified {
+                    true => {
+                        "the organizations Gormic has not accepted a call for yet, which \
+                             share one tenant,"
+                    }
+                    false => "this tenant",
+                };
+                let failure = Failure::gateway(
+                    Reason::TENANT_OVER_SHARE,
+                    format!(
+                        "gateway busy: {tenant} already has {} calls in flight, its fair share \
+                         of --max-in-flight between the {} tenants with calls in flight; \
+                         nothing was sent",
+                        over.in_flight, over.tenants
+                    ),
+                )
+                .with("share", over.share.to_string())
+                .with("tenant_in_flight", over.in_flight.to_string())
+                .with("tenants", over.tenants.to_string())
+                .retry_after(SHED_RETRY_DELAY);
+                match over.unverified {
+                    true => failure.with("unverified", "true"),
+                    false => failure,
+                }
+            }
+
             // ---- quotas
             Self::Quota(refused) => {
                 let description = refused.description();
@@ -261,5 +289,53 @@ fn invalid_request<'a>(violations: Vec<(&'static str, &'a str)>) -> Failure<'a> 
     Failure {
         violations,
         ..Failure::gateway(Reason::INVALID_REQUEST, message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::Code;
+
+    use super::*;
+    use crate::limits::{OverShare, ShedReason};
+
+    #[test]
+    fn a_tenant_over_its_share_is_told_its_share_and_when_to_retry() {
+        let over = |unverified| {
+            CallError::TenantOverShare(OverShare {
+                share: 7,
+                in_flight: 9,
+                tenants: 2,
+                unverified,
+            })
+        };
+        let error = over(false);
+        let failure = error.failure("CloseInvoice");
+        assert_eq!(failure.code, Code::ResourceExhausted);
+        assert_eq!(failure.reason, "TENANT_OVER_SHARE");
+        assert_eq!(failure.retry_delay, Some(SHED_RETRY_DELAY));
+        let metadata = |failure: &Failure<'_>, key: &str| failure.metadata.get(key).cloned();
+        assert_eq!(metadata(&failure, "share").as_deref(), Some("7"));
+        assert_eq!(metadata(&failure, "tenant_in_flight").as_deref(), Some("9"));
+        assert_eq!(metadata(&failure, "tenants").as_deref(), Some("2"));
+        assert_eq!(metadata(&failure, "unverified"), None);
+        assert!(
+            failure
+                .message
+                .contains("this tenant already has 9 calls in flight")
+                && failure.message.contains("nothing was sent"),
+            "{}",
+            failure.message
+        );
+        assert_eq!(over(false).shed_reason(), Some(ShedReason::FairShare));
+
+        let error = over(true);
+        let pooled = error.failure("CloseInvoice");
+        assert_eq!(metadata(&pooled, "unverified").as_deref(), Some("true"));
+        assert!(
+            pooled.message.contains("not accepted a call for yet"),
+            "{}",
+            pooled.message
+        );
     }
 }

@@ -1,14 +1,20 @@
 //! The limits' series: the calls shed before reaching the upstream, by
-//! reason (`gormic_gateway_calls_shed_total{reason}`), and the admission
+//! reason (`gormic_gateway_calls_shed_total{reason}`), the admission
 //! cap's count, read at scrape time as `gormic_gateway_calls_in_flight`
-//! (through [`InFlightGauge`]).
+//! (through [`InFlightGauge`]), and the tenants' gauges, read at scrape
+//! time too ([`TenantMetrics`]).
 
-use prometheus_client::encoding::EncodeLabelSet;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
 use super::InFlightLimit;
 use crate::metrics::{CachedFamily, InFlightGauge, MetricsArgs, Series};
+use crate::tenant::{TenantId, Tenants};
 
 /// Why a call was refused before it reached the upstream
 /// (`gormic_gateway_calls_shed_total{reason}`).
@@ -22,15 +28,19 @@ pub enum ShedReason {
     /// The upstream rate-limited the call's credential and its cooldown
     /// runs (`UPSTREAM_RATE_LIMITED`).
     UpstreamRateLimited,
+    /// The gateway was contended and the call's tenant held its share
+    /// (`TENANT_OVER_SHARE`).
+    FairShare,
     /// A quota of `--quotas` had no call left (`QUOTA_EXCEEDED`).
     Quota,
 }
 
 impl ShedReason {
-    const ALL: [Self; 4] = [
+    const ALL: [Self; 5] = [
         Self::InFlightLimit,
         Self::UpstreamQueueFull,
         Self::UpstreamRateLimited,
+        Self::FairShare,
         Self::Quota,
     ];
 
@@ -39,6 +49,7 @@ impl ShedReason {
             Self::InFlightLimit => "in_flight_limit",
             Self::UpstreamQueueFull => "upstream_queue_full",
             Self::UpstreamRateLimited => "upstream_rate_limited",
+            Self::FairShare => "fair_share",
             Self::Quota => "quota",
         }
     }
@@ -81,6 +92,86 @@ impl ShedMetrics {
                 reason: reason.as_str(),
             })
             .inc();
+    }
+}
+
+/// The tenants' gauges, read at scrape time from the admission cap and
+/// the tenants a gateway uses ([`TenantMetrics::watch`]); registered with
+/// [`Metrics::series`](crate::metrics::Metrics::series). Their help texts
+/// say "tenant": the word "organization" appears in the exposition only as
+/// the opt-in label (a test holds it to that).
+#[derive(Debug)]
+pub struct TenantMetrics {
+    watched: Arc<Mutex<Option<Watched>>>,
+}
+
+#[derive(Debug)]
+struct Watched {
+    limit: InFlightLimit,
+    tenants: Tenants,
+}
+
+impl Series for TenantMetrics {
+    fn register(registry: &mut Registry, _: &MetricsArgs) -> Self {
+        let watched = Arc::new(Mutex::new(None));
+        registry.register_collector(Box::new(TenantCollector {
+            watched: watched.clone(),
+        }));
+        Self { watched }
+    }
+}
+
+impl TenantMetrics {
+    /// The gauges read `limit`'s tenants and `tenants`' trusted set; the
+    /// last pair set is used.
+    pub fn watch(&self, limit: &InFlightLimit, tenants: &Tenants) {
+        *self.watched.lock().unwrap_or_else(PoisonError::into_inner) = Some(Watched {
+            limit: limit.clone(),
+            tenants: tenants.clone(),
+        });
+    }
+}
+
+#[derive(Debug)]
+struct TenantCollector {
+    watched: Arc<Mutex<Option<Watched>>>,
+}
+
+impl Collector for TenantCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let values = {
+            let watched = self.watched.lock().unwrap_or_else(PoisonError::into_inner);
+            let Some(Watched { limit, tenants }) = watched.as_ref() else {
+                return Ok(());
+            };
+            [
+                (
+                    "gormic_gateway_tenants_in_flight",
+                    "Tenants with calls in flight, among which --max-in-flight is shared when \
+                     contended; the unverified ones count as one",
+                    limit.tenants_in_flight(),
+                ),
+                (
+                    "gormic_gateway_unverified_calls_in_flight",
+                    "Calls in flight of the one tenant shared by all those Gormic has not \
+                     accepted a call for yet (with --tenant-key caller: by the calls without a \
+                     caller identity)",
+                    limit.tenant_in_flight(TenantId::UNVERIFIED),
+                ),
+                (
+                    "gormic_gateway_tenants_trusted",
+                    "Tenants Gormic accepted a call for within the last hour, each counted on \
+                     its own (at most 10000; 0 with --credentials or --tenant-key caller, where \
+                     every tenant is trusted)",
+                    tenants.trusted(),
+                ),
+            ]
+        };
+        for (name, help, value) in values {
+            let gauge = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        Ok(())
     }
 }
 
@@ -132,5 +223,69 @@ mod tests {
         assert_eq!(series("upstream_queue_full").as_deref(), Some("1"));
         assert_eq!(series("upstream_rate_limited").as_deref(), Some("1"));
         assert_eq!(series("quota").as_deref(), Some("1"));
+        assert_eq!(series("fair_share"), None, "appears with its first call");
+        shed.call_shed(ShedReason::FairShare);
+        let text = metrics.encode();
+        assert_eq!(
+            sample(
+                &text,
+                r#"gormic_gateway_calls_shed_total{reason="fair_share"}"#
+            )
+            .as_deref(),
+            Some("1")
+        );
+    }
+
+    #[test]
+    fn the_tenant_gauges_read_the_cap_and_the_trusted_set() {
+        use crate::tenant::TenantKey;
+        let metrics = Metrics::default();
+        let gauges = metrics.series::<TenantMetrics>();
+        assert_eq!(
+            sample(&metrics.encode(), "gormic_gateway_tenants_in_flight"),
+            None,
+            "nothing watched yet"
+        );
+        let limit = InFlightLimit::new(100);
+        let tenants = Tenants::new(TenantKey::Organization);
+        gauges.watch(&limit, &tenants);
+        let value = |name: &str| sample(&metrics.encode(), name);
+        assert_eq!(
+            value("gormic_gateway_tenants_in_flight").as_deref(),
+            Some("0")
+        );
+        let _admitted = limit.try_admit().expect("room");
+        let one = limit.fair_share(TenantId::UNVERIFIED).expect("share");
+        let two = limit.fair_share(TenantId::UNVERIFIED).expect("share");
+        assert_eq!(
+            value("gormic_gateway_tenants_in_flight").as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            value("gormic_gateway_unverified_calls_in_flight").as_deref(),
+            Some("2")
+        );
+        assert_eq!(
+            value("gormic_gateway_tenants_trusted").as_deref(),
+            Some("0")
+        );
+        let credentials = crate::credentials::Credentials {
+            api_key: http::HeaderValue::from_static("k"),
+            organization_id: http::HeaderValue::from_static("org-1"),
+        };
+        tenants.answered(&tenants.identify(&credentials, None, false), 200);
+        assert_eq!(
+            value("gormic_gateway_tenants_trusted").as_deref(),
+            Some("1")
+        );
+        drop((one, two));
+        assert_eq!(
+            value("gormic_gateway_tenants_in_flight").as_deref(),
+            Some("0")
+        );
+        assert_eq!(
+            value("gormic_gateway_unverified_calls_in_flight").as_deref(),
+            Some("0")
+        );
     }
 }

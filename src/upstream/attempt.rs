@@ -44,7 +44,12 @@ impl Upstream {
             made: false,
             sent: false,
         };
-        let slot = match self.shared.limit.acquire(worker.share, deadline.at()).await {
+        let slot = match self
+            .shared
+            .limit
+            .acquire(worker.share, call.tenant, deadline.at())
+            .await
+        {
             Ok(slot) => slot,
             Err(Refused::QueueFull) => return not_made(UpstreamError::QueueFull),
             Err(Refused::Deadline) => {

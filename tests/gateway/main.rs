@@ -23,6 +23,7 @@ mod sandbox;
 mod secure;
 mod store_api;
 mod store_failover;
+mod tenants;
 mod tls;
 mod transport;
 mod upstream_errors;

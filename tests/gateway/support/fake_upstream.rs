@@ -4,7 +4,7 @@
 //! ([`FakeUpstream::start_h2c`]), or over TLS with the ALPN protocols the
 //! test chose, HTTP/2 included ([`FakeUpstream::start_tls`]).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -134,6 +134,8 @@ struct Shared {
     released: Notify,
     /// Hold every answer until this many requests have arrived.
     hold_until: Mutex<Option<usize>>,
+    /// Answers by `organization-id`, used instead of the script.
+    by_organization: Mutex<HashMap<String, Scripted>>,
 }
 
 /// Connection counts as the upstream saw them.
@@ -406,6 +408,16 @@ impl FakeUpstream {
         script.extend(answers);
     }
 
+    /// Answer every following request for `organization` (its
+    /// `organization-id` header) with `answer`, instead of the script.
+    pub fn respond_for_organization(&self, organization: &str, answer: Scripted) {
+        self.shared
+            .by_organization
+            .lock()
+            .unwrap()
+            .insert(organization.to_owned(), answer);
+    }
+
     /// Answer every following request with `answer` (replaces the script).
     pub fn respond(&self, answer: Scripted) {
         let mut script = self.shared.script.lock().unwrap();
@@ -486,7 +498,14 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
     let body = axum::body::to_bytes(body, usize::MAX)
         .await
         .unwrap_or_default();
-    let answer = {
+    let for_organization = parts
+        .headers
+        .get("organization-id")
+        .and_then(|o| o.to_str().ok())
+        .and_then(|o| shared.by_organization.lock().unwrap().get(o).cloned());
+    let answer = if let Some(answer) = for_organization {
+        answer
+    } else {
         let mut script = shared.script.lock().unwrap();
         let answer = if script.len() > 1 {
             script.pop_front()
@@ -590,6 +609,24 @@ mod tests {
 
         assert!(refused.is_err(), "an HTTP/1.1 answer: {refused:?}");
         assert!(upstream.requests().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_organization_can_have_answers_of_its_own() {
+        let upstream = FakeUpstream::start().await;
+        upstream.respond(Scripted::raw(403, "who?"));
+        upstream.respond_for_organization("org-1", Scripted::raw(200, "welcome"));
+        let client = crate::support::http_client().build().expect("HTTP client");
+        let status = |organization: &'static str| {
+            let request = client
+                .get(upstream.url())
+                .header("organization-id", organization);
+            async move { request.send().await.expect("an answer").status() }
+        };
+        assert_eq!(status("org-1").await, 200);
+        assert_eq!(status("made-up").await, 403);
+        assert_eq!(status("org-1").await, 200);
+        assert_eq!(upstream.requests().len(), 3);
     }
 
     #[tokio::test]
