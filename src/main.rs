@@ -100,8 +100,13 @@ async fn serve(
         signal.await;
         let _ = stop.send(true);
     };
+    // The one shared store (with a Redis `--idempotency-store`): idempotency
+    // records, quotas and cooldowns use its connections and follow its
+    // failovers together.
+    let store = Idempotency::shared_store_of(&config.idempotency, &config.store)
+        .map_err(|e| e.to_string())?;
     let idempotency =
-        Idempotency::open(&config.idempotency, &config.store).map_err(|e| e.to_string())?;
+        Idempotency::on(&config.idempotency, store.clone()).map_err(|e| e.to_string())?;
     let upstream_url = match &config.upstream {
         Destination::Url(url) => url.clone(),
         Destination::Sandbox(fixture) => start_sandbox(fixture.clone()).await?,
@@ -111,7 +116,7 @@ async fn serve(
         .map_err(|e| e.to_string())?
         .with_metrics(metrics.clone());
     metrics.register_connections(upstream.gauges());
-    if let Some(store) = idempotency.shared_store() {
+    if let Some(store) = &store {
         metrics.register_collector(Box::new(store.collector()));
         upstream.share_cooldowns(store);
     }
@@ -170,8 +175,6 @@ async fn serve(
         },
         metrics.clone(),
     ));
-    // The one store handle: quotas share idempotency's connections.
-    let shared_store = idempotency.shared_store().cloned();
     let mut gateway = InvoiceGateway::new(upstream)
         .map_err(|e| e.to_string())?
         .with_in_flight_limit(InFlightLimit::new(config.max_in_flight))
@@ -184,7 +187,7 @@ async fn serve(
         gateway = gateway.with_credentials(credentials);
     }
     if let Some(table) = config.quotas.clone() {
-        gateway = gateway.with_quotas(quotas(table, shared_store, &config));
+        gateway = gateway.with_quotas(quotas(table, store, &config));
     }
     readiness.set_ready(true);
     let hooks = server::Hooks {

@@ -130,22 +130,43 @@ impl Idempotency {
     /// Opens the store the flags name. A Redis store is not contacted here:
     /// it connects in the background and reconnects by itself, so the
     /// gateway starts while Redis is down (calls with a key fail until it is
-    /// back). Call inside the Tokio runtime.
+    /// back). Call inside the Tokio runtime. The binary opens the shared
+    /// store itself, once for all its users ([`Self::on`]).
     pub fn open(args: &IdempotencyArgs, store_args: &StoreArgs) -> Result<Self, ConfigError> {
-        let store = match &args.idempotency_store {
-            StoreLocation::Memory => Self::memory(args)?,
-            StoreLocation::Redis(url) => {
-                let shared = crate::store::Store::open(
-                    url,
-                    args.idempotency_store_timeout,
-                    store_args.idempotency_store_replicas,
-                )
-                .map_err(|e| ConfigError::Start(e.to_string()))?;
-                Store::Redis(Arc::new(redis::RedisStore::new(
-                    shared,
-                    args.idempotency_ttl,
-                )?))
-            }
+        Self::on(args, Self::shared_store_of(args, store_args)?)
+    }
+
+    /// The shared store `--idempotency-store` names (`None` for `memory`),
+    /// opened: the handle idempotency, quotas and cooldowns share.
+    pub fn shared_store_of(
+        args: &IdempotencyArgs,
+        store_args: &StoreArgs,
+    ) -> Result<Option<crate::store::Store>, ConfigError> {
+        match &args.idempotency_store {
+            StoreLocation::Memory => Ok(None),
+            StoreLocation::Redis(url) => crate::store::Store::open(
+                url,
+                args.idempotency_store_timeout,
+                store_args.idempotency_store_replicas,
+            )
+            .map(Some)
+            .map_err(|e| ConfigError::Start(e.to_string())),
+        }
+    }
+
+    /// The idempotency records of `args`, in `shared` when the flags name a
+    /// Redis store (opened by [`Self::shared_store_of`]), in memory
+    /// otherwise.
+    pub fn on(
+        args: &IdempotencyArgs,
+        shared: Option<crate::store::Store>,
+    ) -> Result<Self, ConfigError> {
+        let store = match shared {
+            None => Self::memory(args)?,
+            Some(shared) => Store::Redis(Arc::new(redis::RedisStore::new(
+                shared,
+                args.idempotency_ttl,
+            )?)),
         };
         Ok(Self { store })
     }
