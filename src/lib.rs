@@ -8,9 +8,11 @@
 //! REST API (`--sandbox`), reached through the same client.
 //!
 //! Layers point one way: `main` and [`config`] compose; [`server`] →
-//! [`service`] → the steps → [`upstream`] → `wire`/[`routes`]; observability
+//! [`service`] → the steps → [`upstream`] → `wire`/[`routes`]; [`store`]
+//! (the Redis the replicas share) knows none of its users; observability
 //! ([`metrics`], [`logging`], [`trace`]), [`tls`] and the leaves ([`units`],
 //! [`deadline`], [`validation`], [`grpc_code`]) import nothing above them.
+//! docs/architecture.md maps every file.
 
 pub mod admin;
 pub mod call_end;

@@ -10,8 +10,9 @@
 //!    `limits`), its quotas (`quota`, with `--quotas`): a refused call
 //!    takes no lease and is never sent;
 //! 5. the idempotency key (`idempotency::step`): a lease, or a replay;
-//! 6. the upstream exchange with its retries (`upstream`), in the tenant's
-//!    turn; an answer that accepted the credentials makes the organization
+//! 6. the upstream exchange with its retries (`upstream`): the credential's
+//!    cooldown first, then the breaker, each attempt in the tenant's turn
+//!    for a slot; an answer that accepted the credentials makes the organization
 //!    trusted (`tenant`);
 //! 7. the status of a failure (`errors`, the one table);
 //! 8. the idempotency verdict, recorded within the deadline;
