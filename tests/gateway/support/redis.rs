@@ -276,9 +276,13 @@ fn launch(port: u16, dir: &Path, config: &[String]) -> Result<(Child, Arc<Mutex<
         .into_iter()
         .chain(["--save", "", "--appendonly", "no", "--daemonize", "no"])
         .chain(["--dir", &dir])
-        // A replica's first sync starts at once, not after the default 5 s
-        // a primary waits for more replicas to share its snapshot.
-        .chain(["--repl-diskless-sync-delay", "0"])
+        // A replica's full sync through a snapshot file (in `dir`): the
+        // primary streams it its writes as soon as the file is sent. Through
+        // a socket (the default), the primary first waits 5 s for more
+        // replicas to share the snapshot; and then, until the replica's next
+        // acknowledgement (once a second), streams it nothing, so a `WAIT`
+        // right after the sync times out.
+        .chain(["--repl-diskless-sync", "no"])
         .map(str::to_owned)
         .collect();
     // Last, so that the caller's `--dir` (or any other) wins.

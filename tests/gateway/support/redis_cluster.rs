@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::redis::{RedisServer, new_dir};
-use super::redis_command::{Node, command, empty, info_field, poll, try_command};
+use super::redis_command::{Node, command, empty, info_field, poll, replicas_of, try_command};
 
 /// Bound of every wait for the cluster to form or to settle.
 const PATIENCE: Duration = Duration::from_secs(45);
@@ -155,8 +155,8 @@ impl RedisCluster {
     /// Whether every live node says the cluster is ok with all slots
     /// served by a primary that is not failed, sees every live node's role
     /// as the others do (each replica's primary included), and each live
-    /// primary has its replica in sync (when it has one alive); the error
-    /// says what is not so.
+    /// primary has its replica in sync and online (when it has one alive);
+    /// the error says what is not so.
     fn settled(&self) -> Result<(), String> {
         let live: Vec<u16> = self
             .nodes
@@ -174,7 +174,15 @@ impl RedisCluster {
                 ));
             }
             match info_field(*port, "replication", "role").as_deref() {
-                Some("master") => {}
+                Some("master") => {
+                    let replicas = replicas_of(*port);
+                    if !replicas
+                        .as_ref()
+                        .is_some_and(|r| r.iter().all(|(_, online)| *online))
+                    {
+                        return Err(format!("primary {port}: replicas {replicas:?}"));
+                    }
+                }
                 Some("slave") => {
                     let link = info_field(*port, "replication", "master_link_status");
                     if link.as_deref() != Some("up") {

@@ -47,6 +47,26 @@ pub fn info_field(port: u16, section: &str, field: &str) -> Option<String> {
         .map(|value| value.trim().to_owned())
 }
 
+/// The replicas the primary at `port` lists in `INFO replication`: their
+/// ports, and whether each is online (its full sync done on the primary's
+/// side too: a replica says its link is up as soon as it loaded the
+/// snapshot, before its primary noticed the snapshot's child process
+/// ended and started streaming it writes).
+pub fn replicas_of(port: u16) -> Option<Vec<(u16, bool)>> {
+    let info: String = try_command(port, &["INFO", "replication"]).ok()?;
+    info.lines()
+        .filter(|line| line.starts_with("slave") && line.contains(":ip="))
+        .map(|line| {
+            let (_, fields) = line.split_once(':')?;
+            let field = |name: &str| fields.split(',').find_map(|f| f.strip_prefix(name));
+            Some((
+                field("port=")?.parse().ok()?,
+                field("state=") == Some("online"),
+            ))
+        })
+        .collect()
+}
+
 /// Sends a signal to a process (`STOP`, `CONT`) with kill(1).
 pub fn signal(pid: u32, name: &str) {
     let status = std::process::Command::new("kill")

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::redis::{RedisServer, free_port, new_dir, spawn_until};
-use super::redis_command::{Node, command, empty, info_field, poll, try_command};
+use super::redis_command::{Node, command, empty, info_field, poll, replicas_of, try_command};
 
 pub const SERVICE: &str = "gormic";
 /// Bound of every wait for the deployment to settle.
@@ -200,12 +200,13 @@ impl Drop for RedisSentinel {
     }
 }
 
-/// Waits until `replica` has synced with `primary` and the primary lists it.
+/// Waits until `replica` has synced with `primary` and the primary lists
+/// it online (see [`replicas_of`]): a `WAIT` is acknowledged at once.
 pub fn wait_in_sync(primary: u16, replica: u16) {
     poll("the replica to sync with its primary", PATIENCE, || {
         let link = info_field(replica, "replication", "master_link_status")?;
-        let connected = info_field(primary, "replication", "connected_slaves")?;
-        (link == "up" && connected != "0").then_some(())
+        let online = replicas_of(primary)?.contains(&(replica, true));
+        (link == "up" && online).then_some(())
     });
 }
 
