@@ -1,16 +1,20 @@
 //! A real `redis-server` on a free loopback port for the idempotency store
-//! tests: found on PATH, ready once it prints so, killed on drop. Without
-//! persistence (`--save "" --appendonly no`), so a restart starts empty.
-//! [`RedisServer::commandstats`] tells what it executed.
+//! tests: found on PATH, ready once it prints so, killed on drop, and killed
+//! with the test binary however that ends ([`spawn`]). Without persistence
+//! (`--save "" --appendonly no`) and in a directory of its own, so a restart
+//! starts empty and no server reads what another wrote (a replica's full
+//! sync writes `dump.rdb`). [`RedisServer::commandstats`] tells what it
+//! executed.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant};
+
+use super::redis_command::{Node, empty, info_field};
 
 const READY: &str = "Ready to accept connections";
 /// Generous: a loaded 2-core VM starts redis-server in milliseconds.
@@ -20,6 +24,9 @@ pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     config: Vec<String>,
+    /// Its working directory (`--dir`, unless `config` names another):
+    /// where a replica's full sync writes `dump.rdb`. Removed on drop.
+    dir: PathBuf,
     /// Everything the server printed, for failure messages.
     output: Arc<Mutex<String>>,
 }
@@ -33,21 +40,12 @@ impl RedisServer {
     /// A server with extra `--name value` arguments, e.g.
     /// `["--maxmemory", "4mb"]`.
     pub fn start_with(config: &[&str]) -> Self {
-        let config: Vec<String> = config.iter().map(|s| (*s).to_owned()).collect();
         // A port picked free may be taken before the server binds it: try a
         // few.
         let mut last = String::new();
         for _ in 0..5 {
-            let port = free_port();
-            match launch(port, &config) {
-                Ok((child, output)) => {
-                    return Self {
-                        child: Some(child),
-                        port,
-                        config,
-                        output,
-                    };
-                }
+            match Self::start_on(free_port(), config) {
+                Ok(server) => return server,
                 Err(output) => last = output,
             }
         }
@@ -58,13 +56,20 @@ impl RedisServer {
     /// bus port); the error is what it printed if it did not start.
     pub fn start_on(port: u16, config: &[&str]) -> Result<Self, String> {
         let config: Vec<String> = config.iter().map(|s| (*s).to_owned()).collect();
-        let (child, output) = launch(port, &config)?;
-        Ok(Self {
-            child: Some(child),
-            port,
-            config,
-            output,
-        })
+        let dir = new_dir(&format!("server-{port}"));
+        match launch(port, &dir, &config) {
+            Ok((child, output)) => Ok(Self {
+                child: Some(child),
+                port,
+                config,
+                dir,
+                output,
+            }),
+            Err(output) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(output)
+            }
+        }
     }
 
     pub fn port(&self) -> u16 {
@@ -89,10 +94,12 @@ impl RedisServer {
         }
     }
 
-    /// Starts it again on the same port (empty: nothing is persisted).
+    /// Starts it again on the same port, empty: nothing is persisted, and
+    /// what a full sync wrote (if it was a replica) is removed first.
     pub fn restart(&mut self) {
         self.kill();
-        match launch(self.port, &self.config) {
+        let _ = std::fs::remove_file(self.dir.join("dump.rdb"));
+        match launch(self.port, &self.dir, &self.config) {
             Ok((child, output)) => {
                 self.child = Some(child);
                 self.output = output;
@@ -102,6 +109,29 @@ impl RedisServer {
                 self.port
             ),
         }
+    }
+
+    /// Whether it is as [`Self::start`] left it, for another case of a
+    /// pool: running, a primary, with no replica.
+    pub fn ready(&self) -> Result<(), String> {
+        if self.child.is_none() {
+            return Err(format!("redis-server {} was killed", self.port));
+        }
+        let role = info_field(self.port, "replication", "role");
+        let replicas = info_field(self.port, "replication", "connected_slaves");
+        if role.as_deref() != Some("master") || replicas.as_deref() != Some("0") {
+            return Err(format!(
+                "redis-server {} is a {role:?} with {replicas:?} replicas",
+                self.port
+            ));
+        }
+        Ok(())
+    }
+
+    /// Empties it as a new server is (see [`empty`]), for the next case of
+    /// a pool.
+    pub fn empty(&self) -> Result<(), String> {
+        empty(self.port, Node::Primary { replicas: 0 })
     }
 
     pub fn output(&self) -> String {
@@ -178,6 +208,7 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -195,19 +226,66 @@ fn redis_server() -> PathBuf {
         })
 }
 
+/// A new directory for the files of a Redis process or deployment, named
+/// after `name`, in this test process's own directory under cargo's
+/// `target/tmp`. Its owner removes it on drop; what a pool or a killed
+/// test process left is removed by the next test process.
+pub fn new_dir(name: &str) -> PathBuf {
+    static OWN: OnceLock<PathBuf> = OnceLock::new();
+    let own = OWN.get_or_init(|| {
+        let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        remove_dead_processes_dirs(base);
+        base.join(format!("redis-{}", std::process::id()))
+    });
+    let dir = own.join(format!("{name}-{:016x}", fastrand::u64(..)));
+    std::fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("create the directory {}: {e}", dir.display()));
+    dir
+}
+
+/// Removes the directories of the test processes that are gone (their
+/// pooled deployments are never dropped).
+#[cfg(target_os = "linux")]
+fn remove_dead_processes_dirs(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let pid = name.to_str().and_then(|n| n.strip_prefix("redis-"));
+        if pid.is_some_and(|pid| !Path::new("/proc").join(pid).exists()) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Elsewhere, without `/proc` to tell, they stay.
+#[cfg(not(target_os = "linux"))]
+fn remove_dead_processes_dirs(_: &Path) {}
+
 pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     listener.local_addr().expect("local address").port()
 }
 
-/// Starts the server and waits for its readiness line; on failure, returns
-/// what it printed.
-fn launch(port: u16, config: &[String]) -> Result<(Child, Arc<Mutex<String>>), String> {
+/// Starts the server in `dir` and waits for its readiness line; on
+/// failure, returns what it printed.
+fn launch(port: u16, dir: &Path, config: &[String]) -> Result<(Child, Arc<Mutex<String>>), String> {
+    let dir = dir.display().to_string();
     let mut args: Vec<String> = ["--port", &port.to_string(), "--bind", "127.0.0.1"]
         .into_iter()
         .chain(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .chain(["--dir", &dir])
+        // A replica's full sync through a snapshot file (in `dir`): the
+        // primary streams it its writes as soon as the file is sent. Through
+        // a socket (the default), the primary first waits 5 s for more
+        // replicas to share the snapshot; and then, until the replica's next
+        // acknowledgement (once a second), streams it nothing, so a `WAIT`
+        // right after the sync times out.
+        .chain(["--repl-diskless-sync", "no"])
         .map(str::to_owned)
         .collect();
+    // Last, so that the caller's `--dir` (or any other) wins.
     args.extend_from_slice(config);
     spawn_until(&args, READY)
 }
@@ -219,13 +297,13 @@ pub fn spawn_until(
     args: &[String],
     ready_line: &str,
 ) -> Result<(Child, Arc<Mutex<String>>), String> {
-    let mut child = Command::new(redis_server())
+    let mut command = Command::new(redis_server());
+    command
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn redis-server");
+        .stderr(Stdio::piped());
+    let mut child = spawn(command).expect("spawn redis-server");
     let output = Arc::new(Mutex::new(String::new()));
     let (lines, ready) = mpsc::channel();
     // Both pipes are drained until the server exits, so it never blocks on
@@ -248,6 +326,68 @@ pub fn spawn_until(
         }
     }
 }
+
+/// Spawns `command` from the spawner thread, so that the process dies
+/// with the test binary, whatever ends it: a panic, an abort, a SIGKILL.
+/// Pooled deployments (`stores`) are never dropped, and a killed test
+/// never runs its drops.
+///
+/// On Linux the child's parent-death signal is SIGKILL. The kernel sends
+/// it when the *thread* that forked the child exits, and libtest runs each
+/// test on a thread of its own, which ends with the test while a pooled
+/// deployment outlives it: so every Redis process is forked by one thread
+/// that lives as long as the process (it waits for requests on a channel
+/// whose sender is never dropped).
+fn spawn(command: Command) -> std::io::Result<Child> {
+    type Request = (Command, mpsc::Sender<std::io::Result<Child>>);
+    static SPAWNER: OnceLock<mpsc::Sender<Request>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (requests, incoming) = mpsc::channel::<Request>();
+        std::thread::Builder::new()
+            .name("redis-spawner".to_owned())
+            .spawn(move || {
+                for (mut command, reply) in incoming {
+                    die_with_this_process(&mut command);
+                    let _ = reply.send(command.spawn());
+                }
+            })
+            .expect("start the redis-spawner thread");
+        requests
+    });
+    let (reply, spawned) = mpsc::channel();
+    spawner
+        .send((command, reply))
+        .expect("the redis-spawner thread runs until the process exits");
+    spawned
+        .recv()
+        .expect("the redis-spawner thread answers each request")
+}
+
+/// Makes the child die when its parent dies (Linux `PR_SET_PDEATHSIG`).
+#[cfg(target_os = "linux")]
+fn die_with_this_process(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id();
+    // SAFETY: the closure runs in the forked child before exec and only
+    // makes two async-signal-safe system calls (no allocation, no lock).
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died between the fork and the prctl: no
+            // signal will come then, so do not run at all.
+            if u32::try_from(libc::getppid()).ok() != Some(parent) {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Elsewhere the processes are only killed by their owners' drops.
+#[cfg(not(target_os = "linux"))]
+fn die_with_this_process(_: &mut Command) {}
 
 fn drain(
     pipe: impl Read + Send + 'static,

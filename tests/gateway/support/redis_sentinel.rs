@@ -3,15 +3,18 @@
 //! (down after 500 ms) so that a failover takes a couple of seconds.
 //! [`RedisSentinel::url`] is the `--idempotency-store` value. Everything is
 //! killed on drop; the Sentinels' configuration files (which they rewrite)
-//! live in a directory removed on drop.
+//! live in a directory removed on drop. The Sentinels are told of the
+//! replica and of each other as they start: found through the primary
+//! instead, they take 2 s (the period of their hellos).
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::redis::{RedisServer, free_port, spawn_until};
-use super::redis_command::{command, info_field, poll, try_command};
+use super::redis::{RedisServer, free_port, new_dir, spawn_until};
+use super::redis_command::{Node, command, empty, info_field, poll, replicas_of, try_command};
 
 pub const SERVICE: &str = "gormic";
 /// Bound of every wait for the deployment to settle.
@@ -30,6 +33,8 @@ pub struct RedisSentinel {
 struct Sentinel {
     child: Child,
     port: u16,
+    /// Its run id (`SENTINEL MYID`), which the others know it by.
+    id: String,
     _output: Arc<Mutex<String>>,
 }
 
@@ -41,15 +46,8 @@ impl RedisSentinel {
         let replica =
             RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port().to_string()]);
         wait_in_sync(primary.port(), replica.port());
-        let dir = std::env::temp_dir().join(format!(
-            "gormic-sentinel-{}-{}",
-            std::process::id(),
-            fastrand::u64(..)
-        ));
-        std::fs::create_dir_all(&dir).expect("create the Sentinels' directory");
-        let sentinels = (0..3)
-            .map(|i| start_sentinel(&dir, i, primary.port()))
-            .collect();
+        let dir = new_dir("sentinels");
+        let sentinels = start_sentinels(&dir, primary.port(), replica.port());
         let deployment = Self {
             servers: vec![primary, replica],
             sentinels,
@@ -110,30 +108,86 @@ impl RedisSentinel {
         })
     }
 
-    /// Waits until each Sentinel sees the replica and the two other
-    /// Sentinels (they find each other through the primary in a few
-    /// seconds): before that, a failover could not be agreed.
+    /// Waits until the deployment is [`Self::settled`]: before that, a
+    /// failover could not be agreed.
     fn wait_until_settled(&self) {
-        for sentinel in &self.sentinels {
-            poll(
-                "the Sentinels to know the replica and each other",
-                PATIENCE,
-                || {
-                    let fields: Vec<String> =
-                        try_command(sentinel.port, &["SENTINEL", "MASTER", SERVICE]).ok()?;
-                    let field = |name: &str| {
-                        fields
-                            .iter()
-                            .position(|f| f == name)
-                            .and_then(|i| fields.get(i + 1))
-                            .and_then(|v| v.parse::<u32>().ok())
-                    };
-                    (field("num-slaves") == Some(1) && field("num-other-sentinels") == Some(2))
-                        .then_some(())
-                },
-            );
-        }
+        poll(
+            "the Sentinels to know the replica and each other, all linked",
+            PATIENCE,
+            || self.settled().ok(),
+        );
     }
+
+    /// Whether each Sentinel watches the primary as up, and is linked to
+    /// the replica (in sync with it) and to the two other Sentinels; the
+    /// error says what is not so.
+    fn settled(&self) -> Result<(), String> {
+        for sentinel in &self.sentinels {
+            let port = sentinel.port;
+            let primary = fields(try_command(port, &["SENTINEL", "MASTER", SERVICE])?);
+            if primary.get("flags").map(String::as_str) != Some("master")
+                || primary.get("num-slaves").map(String::as_str) != Some("1")
+                || primary.get("num-other-sentinels").map(String::as_str) != Some("2")
+            {
+                return Err(format!("Sentinel {port} sees the primary as {primary:?}"));
+            }
+            let replicas: Vec<Vec<String>> = try_command(port, &["SENTINEL", "REPLICAS", SERVICE])?;
+            let others: Vec<Vec<String>> = try_command(port, &["SENTINEL", "SENTINELS", SERVICE])?;
+            for (what, entry, flags) in replicas
+                .into_iter()
+                .map(|r| ("replica", r, "slave"))
+                .chain(others.into_iter().map(|s| ("Sentinel", s, "sentinel")))
+            {
+                let entry = fields(entry);
+                let linked = entry.get("flags").map(String::as_str) == Some(flags)
+                    && entry
+                        .get("master-link-status")
+                        .is_none_or(|status| status == "ok");
+                if !linked {
+                    return Err(format!("Sentinel {port} sees a {what} as {entry:?}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the deployment is as [`Self::start`] left it, for another
+    /// case of a pool: settled, with its first server still the primary
+    /// every Sentinel names (no failover happened).
+    pub fn ready(&self) -> Result<(), String> {
+        let first = self.servers[0].port();
+        for sentinel in &self.sentinels {
+            let address: Vec<String> = try_command(
+                sentinel.port,
+                &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE],
+            )?;
+            if address.get(1) != Some(&first.to_string()) {
+                return Err(format!(
+                    "Sentinel {} names {address:?} as the primary, not port {first}",
+                    sentinel.port
+                ));
+            }
+        }
+        if info_field(first, "replication", "role").as_deref() != Some("master") {
+            return Err(format!("port {first} is no longer a primary"));
+        }
+        self.settled()
+    }
+
+    /// Empties the primary, and its replica with it (see [`empty`]), for
+    /// the next case of a pool.
+    pub fn empty(&self) -> Result<(), String> {
+        empty(self.servers[0].port(), Node::Primary { replicas: 1 })?;
+        // Its own script cache, which the primary's flush does not reach.
+        empty(self.servers[1].port(), Node::Replica)
+    }
+}
+
+/// The fields of a Sentinel's reply about one instance (name, value, name,
+/// value…).
+fn fields(reply: Vec<String>) -> HashMap<String, String> {
+    let mut pairs = reply.into_iter();
+    std::iter::from_fn(|| Some((pairs.next()?, pairs.next()?))).collect()
 }
 
 impl Drop for RedisSentinel {
@@ -146,44 +200,109 @@ impl Drop for RedisSentinel {
     }
 }
 
-/// Waits until `replica` has synced with `primary` and the primary lists it.
+/// Waits until `replica` has synced with `primary` and the primary lists
+/// it online (see [`replicas_of`]): a `WAIT` is acknowledged at once.
 pub fn wait_in_sync(primary: u16, replica: u16) {
     poll("the replica to sync with its primary", PATIENCE, || {
         let link = info_field(replica, "replication", "master_link_status")?;
-        let connected = info_field(primary, "replication", "connected_slaves")?;
-        (link == "up" && connected != "0").then_some(())
+        let online = replicas_of(primary)?.contains(&(replica, true));
+        (link == "up" && online).then_some(())
     });
 }
 
-fn start_sentinel(dir: &std::path::Path, index: usize, primary: u16) -> Sentinel {
+/// Three Sentinels watching `primary`, each configured with the replica
+/// (`known-replica`, as a Sentinel writes in its own file once it found
+/// one), then introduced to the two others once all three listen ([`introduce`]).
+fn start_sentinels(dir: &Path, primary: u16, replica: u16) -> Vec<Sentinel> {
     let mut last = String::new();
     for _ in 0..5 {
-        let port = free_port();
-        let file = dir.join(format!("sentinel-{index}-{port}.conf"));
-        let config = format!(
-            "port {port}\n\
-             bind 127.0.0.1\n\
-             dir {dir}\n\
-             sentinel monitor {SERVICE} 127.0.0.1 {primary} 2\n\
-             sentinel down-after-milliseconds {SERVICE} 500\n\
-             sentinel failover-timeout {SERVICE} 2000\n\
-             sentinel parallel-syncs {SERVICE} 1\n",
-            dir = dir.display()
-        );
-        std::fs::write(&file, config).expect("write a Sentinel's configuration");
-        let args = vec![file.display().to_string(), "--sentinel".to_owned()];
-        match spawn_until(&args, MONITORING) {
-            Ok((child, output)) => {
-                return Sentinel {
-                    child,
-                    port,
-                    _output: output,
-                };
+        let started: Vec<Result<Sentinel, String>> = std::thread::scope(|scope| {
+            let starting: Vec<_> = (0..3)
+                .map(|index| scope.spawn(move || start_sentinel(dir, index, primary, replica)))
+                .collect();
+            starting
+                .into_iter()
+                .map(|s| s.join().expect("a Sentinel starts"))
+                .collect()
+        });
+        let mut sentinels = Vec::new();
+        let mut failed = None;
+        for sentinel in started {
+            match sentinel {
+                Ok(sentinel) => sentinels.push(sentinel),
+                // A port picked free was taken before its Sentinel bound it.
+                Err(output) => failed = Some(output),
             }
-            Err(output) => last = output,
+        }
+        let Some(output) = failed else {
+            introduce(&sentinels, primary);
+            return sentinels;
+        };
+        last = output;
+        for mut sentinel in sentinels {
+            let _ = sentinel.child.kill();
+            let _ = sentinel.child.wait();
         }
     }
     panic!("redis-server --sentinel did not start; its output:\n{last}");
+}
+
+fn start_sentinel(
+    dir: &Path,
+    index: usize,
+    primary: u16,
+    replica: u16,
+) -> Result<Sentinel, String> {
+    let port = free_port();
+    let file = dir.join(format!("sentinel-{index}-{port}.conf"));
+    let config = format!(
+        "port {port}\n\
+         bind 127.0.0.1\n\
+         dir {dir}\n\
+         sentinel monitor {SERVICE} 127.0.0.1 {primary} 2\n\
+         sentinel down-after-milliseconds {SERVICE} 500\n\
+         sentinel failover-timeout {SERVICE} 2000\n\
+         sentinel parallel-syncs {SERVICE} 1\n\
+         sentinel known-replica {SERVICE} 127.0.0.1 {replica}\n",
+        dir = dir.display()
+    );
+    std::fs::write(&file, config).expect("write a Sentinel's configuration");
+    let args = vec![file.display().to_string(), "--sentinel".to_owned()];
+    let (mut child, output) = spawn_until(&args, MONITORING)?;
+    match try_command(port, &["SENTINEL", "MYID"]) {
+        Ok(id) => Ok(Sentinel {
+            child,
+            port,
+            id,
+            _output: output,
+        }),
+        Err(error) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(error)
+        }
+    }
+}
+
+/// Tells each Sentinel about the two others with the hello message each
+/// would publish on the primary's `__sentinel__:hello` channel (a Sentinel
+/// takes one by `PUBLISH` too). Left to themselves, they hear the first
+/// hellos 2 s after they start (the hello period); and configured with
+/// each other (`known-sentinel`), the first to start fails to reach the
+/// others, and retries only a second later.
+fn introduce(sentinels: &[Sentinel], primary: u16) {
+    for sentinel in sentinels {
+        for other in sentinels.iter().filter(|o| o.port != sentinel.port) {
+            // ip,port,runid,current epoch,service,primary ip,primary port,
+            // its config epoch.
+            let hello = format!(
+                "127.0.0.1,{},{},0,{SERVICE},127.0.0.1,{primary},0",
+                other.port, other.id
+            );
+            let heard: i64 = command(sentinel.port, &["PUBLISH", "__sentinel__:hello", &hello]);
+            assert_eq!(heard, 1, "Sentinel {} took the hello", sentinel.port);
+        }
+    }
 }
 
 mod tests {

@@ -4,6 +4,16 @@
 //! makes each shared case one test per kind. The store suites
 //! (`idempotency`, `idempotency_store`) use it, so that a new kind runs
 //! every shared case by adding it here, not by copying the suites.
+//!
+//! The shared cases borrow their deployments from a pool ([`StoreKind::lease`]):
+//! a run starts about as many of each kind as cases run at once, not one
+//! per case (a Cluster takes over 2 s to start). A deployment goes to one
+//! case at a time, and back to the pool only if the case passed and the
+//! deployment is then emptied and found as a new one is ([`Lease::give_back`]);
+//! otherwise it is stopped. Pooled processes die with the test binary
+//! (`redis::spawn`).
+
+use std::sync::{Mutex, PoisonError};
 
 use gormic_gateway::idempotency::{Idempotency, IdempotencyArgs, parse_store};
 
@@ -31,15 +41,72 @@ pub enum StoreKind {
 
 impl StoreKind {
     /// Starts what a store of this kind needs (a redis-server for Redis, a
-    /// deployment for Sentinel and Cluster). The Redis processes are
-    /// started synchronously: call it where blocking is allowed (the macro
-    /// below does, in `block_in_place`).
+    /// deployment for Sentinel and Cluster), its own. The Redis processes
+    /// are started synchronously: call it where blocking is allowed.
     pub fn start(self) -> Backend {
         match self {
             StoreKind::Memory => Backend::Memory,
             StoreKind::Redis => Backend::Redis(RedisServer::start()),
             StoreKind::Sentinel => Backend::Sentinel(RedisSentinel::start()),
             StoreKind::Cluster => Backend::Cluster(RedisCluster::start()),
+        }
+    }
+
+    /// A backend of this kind for one case: an idle one of the pool, found
+    /// still as [`Self::start`] left it, or else a new one. Blocking, like
+    /// [`Self::start`].
+    pub fn lease(self) -> Lease {
+        loop {
+            let idle = {
+                let mut idle = IDLE.lock().unwrap_or_else(PoisonError::into_inner);
+                let found = idle.iter().position(|b| b.kind() == self);
+                found.map(|i| idle.swap_remove(i))
+            };
+            let Some(backend) = idle else {
+                return Lease(Some(self.start()));
+            };
+            // Idle, it may still have been broken meanwhile (a Sentinel
+            // that saw the primary stall on a loaded machine, say).
+            match backend.ready() {
+                Ok(()) => return Lease(Some(backend)),
+                Err(why) => eprintln!("a pooled {self:?} backend is stopped: {why}"),
+            }
+        }
+    }
+}
+
+/// The idle backends, of every kind. Never dropped: their processes die
+/// with the test binary.
+static IDLE: Mutex<Vec<Backend>> = Mutex::new(Vec::new());
+
+/// A backend lent to one case. Dropped (as when the case panics), it is
+/// stopped; [`Lease::give_back`] returns it to the pool.
+pub struct Lease(Option<Backend>);
+
+impl Lease {
+    pub fn backend(&self) -> &Backend {
+        self.0
+            .as_ref()
+            .expect("a lease holds its backend until given back")
+    }
+
+    /// Returns the backend to the pool once the case that used it has
+    /// passed and everything it ran is gone (its runtime dropped), if it is
+    /// then emptied and found as new: otherwise it is stopped. Blocking.
+    pub fn give_back(mut self) {
+        // A memory store is the gateway's own, gone with the case.
+        let Some(backend) = self.0.take().filter(|b| b.kind() != StoreKind::Memory) else {
+            return;
+        };
+        match backend.empty().and_then(|()| backend.ready()) {
+            Ok(()) => IDLE
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(backend),
+            Err(why) => eprintln!(
+                "a {:?} backend is stopped, not pooled: {why}",
+                backend.kind()
+            ),
         }
     }
 }
@@ -55,6 +122,36 @@ pub enum Backend {
 }
 
 impl Backend {
+    pub fn kind(&self) -> StoreKind {
+        match self {
+            Backend::Memory => StoreKind::Memory,
+            Backend::Redis(_) => StoreKind::Redis,
+            Backend::Sentinel(_) => StoreKind::Sentinel,
+            Backend::Cluster(_) => StoreKind::Cluster,
+        }
+    }
+
+    /// Whether this backend is as it was started, ready for a case.
+    fn ready(&self) -> Result<(), String> {
+        match self {
+            Backend::Memory => Ok(()),
+            Backend::Redis(server) => server.ready(),
+            Backend::Sentinel(deployment) => deployment.ready(),
+            Backend::Cluster(cluster) => cluster.ready(),
+        }
+    }
+
+    /// Makes this backend as empty as a new one (a memory store is the
+    /// gateway's own: nothing to do).
+    fn empty(&self) -> Result<(), String> {
+        match self {
+            Backend::Memory => Ok(()),
+            Backend::Redis(server) => server.empty(),
+            Backend::Sentinel(deployment) => deployment.empty(),
+            Backend::Cluster(cluster) => cluster.empty(),
+        }
+    }
+
     /// `--idempotency-store` for this backend: `memory`, or its Redis URL.
     pub fn location(&self) -> String {
         match self {
@@ -89,6 +186,12 @@ pub async fn open_at(location: &str, args: impl Into<IdempotencyArgs>) -> Idempo
 /// (`memory_store::case`, `redis_store::case`, `sentinel_store::case`,
 /// `cluster_store::case`), so that the failing test's
 /// name says which store failed. The list below is the one list of kinds.
+///
+/// Each test runs its case on a runtime of its own, as
+/// `#[tokio::test(flavor = "multi_thread", worker_threads = 2)]` would,
+/// with a backend leased from the pool, and gives it back once the runtime
+/// is dropped (every connection and task of the case gone); a case that
+/// panics never gives it back.
 macro_rules! for_each_store {
     ($($case:ident),* $(,)?) => {
         $crate::support::stores::for_each_store!(
@@ -111,12 +214,17 @@ macro_rules! for_each_store {
     (@each [$module:ident: $kind:ident $(, $more:ident: $more_kind:ident)*] ($($case:ident),*)) => {
         mod $module {
             $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let backend = tokio::task::block_in_place(|| {
-                        $crate::support::stores::StoreKind::$kind.start()
-                    });
-                    super::$case(&backend).await;
+                #[test]
+                fn $case() {
+                    let lease = $crate::support::stores::StoreKind::$kind.lease();
+                    let runtime = tokio::runtime::Builder::new_multi_thread()
+                        .worker_threads(2)
+                        .enable_all()
+                        .build()
+                        .expect("a runtime for the case");
+                    runtime.block_on(super::$case(lease.backend()));
+                    drop(runtime);
+                    lease.give_back();
                 }
             )*
         }
