@@ -1,16 +1,33 @@
 #!/usr/bin/env bash
 # Checks everything the gateway ships for operators, without a container
-# runtime or a cluster (neither exists in CI):
+# runtime or a cluster (neither exists in CI), against the gateway binary
+# itself: its --help and its /metrics are the one list of its flags and
+# metrics (nothing here lists them), so a flag or a metric is added in its
+# code and its docs line, and these checks hold everything else to it.
 #   1. tools: .tools/ops-venv (kubernetes-validate, checkov; pinned in
-#      deploy/ops-requirements.txt, through scripts/tools.sh ops) and promtool
-#      (Debian's `prometheus` package, installed with apt-get when missing)
-#   2. deploy/kubernetes: rendered with `kubectl kustomize` (kubectl is part of
+#      deploy/ops-requirements.txt, through scripts/tools.sh ops), promtool,
+#      redis-server and openssl (Debian's prometheus, redis-server and openssl
+#      packages, installed with apt-get when missing; without apt-get it
+#      names what to install and stops)
+#   2. the binary: OPS_CHECK_BINARY (CI: target/debug/gormic-gateway), else
+#      target/debug/gormic-gateway, built first with `cargo build`.
+#      scripts/ops_check.py reads its flags, with their variables,
+#      placeholders and defaults, from `--help`, and its metric families,
+#      with their types, from the /metrics of two runs on loopback ports: one
+#      with --sandbox, TLS (a throw-away certificate), a Redis store (a
+#      redis-server of its own on an ephemeral port, stopped after) and
+#      --quotas, a call with an idempotency key, one over the quota and a
+#      change of the quotas file; one against an upstream that refuses
+#      connections, with --metrics-organization-label (retries, the breaker).
+#      Every flag must have a GORMIC_* variable, no removed metric may come
+#      back, and the series alerts count on must be there from the start.
+#   3. deploy/kubernetes: rendered with `kubectl kustomize` (kubectl is part of
 #      this machine image; no registry we use ships kubectl or kustomize, so
 #      without it the files are checked one by one and the kustomization's
 #      file list is checked instead), every manifest and the rendering
 #      validated by kubernetes-validate --strict against the oldest and the
 #      newest Kubernetes we support (K8S_VERSIONS)
-#   3. checkov over Dockerfile, deploy/kubernetes and the rendering; the only
+#   4. checkov over Dockerfile, deploy/kubernetes and the rendering; the only
 #      skips are inline annotations with their reason:
 #        Dockerfile       CKV_DOCKER_2  no HEALTHCHECK: no program in the image
 #                                       could run one, and Kubernetes ignores it
@@ -22,27 +39,24 @@
 #                                       Secret: --idempotency-store takes a
 #                                       value, not a file
 #      scripts/ops_check.py refuses any other skip and any skip without reason.
-#   4. scripts/ops_check.py: the consistency checks no tool does (kustomization
-#      lists every file; terminationGracePeriodSeconds > shutdown delay +
-#      grace; ports, probes, security context; every GORMIC_* variable is a
-#      flag's; Dockerfile shape; dashboard and alerts use only the gateway's
-#      metric names and no hard-coded datasource; runbook links resolve to
-#      headings of docs/operations.md; docs/operations.md names every flag
-#      and metric; docs/configuration.md has a row for every flag with its
-#      variable and default; every relative link of README.md and docs/*.md
-#      resolves, to a heading where it names one)
-#   5. promtool: check rules and test rules for deploy/prometheus, and every
+#   5. scripts/ops_check.py: the consistency checks no tool does, against the
+#      binary's lists of step 2 (kustomization lists every file;
+#      terminationGracePeriodSeconds > shutdown delay + grace; ports, probes,
+#      security context; every GORMIC_* variable of deploy/kubernetes and of
+#      the Dockerfile's ENV is a flag's; Dockerfile shape; dashboard and
+#      alerts use only the binary's metric names, a panel shows each of them,
+#      no hard-coded datasource; runbook links resolve to headings of
+#      docs/operations.md; docs/operations.md names every flag and has a row
+#      for every metric with its type; docs/configuration.md has a row for
+#      every flag with its variable, --help's placeholder and default; every
+#      relative link of README.md and docs/*.md resolves, to a heading where
+#      it names one)
+#   6. promtool: check rules and test rules for deploy/prometheus, and every
 #      dashboard query parsed as PromQL
-#   6. the Docker build context: the build stage's COPY sources, copied alone
+#   7. the Docker build context: the build stage's COPY sources, copied alone
 #      to a temporary directory, pass `cargo check --locked` there (a source
 #      the Dockerfile forgets to copy fails here, not in the operator's build)
 #
-# OPS_CHECK_BINARY=target/debug/gormic-gateway also checks the lists of
-# scripts/ops_check.py against that binary: every GORMIC_* variable the
-# manifests set is one its --help lists and every flag it has is listed, that
-# docs/configuration.md writes each flag with the placeholder --help shows,
-# and every metric family its /metrics exposes (run with --sandbox on loopback
-# ports) is listed with its type, none of the removed ones among them.
 # Fails (exit 1) on the first failing step, naming it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -61,15 +75,38 @@ fail() {
 
 # ---- 1. Tools
 scripts/tools.sh ops
-if ! command -v promtool >/dev/null; then
-    step "installing promtool (Debian package prometheus)"
+missing=()  # Debian packages
+programs=() # the programs they provide
+command -v promtool >/dev/null || { missing+=(prometheus) && programs+=(promtool); }
+command -v redis-server >/dev/null || { missing+=(redis-server) && programs+=(redis-server); }
+command -v openssl >/dev/null || { missing+=(openssl) && programs+=(openssl); }
+if ((${#missing[@]})); then
+    command -v apt-get >/dev/null ||
+        fail "needs promtool (from Prometheus), redis-server and openssl on PATH; missing: ${programs[*]}," \
+            "and no apt-get to install them: install them with your package manager, then run it again"
+    step "installing ${missing[*]} (Debian packages)"
+    sudo=""
+    [[ $(id -u) -eq 0 ]] || sudo=sudo
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq || fail "apt-get update"
-    apt-get install -y -qq --no-install-recommends prometheus >/dev/null || fail "apt-get install prometheus"
+    $sudo apt-get update -qq || fail "apt-get update"
+    $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null ||
+        fail "apt-get install ${missing[*]}"
 fi
 step "$(promtool --version 2>&1 | head -1)"
 
-# ---- 2. Kubernetes manifests: render, validate
+# ---- 2. The binary: its flags and metrics, the lists every check uses
+if [[ -n "${OPS_CHECK_BINARY:-}" ]]; then
+    binary=$OPS_CHECK_BINARY
+else
+    step "cargo build (OPS_CHECK_BINARY=path checks another build)"
+    cargo build --quiet || fail "cargo build"
+    binary=target/debug/gormic-gateway
+fi
+step "flags (--help) and metrics (/metrics, two runs on loopback) of $binary"
+"$venv/bin/python" scripts/ops_check.py surface . "$binary" "$work/surface.json" ||
+    fail "reading the flags and metrics of $binary"
+
+# ---- 3. Kubernetes manifests: render, validate
 manifests=()
 for f in deploy/kubernetes/*.yaml; do
     [[ "$(basename "$f")" == kustomization.yaml ]] || manifests+=("$f")
@@ -98,7 +135,7 @@ for version in "${K8S_VERSIONS[@]}"; do
     fi
 done
 
-# ---- 3. Security scan
+# ---- 4. Security scan
 checkov() {
     "$venv/bin/checkov" --quiet --compact --skip-download "$@"
 }
@@ -111,17 +148,12 @@ if [[ -n "$rendered" ]]; then
     checkov --framework kubernetes -f "$rendered" || fail "checkov on the rendered kustomization"
 fi
 
-# ---- 4. Consistency
+# ---- 5. Consistency, against the binary's flags and metrics
 step "consistency (scripts/ops_check.py)"
-"$venv/bin/python" scripts/ops_check.py static . "$work/dashboard-rules.yaml" || fail "consistency checks"
-if [[ -n "${OPS_CHECK_BINARY:-}" ]]; then
-    step "flags known to $OPS_CHECK_BINARY"
-    "$venv/bin/python" scripts/ops_check.py binary-env . "$OPS_CHECK_BINARY" || fail "variables unknown to $OPS_CHECK_BINARY"
-    step "metrics exposed by $OPS_CHECK_BINARY --sandbox"
-    "$venv/bin/python" scripts/ops_check.py binary-metrics . "$OPS_CHECK_BINARY" || fail "metrics of $OPS_CHECK_BINARY"
-fi
+"$venv/bin/python" scripts/ops_check.py static . "$work/surface.json" "$work/dashboard-rules.yaml" ||
+    fail "consistency checks"
 
-# ---- 5. Prometheus rules and dashboard queries
+# ---- 6. Prometheus rules and dashboard queries
 step "promtool check rules deploy/prometheus/alerts.yaml"
 promtool check rules deploy/prometheus/alerts.yaml || fail "promtool check rules"
 step "promtool test rules deploy/prometheus/alerts.test.yaml"
@@ -132,7 +164,7 @@ promtool check rules "$work/dashboard-rules.yaml" >"$work/promtool.log" 2>&1 || 
     fail "a dashboard query is not valid PromQL"
 }
 
-# ---- 6. Docker build context
+# ---- 7. Docker build context
 step "Docker build context: cargo check --locked on the COPY sources alone"
 mapfile -t sources < <("$venv/bin/python" scripts/ops_check.py copy-sources .)
 # A fixed place inside target/ (ignored by git and by the Docker build

@@ -1,16 +1,34 @@
 #!/usr/bin/env python3
 """The consistency checks of scripts/ops-check.sh that no off-the-shelf tool does.
 
+The gateway binary is the one list of its flags and metrics: nothing here
+lists them. A developer adding a flag or a metric writes its code and its
+docs line; these checks then hold the docs, the manifests, the dashboard and
+the alerts to what the binary really has.
+
 Run by scripts/ops-check.sh with the ops venv's Python (it needs PyYAML):
 
-    ops_check.py static ROOT DASHBOARD_RULES_OUT
+    ops_check.py surface ROOT BINARY SURFACE_OUT
+        reads what BINARY offers and writes it as JSON to SURFACE_OUT:
+        its flags, each with its variable, placeholder and default, from
+        `BINARY --help`; and its metric families with their types, from the
+        /metrics of two runs on loopback ports, with every feature that
+        brings families of its own on and the events that create the others
+        (read_metrics says which). Checks on the way that every flag has a
+        GORMIC_* variable, that no removed metric is back, and that the
+        series dashboards count on from the start are there from the start.
+        Needs redis-server and openssl on PATH (ops-check.sh installs them).
+    ops_check.py static ROOT SURFACE DASHBOARD_RULES_OUT
         kustomization lists every file; Deployment, ConfigMap env file and
-        Dockerfile agree with each other and with the gateway's ports and
-        flags; checkov skips are the documented ones; dashboard and alert
-        rules use only the gateway's metric names; runbook links resolve to
-        headings of docs/operations.md; docs/operations.md names every flag
-        and metric; docs/configuration.md has a row for every flag (and none
-        other) with its variable and a default; every relative link of
+        Dockerfile agree with each other and with the gateway's ports, and
+        every GORMIC_* variable they set is a flag's; checkov skips are the
+        documented ones; dashboard and alert rules use only the binary's
+        metric names, and a panel shows each of its metrics; runbook links
+        resolve to headings of docs/operations.md; docs/operations.md names
+        every flag and has a row for every metric with its type (and none
+        for a metric the binary lacks); docs/configuration.md has a row for
+        every flag (and none other) with its variable, the placeholder and
+        the default `--help` shows, and a meaning; every relative link of
         README.md and docs/*.md resolves, to a heading where it names one.
         Writes every dashboard query, with Grafana's variables replaced, as a
         Prometheus recording rule file, so that `promtool check rules`
@@ -18,125 +36,42 @@ Run by scripts/ops-check.sh with the ops venv's Python (it needs PyYAML):
     ops_check.py copy-sources ROOT
         prints the sources of the Dockerfile's build-stage COPY lines, one a
         line (scripts/ops-check.sh rebuilds the build context from them).
-    ops_check.py binary-env ROOT BINARY
-        checks that every GORMIC_* variable the manifests set is one that
-        `BINARY --help` lists, that FLAGS holds every flag the binary has,
-        and that docs/configuration.md writes each flag with the placeholder
-        `--help` shows (`--listen ADDR` for `--listen <ADDR>`) (opt-in:
-        OPS_CHECK_BINARY).
-    ops_check.py binary-metrics ROOT BINARY
-        starts `BINARY --sandbox` on loopback ports, reads its /metrics and
-        checks that every family it exposes is in the lists below with its
-        type, and that those exposed from the start are there (opt-in:
-        OPS_CHECK_BINARY).
 
 Every problem is printed, then the exit status is 1.
 """
 
 import json
+import os
 import re
+import shutil
+import socket
+import ssl
+import struct
 import subprocess
 import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import yaml
 
-# ---- What the gateway exposes. OPS_CHECK_BINARY checks both lists against
-# the real binary (its --help, and the /metrics of a --sandbox run); the docs
-# (docs/operations.md, and docs/configuration.md for the flags) must name
-# every entry.
+# ---- What only history knows (the binary cannot say what it no longer has,
+# nor what others count on)
 
-FLAGS = [
-    # existing
-    "listen", "upstream", "sandbox", "sandbox-fixture", "upstream-timeout",
-    "deadline-margin", "shutdown-grace", "cors-allowed-origins", "log-level",
-    "log-format",
-    # runtime, limits, HTTP/2, retries
-    "worker-threads", "shutdown-delay", "max-in-flight",
-    "upstream-max-connections", "upstream-max-pending", "upstream-idle-timeout",
-    "upstream-connect-timeout", "upstream-http2", "upstream-proxy",
-    "max-request-bytes", "max-header-bytes", "http2-max-concurrent-streams",
-    "http2-keepalive-interval", "http2-keepalive-timeout", "max-connection-age",
-    "max-connection-age-grace", "http1-header-read-timeout", "max-attempts",
-    "retry-budget-ratio", "retry-budget-min-per-second",
-    # many tenants
-    "tenant-key",
-    # upstream circuit breaker
-    "upstream-breaker-failures", "upstream-breaker-gateway-errors",
-    "upstream-breaker-backoff", "upstream-breaker-max-backoff",
-    # upstream rate limits
-    "upstream-cooldown-max",
-    # TLS and credentials
-    "tls-cert", "tls-key", "tls-client-ca", "tls-handshake-timeout",
-    "reload-interval", "upstream-ca", "upstream-client-cert",
-    "upstream-client-key", "allow-insecure-upstream", "credentials",
-    # quotas
-    "quotas", "quota-store-failure",
-    # idempotency
-    "idempotency-store", "idempotency-ttl", "idempotency-max-entries",
-    "idempotency-max-bytes", "idempotency-store-timeout",
-    "idempotency-store-replicas",
-    # observability
-    "admin-listen", "otlp-endpoint", "otel-service-name", "otlp-timeout",
-    "metrics-organization-label",
-]
-
-
-def env_of(flag):
-    # --upstream predates the naming rule: its variable is GORMIC_UPSTREAM_URL.
-    if flag == "upstream":
-        return "GORMIC_UPSTREAM_URL"
-    return "GORMIC_" + flag.upper().replace("-", "_")
-
-
-ENV_VARS = {env_of(f) for f in FLAGS}
-
-COUNTERS = [
-    "gormic_gateway_calls_total",
-    "gormic_gateway_calls_shed_total",
-    "gormic_gateway_upstream_requests_total",
-    "gormic_gateway_upstream_connections_opened_total",
-    "gormic_gateway_upstream_retries_total",
-    "gormic_gateway_upstream_breaker_transitions_total",
-    "gormic_gateway_upstream_cooldowns_opened_total",
-    "gormic_gateway_upstream_cooldown_messages_total",
-    "gormic_gateway_idempotency_requests_total",
-    "gormic_gateway_reloads_total",
-    "gormic_gateway_quota_checks_total",
-    "gormic_gateway_log_lines_dropped_total",
-    # the shared store (a Redis --idempotency-store only)
-    "gormic_gateway_store_failovers_total",
-    "gormic_gateway_store_reconnects_total",
-    "gormic_gateway_store_wait_shortfalls_total",
-    "process_cpu_seconds_total",
-]
-GAUGES = [
-    "gormic_gateway_build_info",
-    "gormic_gateway_calls_in_flight",
-    "gormic_gateway_tenants_in_flight",
-    "gormic_gateway_unverified_calls_in_flight",
-    "gormic_gateway_tenants_trusted",
-    "gormic_gateway_upstream_requests_active",
-    "gormic_gateway_upstream_requests_limit",
-    "gormic_gateway_upstream_pending_requests",
-    "gormic_gateway_upstream_breaker_state",
-    "gormic_gateway_upstream_cooldowns_active",
-    "gormic_gateway_tls_certificate_expiry_timestamp_seconds",
-    "gormic_gateway_store_state",
-    "gormic_gateway_store_primary_info",
-    "gormic_gateway_store_replicas_required",
-    "process_resident_memory_bytes",
-    "process_open_fds",
-    "process_max_fds",
-    "process_start_time_seconds",
-]
-HISTOGRAMS = [
-    "gormic_gateway_call_duration_seconds",
-    "gormic_gateway_upstream_request_duration_seconds",
-]
-METRICS = COUNTERS + GAUGES + HISTOGRAMS
-# Exposed from the start by a gateway without --tls-cert (the others appear
-# with their first value; the certificate expiry only with --tls-cert).
+# Series the gateway no longer exposes: a dashboard, an alert or the docs'
+# table of metrics that still used one would show nothing.
+REMOVED = {
+    "gormic_gateway_upstream_connections": "gormic_gateway_upstream_requests_active",
+    "gormic_gateway_upstream_connections_limit": "gormic_gateway_upstream_requests_limit",
+}
+# Exposed from the start, before any call, by any gateway (with or without
+# --sandbox, --tls-cert or a Redis store):
+# the alerts and dashboard panels on them (breaker state, request cap, in
+# flight, cooldowns, process) must have a series to read from the first
+# scrape. A promise the binary keeps, not a list of every metric: a new
+# metric need not be added here.
 EXPOSED_AT_START = {
     "gormic_gateway_build_info",
     "gormic_gateway_calls_in_flight",
@@ -158,15 +93,8 @@ EXPOSED_AT_START = {
     "process_max_fds",
     "process_start_time_seconds",
 }
-# Series the gateway no longer exposes: a dashboard, an alert or the docs'
-# list of metrics that still used one would show nothing.
-REMOVED = {
-    "gormic_gateway_upstream_connections": "gormic_gateway_upstream_requests_active",
-    "gormic_gateway_upstream_connections_limit": "gormic_gateway_upstream_requests_limit",
-}
-SERIES = set(COUNTERS + GAUGES) | {
-    h + suffix for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")
-}
+# clap's own flags, which have no variable and need no docs row.
+CLAP_FLAGS = {"help", "version"}
 
 # ---- checkov skips: each one, and only these, with its reason in the file.
 ALLOWED_SKIPS = {
@@ -243,7 +171,7 @@ def check_kustomization(root):
     return kust
 
 
-def check_deployment(root):
+def check_deployment(root, surface):
     kdir = root / "deploy/kubernetes"
     env_file = read_env_file(kdir / "gateway.env")
     deployment = next(
@@ -306,10 +234,11 @@ def check_deployment(root):
     # gateway, silently). Settings belong in one place only.
     for name in sorted(set(env_file) & set(env)):
         problem(where, f"{name} is set both here and in gateway.env")
+    variables = {f["env"] for f in surface["flags"].values()}
     for name in sorted(set(env_file) | set(env)):
-        if name.startswith("GORMIC_") and name not in ENV_VARS:
+        if name.startswith("GORMIC_") and name not in variables:
             problem(where if name in env else "deploy/kubernetes/gateway.env",
-                    f"{name} is not the variable of any gateway flag")
+                    f"{name} is not the variable of any flag `{surface['binary']} --help` shows")
 
     # The HPA and PDB select this Deployment.
     hpa = load_yaml_docs(kdir / "hpa.yaml")[0]
@@ -365,7 +294,7 @@ def copy_sources(root):
     return sources
 
 
-def check_dockerfile(root):
+def check_dockerfile(root, surface):
     where = "Dockerfile"
     stages = dockerfile_stages(root)
     if len(stages) != 2:
@@ -397,6 +326,17 @@ def check_dockerfile(root):
         problem(where, f"run stage must copy the binary only, not {copies}")
     if any(w == "RUN" for w, _ in run["lines"]):
         problem(where, "run stage has no shell: no RUN")
+    # A GORMIC_* ENV configures the gateway: it must be a flag's variable.
+    # (ARG GORMIC_GIT_COMMIT is a build input, read by the compiler.)
+    variables = {f["env"] for f in surface["flags"].values()}
+    for stage in stages:
+        for word, rest in stage["lines"]:
+            if word != "ENV":
+                continue
+            for name in re.findall(r"(?:^|\s)(GORMIC_[A-Z0-9_]+)(?==|\s|$)", rest):
+                if name not in variables:
+                    problem(where, f"ENV {name} is not the variable of any flag "
+                            f"`{surface['binary']} --help` shows")
     # The build context must keep what the build stage copies.
     ignored = [l.strip() for l in (root / ".dockerignore").read_text(encoding="utf-8").splitlines()
                if l.strip() and not l.startswith("#")]
@@ -453,12 +393,13 @@ def metric_names(expr):
     return names
 
 
-def check_names(where, expr, extra=()):
+def check_names(where, expr, series, extra=()):
     for name in sorted(metric_names(expr)):
         if name in REMOVED:
             problem(where, f"{name} was removed: use {REMOVED[name]}")
-        elif name not in SERIES and name not in extra:
-            problem(where, f"{name} is not a gormic-gateway metric (contract list in scripts/ops_check.py)")
+        elif name not in series and name not in extra:
+            problem(where, f"{name} is not a metric the binary exposed (in the runs of "
+                    "scripts/ops_check.py read_metrics: an event it does not make?)")
 
 
 def grafana_to_promql(expr):
@@ -466,7 +407,7 @@ def grafana_to_promql(expr):
     return re.sub(r"\$\{?\w+\}?", ".*", expr)
 
 
-def check_dashboard(root, rules_out):
+def check_dashboard(root, surface, rules_out):
     path = root / "deploy/grafana/gormic-gateway.json"
     where = "deploy/grafana/gormic-gateway.json"
     try:
@@ -494,6 +435,7 @@ def check_dashboard(root, rules_out):
             for i, v in enumerate(node):
                 walk(v, f"{trail}[{i}]")
     walk(dash, "$")
+    series = series_names(surface)
 
     exprs = []
     ids = set()
@@ -514,22 +456,23 @@ def check_dashboard(root, rules_out):
             if not expr:
                 problem(where, f"panel {p.get('title')!r} has an empty query")
                 continue
-            check_names(f"{where}: panel {p.get('title')!r}", expr)
+            check_names(f"{where}: panel {p.get('title')!r}", expr, series)
             exprs.append(expr)
     for name, v in variables.items():
         q = v.get("query")
         q = q.get("query", "") if isinstance(q, dict) else (q or "")
         m = re.fullmatch(r"label_values\((.*),\s*\w+\)", q)
         if v.get("type") == "query" and m:
-            check_names(f"{where}: variable {name}", m.group(1))
+            check_names(f"{where}: variable {name}", m.group(1), series)
             exprs.append(m.group(1))
         elif v.get("type") == "query":
             problem(where, f"variable {name}: expected label_values(<selector>, <label>)")
     # Everything the dashboard charts, the gateway's main series at least.
     used = set().union(*(metric_names(e) for e in exprs)) if exprs else set()
-    for name in METRICS:
-        base = {name} if name not in HISTOGRAMS else {name + "_bucket"}
-        if not base & used and name not in ("process_start_time_seconds",):
+    # The start time only tells restarts apart: no panel needs it.
+    for name, kind in sorted(surface["metrics"].items()):
+        shown = name + "_bucket" if kind == "histogram" else name
+        if shown not in used and name != "process_start_time_seconds":
             problem(where, f"no panel shows {name}")
     rules = {"groups": [{"name": "dashboard-queries", "rules": [
         {"record": f"ops_check:dashboard_query_{i}", "expr": grafana_to_promql(e)}
@@ -556,10 +499,11 @@ def github_anchors(markdown):
     return set(anchors)
 
 
-def check_alerts(root):
+def check_alerts(root, surface):
     where = "deploy/prometheus/alerts.yaml"
     docs = (root / "docs/operations.md").read_text(encoding="utf-8")
     anchors = github_anchors(docs)
+    series = series_names(surface)
     rules = load_yaml_docs(root / where)[0]
     names = set()
     for group in rules["groups"]:
@@ -571,7 +515,7 @@ def check_alerts(root):
             if name in names:
                 problem(where, f"{name} defined twice")
             names.add(name)
-            check_names(f"{where}: {name}", rule["expr"], extra={"up"})
+            check_names(f"{where}: {name}", rule["expr"], series, extra={"up"})
             if "for" not in rule:
                 problem(where, f"{name}: no `for:`")
             if rule.get("labels", {}).get("severity") not in ("critical", "warning"):
@@ -592,26 +536,50 @@ def check_alerts(root):
             problem("deploy/prometheus/alerts.test.yaml", f"no test of {name}")
 
 
-def check_docs(root, env_used):
+def check_docs(root, surface, env_used):
     where = "docs/operations.md"
     docs = (root / where).read_text(encoding="utf-8")
-    for flag in FLAGS:
+    for flag, info in sorted(surface["flags"].items()):
         if f"--{flag}" not in docs:
             problem(where, f"does not document --{flag}")
-        if env_of(flag) not in docs:
-            problem(where, f"does not document {env_of(flag)}")
-    for name in METRICS:
-        if name not in docs:
-            problem(where, f"does not document the metric {name}")
+        if info["env"] and info["env"] not in docs:
+            problem(where, f"does not document {info['env']}")
     for name in sorted(env_used):
         if name not in docs:
             problem(where, f"does not mention {name}, which deploy/kubernetes sets")
-    # The table of every metric: one row per series the gateway exposes.
-    rows = {m.group(1) for m in re.finditer(r"^\| `([a-z_:]+)(?:\{[^`]*\})?` \|", docs, re.M)}
-    for name in sorted(set(REMOVED) & rows):
-        problem(where, f"the metrics table still lists {name}, which was removed (now {REMOVED[name]})")
-    check_configuration(root)
+    check_metrics_table(docs, surface)
+    check_configuration(root, surface)
     check_links(root)
+
+
+def check_metrics_table(docs, surface):
+    """docs/operations.md's table of every metric (under "### Every
+    metric"): a row for each family the binary exposes, with its type
+    (`| `name` | type | labels | ... |`, several names to a row allowed),
+    and none for a family it does not."""
+    where = "docs/operations.md"
+    section = re.search(r"^### Every metric\n(.*?)(?=^#{1,6} )", docs, re.M | re.S)
+    if not section:
+        problem(where, "no section \"### Every metric\" with the table of every metric")
+        return
+    rows = {}
+    for m in re.finditer(r"^\| ([^|]*)\| ([^|]*)\|", section.group(1), re.M):
+        kind = (m.group(2).split() or [""])[0]
+        for name in re.findall(r"`([A-Za-z_:][A-Za-z0-9_:]*)(?:\{[^`]*\})?`", m.group(1)):
+            if name in rows:
+                problem(where, f"the metrics table has two rows for {name}")
+            rows[name] = kind
+    for name, kind in sorted(surface["metrics"].items()):
+        if name not in rows:
+            problem(where, f"the metrics table (### Every metric) has no row for {name} ({kind})")
+        elif rows[name] != kind:
+            problem(where, f"the metrics table says {name} is a {rows[name]}: it is a {kind}")
+    for name in sorted(set(rows) - set(surface["metrics"])):
+        if name in REMOVED:
+            problem(where, f"the metrics table still lists {name}, which was removed (now {REMOVED[name]})")
+        else:
+            problem(where, f"the metrics table lists {name}, which the binary did not expose "
+                    "(in the runs of scripts/ops_check.py read_metrics: an event it does not make?)")
 
 
 # A row of docs/configuration.md's flag tables:
@@ -637,24 +605,35 @@ def configuration_rows(root):
     return rows
 
 
-def check_configuration(root):
-    """Every flag has its row in docs/configuration.md, with its variable, a
-    default and a meaning; no row is of a flag the gateway does not have."""
+def check_configuration(root, surface):
+    """Every flag has its row in docs/configuration.md, written as --help
+    writes it (`--listen ADDR` for `--listen <ADDR>`, a switch without a
+    placeholder), with its variable, a default (the one --help shows, when
+    it shows one) and a meaning; no row is of a flag the gateway does not
+    have."""
     where = "docs/configuration.md"
+    flags = surface["flags"]
     rows = configuration_rows(root)
-    for flag in FLAGS:
+    for flag, info in sorted(flags.items()):
         if flag not in rows:
-            problem(where, f"no row for --{flag} (| `--{flag} ...` | `{env_of(flag)}` | default | meaning |)")
+            problem(where, f"no row for --{flag} (| `--{flag} ...` | `{info['env']}` | default | meaning |)")
             continue
-        _, env, default, meaning = rows[flag]
-        if f"`{env_of(flag)}`" not in env:
-            problem(where, f"--{flag}: its variable is {env_of(flag)}, the row says {env!r}")
+        placeholder, env, default, meaning = rows[flag]
+        if placeholder != info["placeholder"]:
+            want = f"--{flag} {info['placeholder']}" if info["placeholder"] else f"--{flag}"
+            have = f"--{flag} {placeholder}" if placeholder else f"--{flag}"
+            problem(where, f"writes `{have}`, --help shows `{want}`")
+        if info["env"] and f"`{info['env']}`" not in env:
+            problem(where, f"--{flag}: its variable is {info['env']}, the row says {env!r}")
         if not default:
             problem(where, f"--{flag}: no default")
+        elif info["default"] is not None and f"`{info['default']}`" not in default:
+            problem(where, f"--{flag}: --help shows the default {info['default']}, "
+                    f"the row says {default!r}")
         if not meaning:
             problem(where, f"--{flag}: no meaning")
-    for flag in sorted(set(rows) - set(FLAGS)):
-        problem(where, f"a row for --{flag}, which is no flag of the gateway (FLAGS in scripts/ops_check.py)")
+    for flag in sorted(set(rows) - set(flags)):
+        problem(where, f"a row for --{flag}, which `{surface['binary']} --help` does not show")
 
 
 def check_links(root):
@@ -688,106 +667,399 @@ def check_links(root):
                 problem(str(rel), f"link to {target}, which is no heading of {path or rel}")
 
 
-def check_binary_env(root, binary, env_used):
-    out = subprocess.run([binary, "--help"], capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        problem(binary, f"--help exited {out.returncode}: {out.stderr.strip()}")
-        return
-    known = set(re.findall(r"\[env:\s*([A-Z0-9_]+)", out.stdout))
-    for name in sorted(env_used):
-        if name.startswith("GORMIC_") and name not in known:
-            problem("deploy/kubernetes", f"{name} is not a variable `{binary} --help` lists")
-    for name in sorted(known - ENV_VARS - {"OTEL_EXPORTER_OTLP_ENDPOINT"}):
-        problem("scripts/ops_check.py", f"FLAGS lacks the binary's {name}: add it (and to docs)")
-    # Each flag is written in docs/configuration.md as --help writes it:
-    # `--listen ADDR` for `--listen <ADDR>`, a switch without a placeholder.
-    shown = {}
-    for m in re.finditer(r"^ +(?:-\w, )?--([a-z0-9-]+)(?: <([^>]+)>)?\s*$", out.stdout, re.M):
-        shown[m.group(1)] = m.group(2)
-    for flag, (placeholder, *_rest) in sorted(configuration_rows(root).items()):
-        if flag not in shown:
-            problem("docs/configuration.md", f"documents --{flag}, which `{binary} --help` does not show")
-        elif shown[flag] != placeholder:
-            want = f"--{flag} {shown[flag]}" if shown[flag] else f"--{flag}"
-            have = f"--{flag} {placeholder}" if placeholder else f"--{flag}"
-            problem("docs/configuration.md", f"writes `{have}`, --help shows `{want}`")
+# ---- The binary: its flags and metrics --------------------------------------
+#
+# A surface is {"flags": {flag: {"env", "placeholder", "default"}},
+# "metrics": {family: type}}, read from the binary by `surface` and used by
+# every check of `static`.
+
+# An option's heading in `--help`: `      --listen <ADDR>`, `  -h, --help`.
+# Its text follows, indented deeper; clap may wrap it anywhere (with its
+# wrap_help feature), so a heading is only ever read from this one line.
+HELP_HEADING = re.compile(r"^ {2,6}(?:-[A-Za-z0-9], )?--([a-z0-9][a-z0-9-]*)(?: <([^<>]+)>)?$")
 
 
-def check_binary_metrics(binary):
-    """Runs the binary with --sandbox on loopback and reads its /metrics."""
-    import os
-    import socket
-    import time
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        admin = s.getsockname()[1]
+def child_env():
+    """The environment of the binary's runs: no GORMIC_* variable (it would
+    configure the gateway, and `--help` would show its value), no proxy
+    (everything here is loopback), no colours."""
     env = {k: v for k, v in os.environ.items()
            if k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
-           and not k.startswith("GORMIC_")}
-    gateway = subprocess.Popen(
-        [binary, "--sandbox", "--listen", "127.0.0.1:0", "--admin-listen", f"127.0.0.1:{admin}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    text = None
-    try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and gateway.poll() is None:
-            try:
-                # No proxy for loopback, whatever the environment says.
-                opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-                with opener.open(f"http://127.0.0.1:{admin}/metrics", timeout=2) as r:
-                    text = r.read().decode("utf-8")
-                break
-            except OSError:
-                time.sleep(0.1)
-    finally:
-        gateway.terminate()
+           and not k.startswith("GORMIC_") and k not in ("CLICOLOR_FORCE", "FORCE_COLOR")}
+    env["NO_COLOR"] = "1"
+    return env
+
+
+def read_flags(binary):
+    """{flag: {"env", "placeholder", "default"}} of `BINARY --help` (the
+    long help: each option's heading on a line of its own, then its text
+    with `[env: NAME=]` (`[env: NAME]` for a secret, whose value --help
+    hides) and `[default: VALUE]` on lines of their own)."""
+    out = subprocess.run([binary, "--help"], capture_output=True, text=True, check=False,
+                         env=child_env(), stdin=subprocess.DEVNULL, timeout=30)
+    if out.returncode != 0:
+        problem(binary, f"--help exited {out.returncode}: {out.stderr.strip()[-500:]}")
+        return {}
+    return parse_help(binary, out.stdout)
+
+
+def parse_help(binary, text):
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    flags, texts, current = {}, {}, None
+    for line in text.splitlines():
+        line = line.rstrip()
+        if re.match(r"^ {2,6}-", line):
+            m = HELP_HEADING.match(line)
+            if not m:
+                problem(binary, f"--help: cannot read the option heading {line.strip()!r}")
+                current = None
+                continue
+            current = m.group(1)
+            if current in flags:
+                problem(binary, f"--help shows --{current} twice")
+            flags[current] = {"placeholder": m.group(2)}
+            texts[current] = []
+        elif current and (not line or line.startswith(" " * 7)):
+            texts[current].append(line.strip())
+        else:
+            current = None  # a heading of options ("Limits:"), the footer
+    for flag in CLAP_FLAGS:
+        flags.pop(flag, None)
+    for flag, info in flags.items():
+        # Joined, so that a tag wrapped over two lines still reads.
+        joined = " ".join(t for t in texts[flag] if t)
+        env = re.search(r"\[env: ([A-Za-z0-9_]+)(?:=[^\]]*)?\]", joined)
+        default = re.search(r"\[default: ([^\]]*)\]", joined)
+        info["env"] = env.group(1) if env else None
+        info["default"] = default.group(1) if default else None
+        if not info["env"]:
+            problem(binary, f"--{flag} has no environment variable (every flag has a GORMIC_* one)")
+        elif not info["env"].startswith("GORMIC_"):
+            problem(binary, f"--{flag} reads {info['env']}: a flag's variable starts with GORMIC_")
+    if not flags:
+        problem(binary, "--help shows no flag: is it the gateway?")
+    return flags
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def until(what, probe, seconds):
+    """probe()'s first true value within `seconds`; a problem naming `what`
+    (and None) when there is none by then."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            problem("ops-check", f"waited {seconds} s for {what}")
+            return None
+        time.sleep(0.05)
+
+
+class Process:
+    """A process of a run, its output in a file; stopped on exit, killed if
+    it does not stop in 15 s."""
+
+    def __init__(self, name, argv, workdir):
+        self.name = name
+        self.log = Path(workdir) / f"{name}.log"
+        with open(self.log, "wb") as out:
+            self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                          stderr=subprocess.STDOUT, env=child_env())
+
+    def tail(self):
+        text = self.log.read_text(encoding="utf-8", errors="replace").strip()
+        return text[-1500:] or "(no output)"
+
+    def alive(self):
+        return self.popen.poll() is None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def stop(self):
+        self.popen.terminate()
         try:
-            _, err = gateway.communicate(timeout=15)
+            self.popen.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            gateway.kill()
-            _, err = gateway.communicate()
-    if text is None:
-        problem(binary, "no /metrics from `--sandbox` within 20 s: "
-                + err.decode("utf-8", "replace").strip()[-500:])
+            self.popen.kill()
+            self.popen.wait()
+
+
+def http_get(url):
+    """(status, body) of a GET, or None when nothing answers yet."""
+    # No proxy for loopback, whatever the environment says.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=5) as r:
+            return r.status, r.read().decode("utf-8")
+    except urllib.error.HTTPError as e:
+        return e.code, ""
+    except OSError:
+        return None
+
+
+def grpc_web_call(base, rpc, invoice_id, metadata, context=None):
+    """Calls `rpc` of gormic.om.v1.InvoiceService with a request whose one
+    field, invoice_id (1), is set, over gRPC-Web on HTTP/1.1, which the
+    gateway serves on its gRPC port: the standard library is the client,
+    nothing to install, no proto to compile. Returns the grpc-status, or a
+    text saying why there is none. Its value does not matter here: a call
+    is made for the series it creates."""
+    field = invoice_id.encode()
+    assert len(field) < 128  # its length is then one byte of varint
+    message = b"\x0a" + bytes([len(field)]) + field
+    request = urllib.request.Request(
+        f"{base}/gormic.om.v1.InvoiceService/{rpc}",
+        data=b"\x00" + struct.pack(">I", len(message)) + message, method="POST",
+        headers={"content-type": "application/grpc-web+proto", "x-grpc-web": "1", **metadata})
+    handlers = [urllib.request.ProxyHandler({})]
+    if context:
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    try:
+        with urllib.request.build_opener(*handlers).open(request, timeout=15) as r:
+            body = r.read()
+            status = r.headers.get("grpc-status")
+            trailers = re.search(rb"grpc-status:\s*(\d+)", body)
+            return status or (trailers.group(1).decode() if trailers else "none")
+    except OSError as e:  # HTTPError and URLError included
+        return f"no answer: {e}"
+
+
+def families(exposition):
+    """{family: type} of the `# TYPE` lines of a text exposition. The
+    gateway's client library (prometheus-client) writes no `# TYPE` for a
+    labelled family without a series yet: such a family appears only once an
+    event created its first series."""
+    return dict(re.findall(r"^# TYPE (\S+) (\S+)$", exposition, re.M))
+
+
+def start_gateway(binary, args, workdir, name):
+    """Starts the gateway on loopback ports; (process, grpc port, admin
+    URL), its /readyz answered 200 (everything wired), or None."""
+    grpc, admin = free_port(), free_port()
+    gateway = Process(name, [binary, "--listen", f"127.0.0.1:{grpc}",
+                             "--admin-listen", f"127.0.0.1:{admin}", *args], workdir)
+    admin_url = f"http://127.0.0.1:{admin}"
+
+    def ready():
+        if not gateway.alive():
+            return "exited"
+        answer = http_get(f"{admin_url}/readyz")
+        return "ready" if answer and answer[0] == 200 else None
+    state = until(f"{name} ({' '.join(args)}) to be ready on its /readyz", ready, 30)
+    if state != "ready":
+        problem(binary, f"{name} did not start: {gateway.tail()}")
+        gateway.stop()
+        return None
+    return gateway, grpc, admin_url
+
+
+def scrape(admin_url):
+    answer = http_get(f"{admin_url}/metrics")
+    if not answer or answer[0] != 200:
+        problem("ops-check", f"no /metrics from {admin_url}: {answer}")
+        return {}
+    return families(answer[1])
+
+
+def self_signed_certificate(workdir):
+    """A certificate for 127.0.0.1 and its key, valid a day (openssl)."""
+    cert, key = Path(workdir) / "cert.pem", Path(workdir) / "key.pem"
+    out = subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        capture_output=True, text=True, check=False, timeout=30)
+    if out.returncode != 0:
+        problem("openssl", f"could not make a test certificate: {out.stderr.strip()[-500:]}")
+        return None
+    return cert, key
+
+
+def start_redis(workdir):
+    """A redis-server of this run on an ephemeral loopback port, answering
+    PING; (process, port) or None."""
+    port = free_port()
+    redis = Process("redis-server", ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                                     "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+                    workdir)
+
+    def pong():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+    if not until(f"redis-server on 127.0.0.1:{port} to answer PING", pong, 10):
+        problem("redis-server", redis.tail())
+        redis.stop()
+        return None
+    return redis, port
+
+
+def read_metrics(binary):
+    """{family: type} over two runs of the binary, which between them create
+    every family:
+
+    1. `--sandbox` with every feature that adds families: TLS (the
+       certificate's expiry), a Redis store (the store's series), quotas
+       (their checks). Read once ready, then after: a call with an idempotency key
+       (calls, upstream requests, both histograms, idempotency results,
+       quota checks), a second call over the quota (shed calls), and a
+       change of the quotas file (reloads).
+    2. An upstream that refuses connections, the breaker opening at the first
+       failure, `--metrics-organization-label` (it changes the labels of
+       calls_total, not the families): one call (retries, breaker
+       transitions).
+
+    Each run is read once ready too, before any call: the families of
+    EXPOSED_AT_START must be there.
+    A family that appears only after another kind of event is missing until
+    its event is added here: the checks of `static` then say that the docs,
+    the dashboard or the alerts name a metric the binary does not have."""
+    exposed = {}
+
+    def at_start(admin_url, run):
+        found = scrape(admin_url)
+        for name in sorted(EXPOSED_AT_START - set(found)):
+            problem(binary, f"does not expose {name} at start ({run})")
+        return found
+
+    def add(found, run):
+        for name, kind in found.items():
+            if exposed.setdefault(name, kind) != kind:
+                problem(binary, f"{name} is a {exposed[name]} in one run and a {kind} in {run}")
+
+    with tempfile.TemporaryDirectory(prefix="ops-check-") as workdir:
+        pair = self_signed_certificate(workdir)
+        started = start_redis(workdir) if pair else None
+        if not started:
+            return exposed
+        redis, redis_port = started
+        with redis:
+            quotas = Path(workdir) / "quotas.toml"
+            quota = '[organizations."ops-check"]\ncalls_per_second = 0.001\nburst = {}\n'
+            quotas.write_text(quota.format(1), encoding="utf-8")
+            cert, key = pair
+            run = start_gateway(binary, [
+                "--sandbox", "--tls-cert", str(cert), "--tls-key", str(key),
+                "--idempotency-store", f"redis://127.0.0.1:{redis_port}",
+                "--quotas", str(quotas), "--reload-interval", "100ms"], workdir, "gateway-sandbox")
+            if not run:
+                return exposed
+            gateway, grpc, admin_url = run
+            with gateway:
+                add(at_start(admin_url, "the sandbox run"), "the sandbox run")
+                context = ssl.create_default_context(cafile=str(cert))
+                metadata = {"api-key": "ops-check", "organization-id": "ops-check"}
+                calls = [grpc_web_call(f"https://127.0.0.1:{grpc}", "CloseInvoice", "inv-closed",
+                                       {**metadata, "idempotency-key": f"ops-check-{n}"}, context)
+                         for n in (1, 2)]
+                for status in calls:
+                    if not status.isdigit():
+                        problem(binary, f"a call of the sandbox run got {status}")
+                before = scrape(admin_url)
+                quotas.write_text(quota.format(2), encoding="utf-8")
+
+                def grown():
+                    now = scrape(admin_url)
+                    return now if set(now) - set(before) else None
+                after = until("a new metric family after the quotas file changed under "
+                              "--reload-interval 100ms (its reload is counted)", grown, 10)
+                add(after or before, "the sandbox run")
+                if not gateway.alive():
+                    problem(binary, f"the sandbox run stopped: {gateway.tail()}")
+
+        # Bound, never listening: connections to it are refused.
+        with socket.socket() as refusing:
+            refusing.bind(("127.0.0.1", 0))
+            run = start_gateway(binary, [
+                "--upstream", f"http://127.0.0.1:{refusing.getsockname()[1]}",
+                "--upstream-breaker-failures", "1", "--metrics-organization-label"],
+                workdir, "gateway-refused")
+            if not run:
+                return exposed
+            gateway, grpc, admin_url = run
+            with gateway:
+                add(at_start(admin_url, "the run against a refusing upstream"),
+                    "the run against a refusing upstream")
+                status = grpc_web_call(f"http://127.0.0.1:{grpc}", "CloseInvoice", "inv-closed",
+                                       {"api-key": "ops-check", "organization-id": "ops-check"})
+                if status != "14":
+                    problem(binary, f"a call to an upstream refusing connections got "
+                            f"grpc-status {status}, not 14 (UNAVAILABLE)")
+                add(scrape(admin_url), "the run against a refusing upstream")
+    print(f"ops-check: the calls got grpc-status {', '.join(calls)} (sandbox run), "
+          f"{status} (refusing upstream)")
+    for name in sorted(set(exposed) & set(REMOVED)):
+        problem(binary, f"exposes {name} again, a removed metric (REMOVED in scripts/ops_check.py)")
+    if not exposed:
+        problem(binary, "exposed no metric family")
+    return exposed
+
+
+def write_surface(binary, out):
+    for program in ("redis-server", "openssl"):
+        if not shutil.which(program):
+            problem("ops-check", f"{program} is not on PATH (scripts/ops-check.sh installs it)")
+    if not (os.path.isfile(binary) and os.access(binary, os.X_OK)):
+        problem(binary, "no such executable")
+    if problems:
         return
-    kinds = {**{n: "counter" for n in COUNTERS}, **{n: "gauge" for n in GAUGES},
-             **{n: "histogram" for n in HISTOGRAMS}}
-    exposed = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))
-    for name, kind in sorted(exposed.items()):
-        if name in REMOVED:
-            problem(binary, f"still exposes {name}, listed as removed in scripts/ops_check.py")
-        elif name not in kinds:
-            problem("scripts/ops_check.py", f"the binary exposes {name} ({kind}): add it to the lists (and to the docs)")
-        elif kinds[name] != kind:
-            problem("scripts/ops_check.py", f"{name} is a {kind}, not a {kinds[name]}")
-    for name in sorted(EXPOSED_AT_START - set(exposed)):
-        problem(binary, f"does not expose {name} at start")
+    surface = {"binary": binary, "flags": read_flags(binary), "metrics": read_metrics(binary)}
+    Path(out).write_text(json.dumps(surface, indent=1, sort_keys=True), encoding="utf-8")
+    print(f"ops-check: {binary}: {len(surface['flags'])} flags, "
+          f"{len(surface['metrics'])} metric families")
+
+
+def load_surface(path):
+    surface = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not surface.get("flags") or not surface.get("metrics"):
+        problem(str(path), "no flags or no metrics: run `ops_check.py surface` first")
+    return surface
+
+
+def series_names(surface):
+    """Every series name the binary's families expose (a histogram's
+    _bucket, _sum and _count)."""
+    names = set()
+    for family, kind in surface["metrics"].items():
+        if kind == "histogram":
+            names.update(family + suffix for suffix in ("_bucket", "_sum", "_count"))
+        elif kind == "summary":
+            names.update((family, family + "_sum", family + "_count"))
+        else:
+            names.add(family)
+    return names
 
 
 def main(argv):
     if len(argv) >= 3 and argv[1] == "copy-sources":
         print("\n".join(copy_sources(Path(argv[2]))))
         return 0
-    if len(argv) == 4 and argv[1] == "static":
+    if len(argv) == 5 and argv[1] == "surface":
+        write_surface(argv[3], argv[4])
+    elif len(argv) == 5 and argv[1] == "static":
         root = Path(argv[2])
-        check_kustomization(root)
-        env_used = check_deployment(root)
-        check_dockerfile(root)
-        check_skips(root)
-        check_dashboard(root, argv[3])
-        check_alerts(root)
-        check_docs(root, env_used)
-    elif len(argv) == 4 and argv[1] == "binary-env":
-        root = Path(argv[2])
-        env_used = set(read_env_file(root / "deploy/kubernetes/gateway.env"))
-        deployment = load_yaml_docs(root / "deploy/kubernetes/deployment.yaml")[0]
-        for c in deployment["spec"]["template"]["spec"]["containers"]:
-            env_used.update(e["name"] for e in c.get("env", []))
-        check_binary_env(root, argv[3], env_used)
-    elif len(argv) == 4 and argv[1] == "binary-metrics":
-        check_binary_metrics(argv[3])
+        surface = load_surface(argv[3])
+        if not problems:
+            check_kustomization(root)
+            env_used = check_deployment(root, surface)
+            check_dockerfile(root, surface)
+            check_skips(root)
+            check_dashboard(root, surface, argv[4])
+            check_alerts(root, surface)
+            check_docs(root, surface, env_used)
     else:
         print(__doc__, file=sys.stderr)
         return 2
