@@ -11,9 +11,11 @@
 //!   its key's primary and follows MOVED and ASK; `CLUSTER NODES` tells the
 //!   primaries and their replicas.
 //!
-//! Each new connection is checked with `ROLE` (a managed name may still
-//! point at the demoted server for a moment), which also counts the
-//! replicas a write may wait for.
+//! Each new connection to a node, the supervisor's and each thread's
+//! (`local`, through [`open`]), is checked with `ROLE` (a managed name may
+//! still point at the demoted server for a moment), which also counts the
+//! replicas a write may wait for; a thread's must also reach the very
+//! server the supervisor checked (its `run_id`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,17 +30,10 @@ use redis::{
 };
 use tokio::sync::Notify;
 
-use super::link::{Cause, Conn, Live, Shared, cause_of};
+use super::link::{Cause, Conn, Dial, Live, Server, Shared, cause_of};
 use super::url::{Node, StoreUrl, Topology};
 use super::{Failure, FailureKind};
 
-/// Connections for writes that wait for replicas, per primary (`WAIT`
-/// holds its connection until the replicas answer, so one connection would
-/// serialise every durable write behind the previous one's wait).
-const NODE_POOL: usize = 8;
-/// The same for a cluster: each cluster connection holds one connection per
-/// node already.
-const CLUSTER_POOL: usize = 4;
 /// How often the `+switch-master` subscription checks its Sentinel answers.
 const SENTINEL_PING: Duration = Duration::from_secs(1);
 /// Pause before the subscription tries the next Sentinel.
@@ -47,7 +42,7 @@ const SENTINEL_RETRY: Duration = Duration::from_millis(200);
 /// A new connection and what was learnt making it.
 pub(super) struct Found {
     pub main: Conn,
-    pub pool: Vec<Conn>,
+    pub dial: Dial,
     pub clients: Vec<redis::Client>,
     /// `host:port` of the primary (every primary, sorted, in a cluster).
     pub primaries: Vec<String>,
@@ -69,7 +64,6 @@ pub(super) enum Finder {
         switched: Arc<Switched>,
         /// The `+switch-master` subscription; ends with the finder.
         _listener: AbortOnDrop,
-        primary: Option<Box<redis::Client>>,
     },
     Cluster {
         client: Box<ClusterClient>,
@@ -155,7 +149,6 @@ impl Finder {
                     client: Box::new(client),
                     switched,
                     _listener: AbortOnDrop(listener.abort_handle()),
-                    primary: None,
                 })
             }
             Topology::Cluster { nodes } => {
@@ -215,9 +208,7 @@ impl Finder {
     pub(super) async fn connect(&mut self, shared: &Shared) -> Result<Found, Failure> {
         match self {
             Self::Single { client } => connect_node(shared, (**client).clone()).await,
-            Self::Sentinel {
-                client, primary, ..
-            } => {
+            Self::Sentinel { client, .. } => {
                 let found = client.async_get_client().await.map_err(|e| Failure {
                     kind: FailureKind::Unavailable,
                     detail: format!(
@@ -227,7 +218,6 @@ impl Finder {
                     ),
                     may_have_applied: false,
                 })?;
-                *primary = Some(Box::new(found.clone()));
                 connect_node(shared, found).await
             }
             Self::Cluster { client, seeds } => {
@@ -239,13 +229,9 @@ impl Finder {
                 let inspection = cluster_nodes(&mut main)
                     .await
                     .map_err(|e| shared.failure(&e))?;
-                let mut pool = Vec::new();
-                if shared.replicas.required(inspection.replicas) > 0 {
-                    pool = cluster_pool(client).await.unwrap_or_default();
-                }
                 Ok(Found {
                     main,
-                    pool,
+                    dial: Dial::Cluster(client.clone()),
                     clients: seeds.clone(),
                     primaries: inspection.primaries,
                     replicas: inspection.replicas,
@@ -281,20 +267,6 @@ impl Finder {
             Err(e) => Err(cause_of(&e)),
         }
     }
-
-    /// Connections for writes that wait, for a live connection made without
-    /// them; `None` if they cannot be made now.
-    pub(super) async fn pool(&self, shared: &Shared, _live: &Live) -> Option<Vec<Conn>> {
-        match self {
-            Self::Single { client } => node_pool(shared, client).await,
-            Self::Sentinel {
-                primary: Some(client),
-                ..
-            } => node_pool(shared, client).await,
-            Self::Sentinel { primary: None, .. } => None,
-            Self::Cluster { client, .. } => cluster_pool(client).await,
-        }
-    }
 }
 
 fn connection_config(timeout: Duration) -> AsyncConnectionConfig {
@@ -303,89 +275,153 @@ fn connection_config(timeout: Duration) -> AsyncConnectionConfig {
         .set_response_timeout(Some(timeout))
 }
 
-/// Connects to a server that must be the primary.
+/// The supervisor's connection to a server that must be the primary.
 async fn connect_node(shared: &Shared, client: redis::Client) -> Result<Found, Failure> {
-    let address = client.get_connection_info().addr().to_string();
+    let (main, replicas, run_id) = connect_primary(shared, &client, None)
+        .await
+        .map_err(|refused| refused.failure)?;
+    Ok(Found {
+        main,
+        primaries: vec![client.get_connection_info().addr().to_string()],
+        dial: Dial::Node(Box::new(Server {
+            client: client.clone(),
+            run_id,
+        })),
+        clients: vec![client],
+        replicas,
+    })
+}
+
+/// A server or cluster that would not do, and what that says about the
+/// primary in use (`None`: nothing, as with a cluster, which repairs its
+/// own connections).
+pub(super) struct Refused {
+    pub failure: Failure,
+    pub cause: Option<Cause>,
+}
+
+/// A connection of the calling thread's (made on its runtime, which drives
+/// it) to the primary `dial` names, checked like the supervisor's and to be
+/// the same server.
+pub(super) async fn open(shared: &Shared, dial: &Dial) -> Result<Conn, Refused> {
+    match dial {
+        Dial::Node(server) => {
+            let expected = server.run_id.as_deref();
+            Ok(connect_primary(shared, &server.client, expected).await?.0)
+        }
+        Dial::Cluster(client) => match client.get_async_connection().await {
+            Ok(connection) => Ok(Conn::Cluster(connection)),
+            Err(e) => Err(Refused {
+                failure: Failure {
+                    may_have_applied: false,
+                    ..shared.failure(&e)
+                },
+                cause: None,
+            }),
+        },
+    }
+}
+
+/// Connects to `client`'s server and checks that it is a primary (and the
+/// server whose `run_id` is `expected`, if given): the replicas it reports
+/// and its `run_id`.
+async fn connect_primary(
+    shared: &Shared,
+    client: &redis::Client,
+    expected: Option<&str>,
+) -> Result<(Conn, u32, Option<String>), Refused> {
+    let error = |e: redis::RedisError| Refused {
+        failure: Failure {
+            // Nothing but the checks was sent.
+            may_have_applied: false,
+            ..shared.failure(&e)
+        },
+        cause: cause_of(&e),
+    };
+    let address = client.get_connection_info().addr();
     let connection = client
         .get_multiplexed_async_connection_with_config(&connection_config(shared.timeout))
         .await
-        .map_err(|e| shared.failure(&e))?;
-    let mut main = Conn::Node(connection);
-    let replicas = match role(&mut main).await.map_err(|e| shared.failure(&e))? {
+        .map_err(error)?;
+    let mut conn = Conn::Node(connection);
+    let not_the_primary = |detail: String| Refused {
+        failure: Failure {
+            kind: FailureKind::Unavailable,
+            detail,
+            may_have_applied: false,
+        },
+        cause: Some(Cause::Demoted),
+    };
+    let (role, run_id) = identify(&mut conn).await.map_err(error)?;
+    let replicas = match role {
         Some(Role::Primary { replicas, .. }) => count(replicas.len()),
         Some(Role::Replica {
             primary_ip,
             primary_port,
             ..
         }) => {
-            return Err(Failure {
-                kind: FailureKind::Unavailable,
-                detail: format!(
-                    "{}: {address} is a replica (of {primary_ip}:{primary_port}), not the primary",
-                    shared.target
-                ),
-                may_have_applied: false,
-            });
+            return Err(not_the_primary(format!(
+                "{}: {address} is a replica (of {primary_ip}:{primary_port}), not the primary",
+                shared.target
+            )));
         }
         Some(_) => {
-            return Err(Failure {
-                kind: FailureKind::Unavailable,
-                detail: format!(
-                    "{}: {address} is not a primary (a Sentinel? name Sentinels with \
-                     redis+sentinel://)",
-                    shared.target
-                ),
-                may_have_applied: false,
-            });
+            return Err(not_the_primary(format!(
+                "{}: {address} is not a primary (a Sentinel? name Sentinels with \
+                 redis+sentinel://)",
+                shared.target
+            )));
         }
         // Not allowed to ask (an ACL without ROLE): taken as the primary,
         // with no replicas to wait for unless the flag names a number.
         None => 0,
     };
-    let mut pool = Vec::new();
-    if shared.replicas.required(replicas) > 0 {
-        pool = node_pool(shared, &client).await.unwrap_or_default();
+    if let (Some(expected), Some(found)) = (expected, run_id.as_deref())
+        && expected != found
+    {
+        return Err(not_the_primary(format!(
+            "{}: {address} is now another server than the primary in use; finding the \
+             primary again",
+            shared.target
+        )));
     }
-    Ok(Found {
-        main,
-        pool,
-        clients: vec![client],
-        primaries: vec![address],
-        replicas,
-    })
+    Ok((conn, replicas, run_id))
 }
 
-async fn node_pool(shared: &Shared, client: &redis::Client) -> Option<Vec<Conn>> {
-    let config = connection_config(shared.timeout);
-    let mut pool = Vec::with_capacity(NODE_POOL);
-    for _ in 0..NODE_POOL {
-        let connection = client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-            .ok()?;
-        pool.push(Conn::Node(connection));
-    }
-    Some(pool)
+/// The server's `ROLE` and `run_id` (`INFO server`), in one round trip;
+/// `None` for what it may not be asked.
+async fn identify(conn: &mut Conn) -> redis::RedisResult<(Option<Role>, Option<String>)> {
+    let mut pipe = redis::pipe();
+    pipe.cmd("ROLE").cmd("INFO").arg("server");
+    let mut values = conn.pipeline(&pipe).await?.into_iter();
+    let mut next = || match values.next() {
+        Some(Value::ServerError(e)) => {
+            let e = redis::RedisError::from(e);
+            if not_permitted(&e) { Ok(None) } else { Err(e) }
+        }
+        other => Ok(other),
+    };
+    let role = next()?.and_then(|value| redis::from_redis_value::<Role>(value).ok());
+    let run_id = next()?
+        .and_then(|value| redis::from_redis_value::<String>(value).ok())
+        .and_then(|info| {
+            info.lines()
+                .find_map(|line| line.strip_prefix("run_id:"))
+                .map(|id| id.trim().to_owned())
+        });
+    Ok((role, run_id))
 }
 
-async fn cluster_pool(client: &ClusterClient) -> Option<Vec<Conn>> {
-    let mut pool = Vec::with_capacity(CLUSTER_POOL);
-    for _ in 0..CLUSTER_POOL {
-        pool.push(Conn::Cluster(client.get_async_connection().await.ok()?));
-    }
-    Some(pool)
+fn not_permitted(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm)
+        || e.to_string().contains("unknown command")
 }
 
 /// The server's `ROLE`; `None` if it may not be asked.
 async fn role(main: &mut Conn) -> redis::RedisResult<Option<Role>> {
     match main.command(&redis::cmd("ROLE")).await {
         Ok(value) => Ok(redis::from_redis_value::<Role>(value).ok()),
-        Err(e)
-            if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm)
-                || e.to_string().contains("unknown command") =>
-        {
-            Ok(None)
-        }
+        Err(e) if not_permitted(&e) => Ok(None),
         Err(e) => Err(e),
     }
 }

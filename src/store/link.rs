@@ -1,15 +1,18 @@
-//! The connection to the store's primary (every primary, in a cluster) as
-//! calls see it: live, being made, or down, with what the store's
-//! supervisor (`supervisor`) learnt about its replicas and primaries.
+//! The store's primary (every primary, in a cluster) as calls see it:
+//! live, being made, or down, with what the store's supervisor
+//! (`supervisor`) learnt about its replicas and primaries.
 //!
-//! Calls never connect: they take the live connection from an [`ArcSwap`]
-//! (no lock), wait (within their bound) while a connection attempt is under
-//! way, and fail at once while the store is down between attempts. A call
-//! that finds the connection broken, or the server demoted, gives it up
-//! ([`Shared::invalidate`]) and the supervisor makes a new one.
+//! Calls never wait for the supervisor's own connection: they take the
+//! live primary from an [`ArcSwap`] (no lock) and send on their thread's
+//! connection to it (`local`); they wait (within their bound) while the
+//! supervisor is finding a primary, and fail at once while the store is
+//! down between attempts. A call that finds its connection broken, or the
+//! server demoted, gives the primary up ([`Shared::invalidate`]): the
+//! supervisor finds it again, with a new generation, and every thread
+//! connects anew.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -53,30 +56,43 @@ impl Conn {
     }
 }
 
-/// A working connection and what came with it.
+/// How a thread connects to the primary of one generation (`local`).
+#[derive(Clone)]
+pub(super) enum Dial {
+    Node(Box<Server>),
+    /// The cluster client: a connection reaches every primary.
+    Cluster(Box<redis::cluster::ClusterClient>),
+}
+
+/// The primary server the supervisor found, and how to know it again.
+#[derive(Clone)]
+pub(super) struct Server {
+    /// The URL's client (its name looked up again on each connection) or
+    /// the one the Sentinels named.
+    pub client: redis::Client,
+    /// Its `run_id` (`INFO server`), unless it may not be asked: a thread's
+    /// connection through a managed name that reaches another server (the
+    /// name moved) is not used, so that every thread writes to the one
+    /// primary the supervisor checked.
+    pub run_id: Option<String>,
+}
+
+/// A primary found, with the supervisor's own connection to it.
 pub(super) struct Live {
+    /// Counts the primaries found: each thread's connections are for one
+    /// generation and made again for the next.
     pub generation: u64,
+    /// The supervisor's connection: for its looks at the primary (`ROLE`,
+    /// `CLUSTER NODES`), never for calls.
     pub main: Conn,
-    /// Connections for writes that wait for replicas (`WAIT` holds the
-    /// connection it is sent on until the replicas answer); empty until a
-    /// wait is needed, then writes that wait use `main`.
-    pub pool: Box<[Conn]>,
-    pub next: AtomicUsize,
+    /// How calls' threads connect to this primary.
+    pub dial: Dial,
     /// Clients of the nodes a subscription may use: the primary, or a
     /// cluster's seed nodes.
     pub clients: Box<[redis::Client]>,
     /// When a reply last came, in ms from [`Shared::epoch`]; updated at most
     /// every 100 ms.
     pub answered_ms: AtomicU64,
-}
-
-impl Live {
-    pub(super) fn for_writes_that_wait(&self) -> &Conn {
-        if self.pool.is_empty() {
-            return &self.main;
-        }
-        &self.pool[self.next.fetch_add(1, Relaxed) % self.pool.len()]
-    }
 }
 
 /// The state calls read.
@@ -98,7 +114,8 @@ pub(super) enum Cause {
     None = 0,
     /// The connection broke or answered nothing for a whole timeout.
     Lost = 1,
-    /// The server says it is no longer the primary (`READONLY`, `ROLE`).
+    /// The server says it is no longer the primary (`READONLY`, `ROLE`), or
+    /// another server answers at its address (a managed name moved).
     Demoted = 2,
     /// The Sentinels announced a new primary (`+switch-master`).
     Switched = 3,
@@ -210,8 +227,13 @@ impl Shared {
         self.changed.notify_waiters();
     }
 
-    /// Gives up the connection of `generation` (if it is still the live
-    /// one) and has the supervisor make a new one.
+    /// Whether the primary of `generation` is still the one in use.
+    pub(super) fn is_current(&self, generation: u64) -> bool {
+        matches!(&**self.state.load(), State::Up(live) if live.generation == generation)
+    }
+
+    /// Gives up the primary of `generation` (if it is still the live one)
+    /// and has the supervisor find it again.
     pub(super) fn invalidate(&self, generation: u64, cause: Cause) {
         let current = self.state.load();
         let State::Up(live) = &**current else {

@@ -10,8 +10,8 @@
 //! store shares it, so they share its connections and follow the same
 //! failover.
 //! - [`Store::open`] checks nothing over the network and returns at once: a
-//!   task connects and reconnects in the background, so the gateway starts
-//!   while Redis is down.
+//!   task (the supervisor) finds the primary and finds it again in the
+//!   background, so the gateway starts while Redis is down.
 //! - [`Store::run`] runs a [`Script`] ([`Script::call`] with its keys, then
 //!   [`Call::arg`]s) by `EVALSHA` (`EVAL` on `NOSCRIPT`), bounded by
 //!   `--idempotency-store-timeout` and an optional deadline. With
@@ -39,10 +39,29 @@
 //! no primary is usable (a failover under way, Redis down), every operation
 //! fails at once or within its bound: a user must fail closed or fall back
 //! as its own design says.
+//!
+//! # Connections
+//! An operation is sent and answered on a connection of the thread that
+//! runs it (`local`): on a gateway worker, driven by that worker's own
+//! runtime, so a call's store operations never wake another thread (as the
+//! upstream clients, one per worker). The supervisor (`supervisor`,
+//! spawned by [`Store::open`] on the caller's runtime: `main`'s) decides
+//! where the primary is and publishes it with a generation (`link`); each
+//! thread connects to that primary on its first operation, checked like
+//! the supervisor's connection (`finder`: `ROLE`, and the same server),
+//! and connects again once the generation changes. Per gateway process and
+//! primary (each connection a cluster connection in a cluster, one per
+//! primary):
+//! - the supervisor's connection (its `ROLE` and `CLUSTER NODES` looks);
+//! - per thread that uses the store (the workers; `main` if it does): one
+//!   connection, plus up to four (`local::WAIT_CONNECTIONS`) for writes that
+//!   wait for replicas, opened as they are needed;
+//! - the subscriber connection ([`pubsub`]), once something subscribes.
 
 mod args;
 mod finder;
 mod link;
+mod local;
 pub mod metrics;
 pub mod pubsub;
 mod script;
@@ -61,7 +80,8 @@ pub use script::{Call, Script};
 pub use url::{Node, StoreUrl, Topology};
 
 use finder::{AbortOnDrop, Finder};
-use link::{Cause, Live, Shared, State, cause_of};
+use link::{Cause, Conn, Live, Shared, State, cause_of};
+use local::Purpose;
 
 /// The shared store; cheap to clone, clones share the connections.
 #[derive(Clone)]
@@ -230,10 +250,16 @@ impl Store {
             Wait::None => 0,
             Wait::Replicas => shared.required_replicas(),
         };
-        let ran = if required == 0 {
-            tokio::time::timeout_at(bound, run_once(&live, call)).await
+        let purpose = if required == 0 {
+            Purpose::Commands
         } else {
-            tokio::time::timeout_at(bound, run_and_wait(&live, call, required, bound)).await
+            Purpose::Wait
+        };
+        let (mut conn, generation) = self.connection(&live, purpose, bound).await?;
+        let ran = if required == 0 {
+            tokio::time::timeout_at(bound, run_once(&mut conn, call)).await
+        } else {
+            tokio::time::timeout_at(bound, run_and_wait(&mut conn, call, required, bound)).await
         };
         match ran {
             Ok(Ok((value, acknowledged))) => {
@@ -253,12 +279,12 @@ impl Store {
                 Ok(Reply { value, shortfall })
             }
             Ok(Err(error)) => {
-                self.connection_trouble(&live, cause_of(&error));
+                self.connection_trouble(&conn, generation, cause_of(&error));
                 Err(shared.failure(&error))
             }
             Err(_) => {
                 if shared.unresponsive(&live) {
-                    self.connection_trouble(&live, Some(Cause::Lost));
+                    self.connection_trouble(&conn, generation, Some(Cause::Lost));
                 }
                 Err(shared.timed_out())
             }
@@ -273,7 +299,7 @@ impl Store {
         let live = shared.live(bound).await?;
         let mut publish = redis::cmd("PUBLISH");
         publish.arg(channel).arg(message);
-        let mut conn = live.main.clone();
+        let (mut conn, generation) = self.connection(&live, Purpose::Commands, bound).await?;
         match tokio::time::timeout_at(bound, conn.command(&publish)).await {
             Ok(Ok(Value::Int(n))) => {
                 shared.answered(&live);
@@ -285,7 +311,7 @@ impl Store {
                 may_have_applied: true,
             }),
             Ok(Err(error)) => {
-                self.connection_trouble(&live, cause_of(&error));
+                self.connection_trouble(&conn, generation, cause_of(&error));
                 Err(shared.failure(&error))
             }
             Err(_) => Err(shared.timed_out()),
@@ -342,13 +368,39 @@ impl Store {
         }
     }
 
-    fn connection_trouble(&self, live: &Live, cause: Option<Cause>) {
+    /// This thread's connection to the primary (`local`), made if need be
+    /// within `bound`, with the primary's generation.
+    async fn connection(
+        &self,
+        live: &Live,
+        purpose: Purpose,
+        bound: Instant,
+    ) -> Result<(Conn, u64), Failure> {
         let shared = &self.inner.shared;
-        match (&live.main, cause) {
+        match tokio::time::timeout_at(bound, local::connection(shared, live, purpose)).await {
+            Ok(made) => made,
+            Err(_) => {
+                if shared.unresponsive(live) {
+                    shared.invalidate(live.generation, Cause::Lost);
+                }
+                Err(Failure {
+                    // Nothing was sent but the connection's own commands.
+                    may_have_applied: false,
+                    ..shared.timed_out()
+                })
+            }
+        }
+    }
+
+    /// Reports what a failed operation on `conn`, a connection to the
+    /// primary of `generation`, says about it.
+    fn connection_trouble(&self, conn: &Conn, generation: u64, cause: Option<Cause>) {
+        let shared = &self.inner.shared;
+        match (conn, cause) {
             // The cluster client repairs its own connections; a look at the
             // topology keeps the metrics and the log line current.
-            (link::Conn::Cluster(_), _) => shared.inspect_soon(),
-            (_, Some(cause)) => shared.invalidate(live.generation, cause),
+            (Conn::Cluster(_), _) => shared.inspect_soon(),
+            (_, Some(cause)) => shared.invalidate(generation, cause),
             (_, None) => {}
         }
     }
@@ -361,8 +413,7 @@ impl std::fmt::Debug for Store {
 }
 
 /// The script alone: one command, one round trip.
-async fn run_once(live: &Live, call: &Call<'_>) -> redis::RedisResult<(Value, Option<u32>)> {
-    let mut conn = live.main.clone();
+async fn run_once(conn: &mut Conn, call: &Call<'_>) -> redis::RedisResult<(Value, Option<u32>)> {
     match conn.command(call.evalsha()).await {
         Err(error) if is_noscript(&error) => Ok((conn.command(&call.eval()).await?, None)),
         other => Ok((other?, None)),
@@ -373,12 +424,11 @@ async fn run_once(live: &Live, call: &Call<'_>) -> redis::RedisResult<(Value, Op
 /// wait; the `WAIT` ends a quarter of the bound before it (at least 1 ms:
 /// `WAIT 0` would never end).
 async fn run_and_wait(
-    live: &Live,
+    conn: &mut Conn,
     call: &Call<'_>,
     required: u32,
     bound: Instant,
 ) -> redis::RedisResult<(Value, Option<u32>)> {
-    let mut conn = live.for_writes_that_wait().clone();
     let wait_ms = |bound: Instant| {
         let left = bound.saturating_duration_since(Instant::now());
         u64::try_from((left * 3 / 4).as_millis())

@@ -1,15 +1,16 @@
-//! The one task that keeps the store's connection: it finds the primary
-//! (`finder`), connects, checks it is one, publishes the connection to the
-//! calls (`link`), and replaces it when a call gives it up (broken,
-//! demoted) or the Sentinels announce a failover. It also looks at the
-//! primary now and then: its replicas (for `auto` waits), and in a cluster
-//! which nodes are primaries (the metrics, the failover log line).
+//! The one task that decides where the store's primary is: it finds the
+//! primary (`finder`), connects, checks it is one, publishes it to the
+//! calls (`link`; each calling thread then connects to it, `local`), and
+//! finds it again when a call gives it up (broken, demoted) or the
+//! Sentinels announce a failover. It also looks at the primary now and
+//! then, on its own connection: its replicas (for `auto` waits), and in a
+//! cluster which nodes are primaries (the metrics, the failover log line).
 //!
 //! The attempts back off from [`FIRST_RETRY`] to [`MAX_RETRY`]: a new
 //! primary is in use at most about that long after it is known, and a dead
 //! store sees at most a few attempts a second from each gateway.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
@@ -110,8 +111,7 @@ fn accept(shared: &Shared, found: Found, generation: u64) -> Arc<Live> {
     Arc::new(Live {
         generation,
         main: found.main,
-        pool: found.pool.into_boxed_slice(),
-        next: AtomicUsize::new(0),
+        dial: found.dial,
         clients: found.clients.into_boxed_slice(),
         answered_ms: AtomicU64::new(shared.now_ms()),
     })
@@ -153,26 +153,6 @@ async fn watch(shared: &Arc<Shared>, finder: &mut Finder, generation: u64) {
                     .connected_replicas
                     .store(inspection.replicas, Relaxed);
                 note_cluster_failovers(shared, &inspection.primaries);
-                if shared.required_replicas() > 0
-                    && live.pool.is_empty()
-                    && let Some(pool) = finder.pool(shared, &live).await
-                {
-                    // The same connection, now with connections for waits.
-                    let with_pool = Arc::new(Live {
-                        generation,
-                        main: live.main.clone(),
-                        pool: pool.into_boxed_slice(),
-                        next: AtomicUsize::new(0),
-                        clients: live.clients.clone(),
-                        answered_ms: AtomicU64::new(live.answered_ms.load(Relaxed)),
-                    });
-                    let current = shared.state.load();
-                    if matches!(&**current, State::Up(l) if Arc::ptr_eq(l, &live)) {
-                        shared
-                            .state
-                            .compare_and_swap(&*current, Arc::new(State::Up(with_pool)));
-                    }
-                }
             }
             Err(Some(cause)) => shared.invalidate(generation, cause),
             Err(None) => {}

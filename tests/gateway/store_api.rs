@@ -14,7 +14,7 @@ use gormic_gateway::store::{
 };
 
 use crate::support::redis::RedisServer;
-use crate::support::redis_command::command;
+use crate::support::redis_command::{command, info_field};
 use crate::support::redis_sentinel::wait_in_sync;
 
 /// Bound of every wait below.
@@ -129,6 +129,89 @@ async fn a_write_that_waits_is_acknowledged_by_the_replica_and_auto_waits_only_w
     assert_eq!(reply.value, redis::Value::Int(4));
     let shortfall = reply.shortfall.expect("a shortfall");
     assert_eq!((shortfall.acknowledged, shortfall.required), (1, 2));
+}
+
+/// The gateway's worker threads each run a current-thread runtime: a
+/// connection driven by another thread's runtime would wake that thread on
+/// every operation. Here the runtime that opened the store is not running
+/// at all while two other threads call, and they are answered all the same,
+/// each on connections of its own: one for scripts, four for writes that
+/// wait.
+#[test]
+fn each_thread_sends_on_its_own_connections_so_a_call_needs_no_other_threads_runtime() {
+    let primary = RedisServer::start();
+    let replica =
+        RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port().to_string()]);
+    wait_in_sync(primary.port(), replica.port());
+    let opener = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let store = opener.block_on(async {
+        let store = open(&primary.url(), Replicas::Auto);
+        let reply = increment(&store, "test:{threads}:opener", 1, Wait::Replicas).await;
+        assert_eq!(reply.shortfall, None);
+        store
+    });
+    assert_eq!(store.health().required_replicas, 1);
+    let clients = || -> u32 {
+        info_field(primary.port(), "clients", "connected_clients")
+            .expect("INFO clients")
+            .parse()
+            .expect("a count")
+    };
+    let before = clients();
+
+    // Each thread reports, then stays (its connections open) until counted.
+    let (done, reports) = std::sync::mpsc::channel::<Result<(), String>>();
+    let mut releases = Vec::new();
+    let threads: Vec<_> = ["a", "b"]
+        .into_iter()
+        .map(|name| {
+            let store = store.clone();
+            let done = done.clone();
+            let (release, released) = std::sync::mpsc::channel::<()>();
+            releases.push(release);
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime");
+                let outcome = runtime.block_on(async {
+                    let key = format!("test:{{threads}}:{name}");
+                    for n in 1..=11 {
+                        let wait = if n <= 10 { Wait::Replicas } else { Wait::None };
+                        let mut call = INCREMENT.call(&[&key]);
+                        call.arg(1);
+                        match store.run(&call, wait, None).await {
+                            Ok(reply)
+                                if reply.value == redis::Value::Int(n)
+                                    && reply.shortfall.is_none() => {}
+                            other => return Err(format!("thread {name}, call {n}: {other:?}")),
+                        }
+                    }
+                    Ok(())
+                });
+                let _ = done.send(outcome);
+                let _ = released.recv_timeout(PATIENCE);
+            })
+        })
+        .collect();
+    for _ in 0..2 {
+        let report = reports
+            .recv_timeout(PATIENCE)
+            .expect("each thread's calls to end within PATIENCE");
+        report.expect("every call answered");
+    }
+    let during = clients();
+    drop(releases);
+    for thread in threads {
+        thread.join().expect("the thread ends");
+    }
+    assert_eq!(during - before, 2 * 5, "one + four connections per thread");
+    let copy: String = command(replica.port(), &["GET", "test:{threads}:b"]);
+    assert_eq!(copy, "11");
+    drop(opener);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
