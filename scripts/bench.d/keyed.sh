@@ -5,7 +5,10 @@
 # nginx upstream, with
 #   unkeyed          no key (the path every other call takes)
 #   redis            --idempotency-store redis:// on one server: a lease and
-#                    a record per call (2 store round trips)
+#                    a record per call (2 store round trips), waiting for
+#                    no replica (--idempotency-store-replicas 0, for
+#                    binaries that have the flag: its default, auto, would
+#                    wait for the replica this script runs)
 #   redis+replica    the same server with a replica connected and
 #                    --idempotency-store-replicas 1 (WAIT 1 on both writes),
 #                    for binaries that have the flag
@@ -15,6 +18,7 @@
 #
 #   scripts/bench.d/keyed.sh BINARY [BINARY...]
 #   KEYED_SECONDS=5 KEYED_REPS=3 (medians over the repetitions)
+#   KEYED_CONFIGS="unkeyed redis redis+replica" (a subset, to spend the time on it)
 # Needs nginx and redis-server; builds the load driver (cargo bench --bench keyed).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -56,7 +60,12 @@ measure() {
     gw=$(port)
     case $config in
         unkeyed) unkeyed=(--unkeyed) ;;
-        redis) args=(--idempotency-store "redis://127.0.0.1:$primary") ;;
+        redis)
+            args=(--idempotency-store "redis://127.0.0.1:$primary")
+            if "$bin" --help | grep -q -- --idempotency-store-replicas; then
+                args+=(--idempotency-store-replicas 0)
+            fi
+            ;;
         redis+replica) args=(--idempotency-store "redis://127.0.0.1:$primary" --idempotency-store-replicas 1) ;;
     esac
     "$bin" --listen "127.0.0.1:$gw" --upstream "http://127.0.0.1:$up" --admin-listen off \
@@ -79,16 +88,28 @@ measure() {
 
 echo "| binary | configuration | c=1 p50 µs | c=1 p99 µs | c=64 calls/s | CPU µs per call (c=64) |"
 echo "|---|---|---|---|---|---|"
-for config in unkeyed redis redis+replica; do
+# Binaries take turns within each repetition (one right after the other,
+# so that drift on the machine falls on all of them), and Redis starts each
+# measurement empty (the keys of earlier ones would slow later binaries).
+for config in ${KEYED_CONFIGS:-unkeyed redis redis+replica}; do
+    declare -A p50=() p99=() rate=() cpu=()
+    bins=()
     for bin in "$@"; do
         if [[ $config == redis+replica ]] && ! "$bin" --help | grep -q -- --idempotency-store-replicas; then
             continue
         fi
-        p50=(); p99=(); rate=(); cpu=()
-        for _ in $(seq 1 "$reps"); do
-            read -r a b c d < <(measure "$bin" "$config")
-            p50+=("$a"); p99+=("$b"); rate+=("$c"); cpu+=("$d")
-        done
-        echo "| $(basename "$bin") | $config | $(median "${p50[@]}") | $(median "${p99[@]}") | $(median "${rate[@]}") | $(median "${cpu[@]}") |"
+        bins+=("$bin")
     done
+    for _ in $(seq 1 "$reps"); do
+        for bin in "${bins[@]}"; do
+            redis-cli -p "$primary" flushall >/dev/null
+            read -r a b c d < <(measure "$bin" "$config")
+            p50[$bin]+=" $a"; p99[$bin]+=" $b"; rate[$bin]+=" $c"; cpu[$bin]+=" $d"
+        done
+    done
+    for bin in "${bins[@]}"; do
+        # shellcheck disable=SC2086 # the lists split on purpose
+        echo "| $(basename "$bin") | $config | $(median ${p50[$bin]}) | $(median ${p99[$bin]}) | $(median ${rate[$bin]}) | $(median ${cpu[$bin]}) |"
+    done
+    unset p50 p99 rate cpu
 done
