@@ -28,6 +28,8 @@ use gormic_gateway::upstream::{Upstream, UpstreamOptions};
 use crate::support::binary::{SERVING, Serving, run_to_exit};
 use crate::support::certs::{Ca, Leaf, Names, TestDir, client_config, server_config, tls_connect};
 use crate::support::logs::Logs;
+use crate::support::redis::{RedisServer, free_port};
+use crate::support::redis_command::command;
 use crate::support::secure::{
     SecureGateway, grpc_web_over_https, plaintext_channel, server_files, server_tls, tls_channel,
 };
@@ -1200,6 +1202,101 @@ async fn the_binary_serves_a_plain_http_localhost_upstream_without_the_flag() {
         "http://localhost:1",
     ])
     .await;
+    let (status, stderr) = serving.terminate().await;
+    assert_eq!(status.code(), Some(0), "{stderr:#?}");
+}
+
+/// `rediss://` end to end: a Redis serving TLS only, with a certificate a
+/// private CA signed. The store verifies it against the system's trust
+/// store, which `SSL_CERT_FILE` names here (as it does for OpenSSL). With
+/// that CA trusted, a keyed call's record is kept on the server and its
+/// repeat replays; with another CA trusted, the handshake is refused and a
+/// keyed call fails closed, never sent.
+#[tokio::test]
+async fn the_binary_keeps_keys_on_a_tls_redis_it_verifies_and_fails_closed_on_one_it_cannot() {
+    let dir = TestDir::new("binary-rediss");
+    let redis_ca = Ca::new("private Redis CA");
+    let leaf = redis_ca.server();
+    let cert = dir.write("redis.crt", &leaf.cert_pem);
+    let key = dir.write("redis.key", &leaf.key_pem);
+    let trusted = dir.write("trusted.crt", &redis_ca.pem);
+    let other = dir.write("other.crt", &Ca::new("another CA").pem);
+    let tls_port = free_port().to_string();
+    let redis = RedisServer::start_with(&[
+        "--tls-port",
+        &tls_port,
+        "--tls-cert-file",
+        path_str(&cert),
+        "--tls-key-file",
+        path_str(&key),
+        "--tls-ca-cert-file",
+        path_str(&trusted),
+        "--tls-auth-clients",
+        "no",
+    ]);
+    let upstream = FakeUpstream::start().await;
+    upstream.respond(Scripted::ok(closed()));
+    let upstream_url = upstream.url();
+    let store = format!("rediss://127.0.0.1:{tls_port}");
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+        "--upstream",
+        &upstream_url,
+        "--idempotency-store",
+        &store,
+    ];
+    let keyed = |key: &str| {
+        close_with(
+            "binary-rediss",
+            &[
+                ("api-key", API_KEY),
+                ("organization-id", ORGANIZATION),
+                ("idempotency-key", key),
+            ],
+        )
+    };
+
+    let serving = Serving::start_with_env(&args, &[("SSL_CERT_FILE", path_str(&trusted))]).await;
+    let (channel, _) = plaintext_channel(serving.grpc_addr());
+    let mut client = InvoiceServiceClient::new(channel);
+    let first = client
+        .close_invoice(keyed("rediss-1"))
+        .await
+        .expect("the lease and the record kept on the TLS store")
+        .into_inner();
+    let again = client
+        .close_invoice(keyed("rediss-1"))
+        .await
+        .expect("the repeat replays")
+        .into_inner();
+    assert_eq!(again, first);
+    assert_eq!(upstream.requests().len(), 1, "the repeat was not sent");
+    let records: Vec<String> = command(redis.port(), &["KEYS", "gormic:idem:*"]);
+    assert_eq!(records.len(), 1, "{records:?}");
+    let (status, stderr) = serving.terminate().await;
+    assert_eq!(status.code(), Some(0), "{stderr:#?}");
+
+    let serving = Serving::start_with_env(&args, &[("SSL_CERT_FILE", path_str(&other))]).await;
+    let (channel, _) = plaintext_channel(serving.grpc_addr());
+    let mut client = InvoiceServiceClient::new(channel);
+    let refused = client
+        .close_invoice(keyed("rediss-2"))
+        .await
+        .expect_err("a store whose certificate is not trusted is not used");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert_eq!(
+        error_info(&refused).reason,
+        reason::IDEMPOTENCY_STORE_UNAVAILABLE,
+        "{refused:?}"
+    );
+    assert_eq!(
+        upstream.requests().len(),
+        1,
+        "the refused call was not sent"
+    );
     let (status, stderr) = serving.terminate().await;
     assert_eq!(status.code(), Some(0), "{stderr:#?}");
 }
