@@ -2,22 +2,19 @@
 //! every step (a slow idempotency store included), the minimum of store
 //! round trips, and one admission permit from the first step to the last.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tonic::{Code, Request};
+use tonic::Code;
 
-use gormic_gateway::idempotency::{
-    Idempotency, IdempotencyArgs, METADATA_KEY, REPLAYED_METADATA_KEY, parse_store,
-};
+use gormic_gateway::idempotency::{Idempotency, IdempotencyArgs, parse_store};
 use gormic_gateway::proto::v1 as pb;
 
 use crate::support::delay_proxy::DelayProxy;
 use crate::support::redis::RedisServer;
 use crate::support::{
-    API_KEY, FakeUpstream, ORGANIZATION, Scripted, TestGateway, error_info, logs, until,
-    with_metadata,
+    API_KEY, FakeUpstream, ORGANIZATION, Scripted, TestGateway, create, error_info, keyed, logs,
+    replayed, until, with_metadata,
 };
 
 /// Bound of every wait for an event below; each holds within a fraction.
@@ -41,33 +38,11 @@ async fn gateway(upstream: &FakeUpstream, store: Idempotency, max_in_flight: usi
         .await
 }
 
-fn create(order: &str) -> pb::CreateInvoiceRequest {
-    pb::CreateInvoiceRequest {
-        order_id: order.into(),
-        ..Default::default()
-    }
-}
-
-fn keyed(order: &str, key: &str) -> Request<pb::CreateInvoiceRequest> {
-    with_metadata(
-        create(order),
-        &[
-            ("api-key", API_KEY),
-            ("organization-id", ORGANIZATION),
-            (METADATA_KEY, key),
-        ],
-    )
-}
-
-fn redis_addr(redis: &RedisServer) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], redis.port()))
-}
-
 /// One keyed call with a generous deadline: the store connection is open
 /// and its scripts are loaded, so that what follows measures a warm store.
 async fn warm_up(gw: &mut TestGateway) {
     gw.client
-        .create_invoice(keyed("ord-warm", "warm-up"))
+        .create_invoice(keyed(create("ord-warm"), "warm-up"))
         .await
         .expect("the warm-up call succeeds");
 }
@@ -75,7 +50,7 @@ async fn warm_up(gw: &mut TestGateway) {
 #[tokio::test]
 async fn a_keyed_call_costs_two_store_round_trips_one_for_the_lease_one_for_the_record() {
     let redis = RedisServer::start();
-    let proxy = DelayProxy::start(redis_addr(&redis), Duration::ZERO).await;
+    let proxy = DelayProxy::start(redis.addr(), Duration::ZERO).await;
     let upstream = FakeUpstream::start().await;
     upstream.respond(Scripted::ok(json!({"id": "inv-1"})));
     let store = store_through(&proxy, Duration::from_secs(2)).await;
@@ -85,7 +60,7 @@ async fn a_keyed_call_costs_two_store_round_trips_one_for_the_lease_one_for_the_
     proxy.reset_counts();
     redis.reset_stats();
     gw.client
-        .create_invoice(keyed("ord-1", "round-trips-1"))
+        .create_invoice(keyed(create("ord-1"), "round-trips-1"))
         .await
         .expect("created");
     assert_eq!(
@@ -107,7 +82,7 @@ async fn a_slow_store_still_gets_the_caller_its_answer_in_time_and_a_retry_never
     let redis = RedisServer::start();
     // 600 ms per store round trip: the lease alone takes most of a 1 s
     // deadline, the record would end past it.
-    let proxy = DelayProxy::start(redis_addr(&redis), Duration::ZERO).await;
+    let proxy = DelayProxy::start(redis.addr(), Duration::ZERO).await;
     let upstream = FakeUpstream::start().await;
     upstream.respond(Scripted::ok(json!({"id": "inv-1"})));
     let store = store_through(&proxy, Duration::from_secs(2)).await;
@@ -117,7 +92,7 @@ async fn a_slow_store_still_gets_the_caller_its_answer_in_time_and_a_retry_never
     let sent_before = upstream.requests().len();
 
     let deadline = Duration::from_secs(1);
-    let mut request = keyed("ord-1", "slow-store-1");
+    let mut request = keyed(create("ord-1"), "slow-store-1");
     request.set_timeout(deadline);
     let started = Instant::now();
     let answer = gw.client.create_invoice(request).await;
@@ -129,12 +104,12 @@ async fn a_slow_store_still_gets_the_caller_its_answer_in_time_and_a_retry_never
 
     // Retries with the same key: told to wait while the record is finished
     // in the background, then given the first answer; never sent again.
-    let replayed = until(
+    let replay = until(
         "the record to be finished",
         PATIENCE,
         async || {
             gw.client
-                .create_invoice(keyed("ord-1", "slow-store-1"))
+                .create_invoice(keyed(create("ord-1"), "slow-store-1"))
                 .await
         },
         Result::is_ok,
@@ -145,14 +120,8 @@ async fn a_slow_store_still_gets_the_caller_its_answer_in_time_and_a_retry_never
     })
     .await
     .expect("the record is finished");
-    assert_eq!(
-        replayed
-            .metadata()
-            .get(REPLAYED_METADATA_KEY)
-            .map(|v| v.as_bytes()),
-        Some(&b"true"[..])
-    );
-    assert_eq!(replayed.get_ref().id, "inv-1");
+    assert!(replayed(&replay));
+    assert_eq!(replay.get_ref().id, "inv-1");
     assert_eq!(upstream.requests().len(), sent_before + 1, "sent once");
 }
 
@@ -160,7 +129,7 @@ async fn a_slow_store_still_gets_the_caller_its_answer_in_time_and_a_retry_never
 async fn a_call_recording_its_outcome_still_holds_its_admission_and_a_shed_call_writes_no_line() {
     let logs = logs();
     let redis = RedisServer::start();
-    let proxy = DelayProxy::start(redis_addr(&redis), Duration::ZERO).await;
+    let proxy = DelayProxy::start(redis.addr(), Duration::ZERO).await;
     let upstream = FakeUpstream::start().await;
     upstream.respond(Scripted::ok(json!({"id": "inv-1"})));
     let store = store_through(&proxy, Duration::from_secs(10)).await;
@@ -172,7 +141,7 @@ async fn a_call_recording_its_outcome_still_holds_its_admission_and_a_shed_call_
     // is then held at the store.
     upstream.hold_answers();
     let mut client = gw.client.clone();
-    let mut request = keyed("ord-1", "parked-1");
+    let mut request = keyed(create("ord-1"), "parked-1");
     request.metadata_mut().insert(
         "x-request-id",
         "recorded-after-park-1".parse().expect("ASCII"),

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tonic::{Code, Response, Status};
 
 use gormic_gateway::errors::GATEWAY_DOMAIN;
-use gormic_gateway::idempotency::{IdempotencyArgs, METADATA_KEY, REPLAYED_METADATA_KEY};
+use gormic_gateway::idempotency::IdempotencyArgs;
 use gormic_gateway::metrics::Metrics;
 use gormic_gateway::proto::v1 as pb;
 use gormic_gateway::upstream::{BreakerArgs, DEFAULT_COOLDOWN, UpstreamOptions};
@@ -21,22 +21,14 @@ use crate::support::admin::Scrape;
 use crate::support::redis::RedisServer;
 use crate::support::stores::open_at;
 use crate::support::{
-    API_KEY, FakeUpstream, ORGANIZATION, PATIENCE, Scripted, TestGateway, details, error_info,
-    logs, no_proxy, until, with_metadata,
+    API_KEY, FakeUpstream, ORGANIZATION, PATIENCE, Scripted, TestGateway, authed, close, create,
+    error_info, keyed, logs, no_proxy, replayed, retry_delay, spawn_app, until, with_metadata,
 };
 
 type Closed = Result<Response<pb::CloseInvoiceResponse>, Status>;
 
-fn close() -> pb::CloseInvoiceRequest {
-    pb::CloseInvoiceRequest {
-        invoice_id: "inv-1".into(),
-    }
-}
-
 fn closed() -> Scripted {
-    Scripted::ok(
-        json!({"invoiceNumber": 1, "invoiceSource": "POS", "invoicedAt": "2026-11-25T10:00:00Z"}),
-    )
+    Scripted::ok(crate::support::closed())
 }
 
 /// A CloseInvoice with this api-key and organization-id.
@@ -51,13 +43,6 @@ async fn close_as(gateway: &TestGateway, api_key: &str, organization: &str) -> C
 /// A CloseInvoice with the usual credential.
 async fn close_call(gateway: &TestGateway) -> Closed {
     close_as(gateway, API_KEY, ORGANIZATION).await
-}
-
-fn retry_delay(status: &Status) -> Duration {
-    details(status)
-        .retry_info()
-        .and_then(|info| info.retry_delay)
-        .unwrap_or_else(|| panic!("no RetryInfo in {status:?}"))
 }
 
 fn reason(answer: &Closed) -> Option<String> {
@@ -167,8 +152,7 @@ async fn a_429_refuses_the_credential_unsent_until_its_retry_after_has_passed() 
 
 #[tokio::test]
 async fn an_http_date_retry_after_opens_a_cooldown_until_that_date() {
-    let upstream = FakeUpstream::start().await;
-    let gateway = TestGateway::builder(&upstream.url()).start().await;
+    let (upstream, gateway) = spawn_app().await;
     // HTTP-dates have whole seconds: this one is 2 to 3 s away.
     let date = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(3));
     upstream.respond(Scripted::too_many_requests(Some(&date)));
@@ -221,8 +205,7 @@ async fn a_retry_after_longer_than_upstream_cooldown_max_is_cut_to_it() {
 
 #[tokio::test]
 async fn retry_info_counts_down_from_one_refusal_to_the_next() {
-    let upstream = FakeUpstream::start().await;
-    let gateway = TestGateway::builder(&upstream.url()).start().await;
+    let (upstream, gateway) = spawn_app().await;
     upstream.respond(Scripted::too_many_requests(Some("30")));
     close_call(&gateway).await.expect_err("429");
     let first = refused_unsent(close_call(&gateway).await);
@@ -240,8 +223,7 @@ async fn retry_info_counts_down_from_one_refusal_to_the_next() {
 
 #[tokio::test]
 async fn other_credentials_are_untouched_by_a_cooldown() {
-    let upstream = FakeUpstream::start().await;
-    let gateway = TestGateway::builder(&upstream.url()).start().await;
+    let (upstream, gateway) = spawn_app().await;
     upstream.respond(Scripted::too_many_requests(Some("30")));
     close_call(&gateway).await.expect_err("429");
 
@@ -304,20 +286,16 @@ async fn no_gateway_retry_lands_inside_a_cooldown() {
 }
 
 fn update_call() -> tonic::Request<pb::UpdateInvoiceRequest> {
-    with_metadata(
-        pb::UpdateInvoiceRequest {
-            invoice_id: "inv-1".into(),
-            order_id: "ord-1".into(),
-            ..Default::default()
-        },
-        &[("api-key", API_KEY), ("organization-id", ORGANIZATION)],
-    )
+    authed(pb::UpdateInvoiceRequest {
+        invoice_id: "inv-1".into(),
+        order_id: "ord-1".into(),
+        ..Default::default()
+    })
 }
 
 #[tokio::test]
 async fn a_retry_waits_for_the_cooldown_even_when_the_retry_after_is_unreadable() {
-    let upstream = FakeUpstream::start().await;
-    let gateway = TestGateway::builder(&upstream.url()).start().await;
+    let (upstream, gateway) = spawn_app().await;
     // The retry policy alone would try again after its 25 ms backoff; the
     // default cooldown the 503 opened is 1 s.
     upstream.respond_in_order(vec![
@@ -337,8 +315,7 @@ async fn a_retry_waits_for_the_cooldown_even_when_the_retry_after_is_unreadable(
 
 #[tokio::test]
 async fn a_retry_is_given_up_when_a_longer_cooldown_opens_meanwhile() {
-    let upstream = FakeUpstream::start().await;
-    let gateway = TestGateway::builder(&upstream.url()).start().await;
+    let (upstream, gateway) = spawn_app().await;
     // The update's 503 asks for 1 s; the close in flight beside it gets a
     // 429 asking for 5 s, which outlasts the update's 3 s deadline.
     upstream.respond_in_order(vec![
@@ -353,14 +330,7 @@ async fn a_retry_is_given_up_when_a_longer_cooldown_opens_meanwhile() {
     let update = tokio::spawn(async move { client.update_invoice(request).await });
     upstream.wait_for_requests(1).await;
     let mut client = gateway.client.clone();
-    let close = tokio::spawn(async move {
-        client
-            .close_invoice(with_metadata(
-                close(),
-                &[("api-key", API_KEY), ("organization-id", ORGANIZATION)],
-            ))
-            .await
-    });
+    let close = tokio::spawn(async move { client.close_invoice(authed(close())).await });
     upstream.wait_for_requests(2).await;
     upstream.release_answers();
 
@@ -426,22 +396,9 @@ async fn a_429_never_opens_the_breaker() {
 
 #[tokio::test]
 async fn a_keyed_call_refused_by_a_cooldown_leaves_its_key_for_after_it() {
-    let upstream = FakeUpstream::start().await;
-    let gateway = TestGateway::builder(&upstream.url()).start().await;
-    let keyed = || {
-        with_metadata(
-            pb::CreateInvoiceRequest {
-                order_id: "ord-1".into(),
-                ..Default::default()
-            },
-            &[
-                ("api-key", API_KEY),
-                ("organization-id", ORGANIZATION),
-                (METADATA_KEY, "cooldown-key-1"),
-            ],
-        )
-    };
-    let create = async || gateway.client.clone().create_invoice(keyed()).await;
+    let (upstream, gateway) = spawn_app().await;
+    let keyed_call = || keyed(create("ord-1"), "cooldown-key-1");
+    let create = async || gateway.client.clone().create_invoice(keyed_call()).await;
     upstream.respond(Scripted::too_many_requests(Some("1")));
     create().await.expect_err("429: the key is released");
     upstream.respond(Scripted::ok(json!({"id": "inv-after"})));
@@ -462,28 +419,21 @@ async fn a_keyed_call_refused_by_a_cooldown_leaves_its_key_for_after_it() {
     .await
     .expect("created");
     assert_eq!(created.get_ref().id, "inv-after");
-    assert!(!created.metadata().contains_key(REPLAYED_METADATA_KEY));
+    assert!(!replayed(&created));
     let replay = gateway
         .client
         .clone()
-        .create_invoice(keyed())
+        .create_invoice(keyed_call())
         .await
         .expect("replayed");
-    assert_eq!(
-        replay
-            .metadata()
-            .get(REPLAYED_METADATA_KEY)
-            .map(|v| v.to_str().unwrap()),
-        Some("true")
-    );
+    assert!(replayed(&replay));
     assert_eq!(upstream.requests().len(), 2, "the 429 and the creation");
 }
 
 #[tokio::test]
 async fn opening_a_cooldown_is_one_log_line_with_the_organization_never_the_api_key() {
     let logs = logs();
-    let upstream = FakeUpstream::start().await;
-    let gateway = TestGateway::builder(&upstream.url()).start().await;
+    let (upstream, gateway) = spawn_app().await;
     let (api_key, organization) = ("api-key-cooldown-log-7e1", "org-cooldown-log");
     // Two calls in flight answered 429 together: one cooldown, one line.
     upstream.hold_answers_until(2);

@@ -9,13 +9,11 @@ use std::time::Duration;
 
 use serde_json::json;
 use tokio::task::JoinSet;
-use tonic::metadata::{MetadataMap, MetadataValue};
-use tonic::{Code, Request, Response, Status};
+use tonic::metadata::MetadataValue;
+use tonic::{Code, Status};
 
 use gormic_gateway::deadline::DeadlineArgs;
-use gormic_gateway::idempotency::{
-    Idempotency, IdempotencyArgs, MAX_OUTCOME_BYTES, METADATA_KEY, REPLAYED_METADATA_KEY,
-};
+use gormic_gateway::idempotency::{Idempotency, IdempotencyArgs, MAX_OUTCOME_BYTES, METADATA_KEY};
 use gormic_gateway::proto::v1 as pb;
 use gormic_gateway::upstream::UpstreamOptions;
 
@@ -24,8 +22,8 @@ use crate::support::hanging_up::HangingUpUpstream;
 use crate::support::redis::RedisServer;
 use crate::support::stores::{Backend, for_each_store, open_at};
 use crate::support::{
-    API_KEY, FakeUpstream, ORGANIZATION, Scripted, TestGateway, details, error_info, no_proxy,
-    until, with_metadata, within,
+    API_KEY, FakeUpstream, ORGANIZATION, Scripted, TestGateway, create, details, error_info, keyed,
+    keyed_as, no_proxy, replayed, replayed_in, retry_delay, until, within,
 };
 
 /// Bound of every wait for an event or a condition below; each holds
@@ -86,13 +84,6 @@ async fn gateway_with(
         .await
 }
 
-fn create(order: &str) -> pb::CreateInvoiceRequest {
-    pb::CreateInvoiceRequest {
-        order_id: order.into(),
-        ..Default::default()
-    }
-}
-
 fn close(invoice: &str) -> pb::CloseInvoiceRequest {
     pb::CloseInvoiceRequest {
         invoice_id: invoice.into(),
@@ -101,36 +92,6 @@ fn close(invoice: &str) -> pb::CloseInvoiceRequest {
 
 fn created(id: &str) -> Scripted {
     Scripted::ok(json!({ "id": id }))
-}
-
-/// A request with the caller's credentials and `idempotency-key: key`.
-fn keyed<T>(message: T, key: &str) -> Request<T> {
-    keyed_as(message, key, ORGANIZATION, API_KEY)
-}
-
-fn keyed_as<T>(message: T, key: &str, organization: &str, api_key: &str) -> Request<T> {
-    with_metadata(
-        message,
-        &[
-            ("api-key", api_key),
-            ("organization-id", organization),
-            (METADATA_KEY, key),
-        ],
-    )
-}
-
-/// Whether the answer says it was replayed; anything but absent or `true`
-/// fails the test.
-fn replayed_in(metadata: &MetadataMap) -> bool {
-    match metadata.get(REPLAYED_METADATA_KEY) {
-        None => false,
-        Some(value) if value == "true" => true,
-        Some(other) => panic!("{REPLAYED_METADATA_KEY}: {other:?}"),
-    }
-}
-
-fn replayed<T>(response: &Response<T>) -> bool {
-    replayed_in(response.metadata())
 }
 
 fn reason(status: &Status) -> String {
@@ -369,8 +330,7 @@ async fn concurrent_duplicates_send_one_request_and_the_others_are_told_to_retry
             .expect("the call's task");
         let status = answer.expect_err("a duplicate while the first is in flight");
         assert_refused(&status, Code::Aborted, "IDEMPOTENCY_KEY_IN_PROGRESS");
-        let retry = details(&status).retry_info().cloned().expect("RetryInfo");
-        let delay = retry.retry_delay.expect("a retry delay");
+        let delay = retry_delay(&status);
         assert!(
             delay > Duration::ZERO && delay <= UPSTREAM_TIMEOUT + settings.store_timeout,
             "at most the rest of the lease: {delay:?}"
@@ -1029,11 +989,7 @@ async fn a_key_whose_lease_timed_out_unseen_in_redis_stays_free() {
         ..Settings::default()
     };
     let mut gw = gateway(&upstream.url(), redis_store(&server.url(), settings).await).await;
-    let mut raw = redis::Client::open(server.url())
-        .expect("client")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("raw connection");
+    let mut raw = server.raw_connection().await;
 
     // A first keyed call loads the script (a paused EVALSHA of an unknown
     // script would only fail, late, with NOSCRIPT).
@@ -1125,11 +1081,7 @@ async fn a_full_redis_refuses_new_keys_and_sends_nothing() {
     // Below what Redis already uses: from now on it refuses every write.
     // (Filling it would not do: a big write's own buffer tips it over the
     // limit, and once refused, small writes fit again.)
-    let mut raw = redis::Client::open(server.url())
-        .expect("client")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("raw connection");
+    let mut raw = server.raw_connection().await;
     let () = redis::cmd("CONFIG")
         .arg("SET")
         .arg("maxmemory")

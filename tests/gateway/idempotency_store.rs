@@ -490,7 +490,7 @@ async fn redis_holds_only_hashed_keys_and_no_caller_data() {
     let lease = proceed(&store, &s, d, LONG).await;
     assert_eq!(lease.complete(response("inv-1")).await, Ok(Recorded::Done));
 
-    let mut raw = raw_connection(&server).await;
+    let mut raw = server.raw_connection().await;
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg("*")
         .query_async(&mut raw)
@@ -522,7 +522,7 @@ async fn a_record_of_an_unknown_format_fails_closed() {
     let server = RedisServer::start();
     let store = redis_store(&server.url(), Settings::default(), Duration::from_secs(5)).await;
     let (s, d) = (scope("k-format"), digest(&request("o-1")));
-    let mut raw = raw_connection(&server).await;
+    let mut raw = server.raw_connection().await;
     let () = redis::cmd("SET")
         .arg(format!("gormic:idem:v1:{}", s.to_hex()))
         .arg(b"\x09\x02future".as_slice())
@@ -702,14 +702,6 @@ async fn a_password_protected_server_needs_the_password() {
         "{why}"
     );
     assert!(why.contains("authentication failed"), "{why}");
-}
-
-async fn raw_connection(server: &RedisServer) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(server.url())
-        .expect("client")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("raw connection")
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {

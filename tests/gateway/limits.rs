@@ -13,19 +13,9 @@ use gormic_gateway::server::{ConnectionLimits, ServerOptions};
 use gormic_gateway::upstream::UpstreamOptions;
 
 use crate::support::{
-    FakeUpstream, Scripted, TestGateway, authed, details, error_info, logs, spawn_app, until,
-    with_metadata,
+    FakeUpstream, Scripted, TestGateway, authed, close, closed, details, error_info, logs,
+    retry_delay, spawn_app, until, with_metadata,
 };
-
-fn close() -> pb::CloseInvoiceRequest {
-    pb::CloseInvoiceRequest {
-        invoice_id: "inv-1".into(),
-    }
-}
-
-fn closed() -> serde_json::Value {
-    json!({"invoiceNumber": 1, "invoiceSource": "POS", "invoicedAt": "2026-11-25T10:00:00Z"})
-}
 
 /// An answer that takes longer than any test.
 fn held() -> Scripted {
@@ -88,8 +78,7 @@ async fn calls_past_the_in_flight_cap_are_shed_at_once_and_never_forwarded() {
         assert_eq!(info.reason, "OVERLOADED");
         assert_eq!(info.domain, GATEWAY_DOMAIN);
         assert_eq!(info.metadata["max_in_flight"], "3");
-        let retry = details(&status).retry_info().cloned().expect("RetryInfo");
-        assert_eq!(retry.retry_delay, Some(Duration::from_secs(1)));
+        assert_eq!(retry_delay(&status), Duration::from_secs(1));
     }
     assert_eq!(
         upstream.requests().len(),

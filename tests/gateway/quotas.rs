@@ -31,8 +31,8 @@ use crate::support::redis::RedisServer;
 use crate::support::secure::{SecureGateway, server_tls};
 use crate::support::stores::open_at;
 use crate::support::{
-    API_KEY, FakeUpstream, PATIENCE, Scripted, TestGateway, details, error_info, logs, until,
-    with_metadata,
+    API_KEY, FakeUpstream, PATIENCE, Scripted, TestGateway, as_org, details, error_info, keyed_as,
+    logs, retry_delay, until,
 };
 
 /// One call every 1000 s: no refill while a test runs.
@@ -56,12 +56,7 @@ fn quotas_file(dir: &TestDir, text: &str) -> QuotaTable {
 
 /// A close of `inv-1` for `organization`, with the test's api-key.
 fn close_for(organization: &str) -> tonic::Request<pb::CloseInvoiceRequest> {
-    with_metadata(
-        pb::CloseInvoiceRequest {
-            invoice_id: "inv-1".into(),
-        },
-        &[("api-key", API_KEY), ("organization-id", organization)],
-    )
+    as_org(organization, crate::support::close())
 }
 
 async fn close(
@@ -95,6 +90,14 @@ async fn closes(
     (passed, refused)
 }
 
+/// `gormic_gateway_quota_checks_total` of `bucket`, `result` and
+/// `decided_by` in `scrape`.
+fn quota_checks(scrape: &Scrape, bucket: &str, result: &str, decided_by: &str) -> Option<f64> {
+    scrape.value(&format!(
+        r#"gormic_gateway_quota_checks_total{{bucket="{bucket}",result="{result}",decided_by="{decided_by}"}}"#
+    ))
+}
+
 /// The `QuotaFailure` violation of a refusal: (subject, description).
 fn quota_failure(status: &tonic::Status) -> (String, String) {
     let details = details(status);
@@ -102,13 +105,6 @@ fn quota_failure(status: &tonic::Status) -> (String, String) {
     assert_eq!(failure.violations.len(), 1, "{failure:?}");
     let violation = &failure.violations[0];
     (violation.subject.clone(), violation.description.clone())
-}
-
-fn retry_delay(status: &tonic::Status) -> Duration {
-    details(status)
-        .retry_info()
-        .and_then(|retry| retry.retry_delay)
-        .expect("RetryInfo")
 }
 
 #[tokio::test]
@@ -171,11 +167,7 @@ async fn the_burst_passes_then_the_next_call_is_quota_exceeded_with_its_details_
         scrape.value(r#"gormic_gateway_calls_shed_total{reason="quota"}"#),
         Some(1.0)
     );
-    let checks = |result: &str| {
-        scrape.value(&format!(
-            r#"gormic_gateway_quota_checks_total{{bucket="organization",result="{result}",decided_by="local"}}"#
-        ))
-    };
+    let checks = |result: &str| quota_checks(&scrape, "organization", result, "local");
     assert_eq!(checks("allowed"), Some(3.0));
     assert_eq!(checks("refused"), Some(1.0));
     assert_eq!(
@@ -190,13 +182,7 @@ async fn the_burst_passes_then_the_next_call_is_quota_exceeded_with_its_details_
 async fn a_refused_call_takes_no_idempotency_lease() {
     let dir = TestDir::new("quotas-no-lease");
     let upstream = answering_upstream().await;
-    let keyed = |key: &str| {
-        let mut request = close_for("org-1");
-        request
-            .metadata_mut()
-            .insert("idempotency-key", key.parse().expect("ASCII"));
-        request
-    };
+    let keyed = |key: &str| keyed_as(crate::support::close(), key, "org-1", API_KEY);
     // A gateway with room, on the same (memory) idempotency store, runs the
     // key as new: the refusal held no lease on it.
     let store = Idempotency::in_memory().expect("a memory store");
@@ -305,11 +291,11 @@ async fn a_per_rpc_bucket_replaces_its_entrys_bucket_for_that_rpc() {
     );
     // Deletes take from the entry's bucket, which closes did not touch.
     let delete = || {
-        with_metadata(
+        as_org(
+            "org-1",
             pb::DeleteInvoiceRequest {
                 invoice_id: "inv-1".into(),
             },
-            &[("api-key", API_KEY), ("organization-id", "org-1")],
         )
     };
     for call in 1..=2 {
@@ -475,14 +461,14 @@ async fn a_bad_quotas_file_stops_the_binary_before_it_binds_naming_file_line_and
 
 // ---- across replicas --------------------------------------------------------
 
-/// The store a replica opens on `redis` (as `main` does, through the
-/// idempotency store), answering within `timeout`.
-async fn shared_store(redis: &RedisServer, timeout: Duration) -> Store {
+/// The store a replica opens on the Redis at `redis_url` (as `main` does,
+/// through the idempotency store), answering within `timeout`.
+async fn shared_store(redis_url: &str, timeout: Duration) -> Store {
     let args = gormic_gateway::idempotency::IdempotencyArgs {
         idempotency_store_timeout: timeout,
         ..Default::default()
     };
-    open_at(&redis.url(), args)
+    open_at(redis_url, args)
         .await
         .shared_store()
         .cloned()
@@ -490,18 +476,29 @@ async fn shared_store(redis: &RedisServer, timeout: Duration) -> Store {
 }
 
 /// The replicas of one deployment: one upstream, one quotas file, one Redis.
-struct Deployment<'a> {
-    upstream: &'a FakeUpstream,
-    dir: &'a TestDir,
-    quotas: &'a str,
-    redis: &'a RedisServer,
+struct Deployment {
+    upstream: FakeUpstream,
+    dir: TestDir,
+    quotas: String,
+    redis_url: String,
 }
 
-impl Deployment<'_> {
+impl Deployment {
+    /// A deployment on `redis`, its files in `TestDir::new(name)`, its
+    /// quotas the default bucket's: one call every 1000 s, this `burst`.
+    async fn new(name: &str, burst: u32, redis: &RedisServer) -> Self {
+        Self {
+            dir: TestDir::new(name),
+            quotas: format!("[default]\n{SLOW}\nburst = {burst}\n"),
+            upstream: answering_upstream().await,
+            redis_url: redis.url(),
+        }
+    }
+
     /// A replica: buckets and a store handle of its own, on the shared Redis.
     async fn replica(&self, on_failure: StoreFailure, metrics: &Metrics) -> TestGateway {
-        let store = shared_store(self.redis, Duration::from_millis(500)).await;
-        let table = quotas_file(self.dir, self.quotas);
+        let store = shared_store(&self.redis_url, Duration::from_millis(500)).await;
+        let table = quotas_file(&self.dir, &self.quotas);
         TestGateway::builder(&self.upstream.url())
             .metrics(metrics)
             .quotas(Quotas::new(table, Some(store), on_failure))
@@ -513,15 +510,7 @@ impl Deployment<'_> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_on_one_redis_share_one_quota() {
     let redis = RedisServer::start();
-    let dir = TestDir::new("quotas-shared");
-    let file = format!("[default]\n{SLOW}\nburst = 4\n");
-    let upstream = answering_upstream().await;
-    let deployment = Deployment {
-        upstream: &upstream,
-        dir: &dir,
-        quotas: &file,
-        redis: &redis,
-    };
+    let deployment = Deployment::new("quotas-shared", 4, &redis).await;
     let (metrics_a, metrics_b) = (Metrics::default(), Metrics::default());
     let mut a = deployment.replica(StoreFailure::Local, &metrics_a).await;
     let mut b = deployment.replica(StoreFailure::Local, &metrics_b).await;
@@ -541,7 +530,7 @@ async fn two_replicas_on_one_redis_share_one_quota() {
         }
     }
     assert_eq!(passed, 4);
-    assert_eq!(upstream.requests().len(), 4);
+    assert_eq!(deployment.upstream.requests().len(), 4);
     for status in &refusals {
         assert_eq!(error_info(status).reason, reason::QUOTA_EXCEEDED);
         let delay = retry_delay(status);
@@ -553,13 +542,8 @@ async fn two_replicas_on_one_redis_share_one_quota() {
     // Both replicas asked the store, and each refused for the other's calls.
     for metrics in [&metrics_a, &metrics_b] {
         let scrape = Scrape(metrics.encode());
-        let by_store = |result: &str| {
-            scrape
-                .value(&format!(
-                    r#"gormic_gateway_quota_checks_total{{bucket="default",result="{result}",decided_by="store"}}"#
-                ))
-                .unwrap_or(0.0)
-        };
+        let by_store =
+            |result: &str| quota_checks(&scrape, "default", result, "store").unwrap_or(0.0);
         assert_eq!(by_store("allowed") + by_store("refused"), 5.0);
         assert!(by_store("refused") >= 1.0, "{}", scrape.text());
     }
@@ -567,11 +551,7 @@ async fn two_replicas_on_one_redis_share_one_quota() {
     close(&mut b.client, "org-2").await.expect("its own bucket");
 
     // One key per bucket, named by a hash, expiring with its bucket.
-    let client = redis::Client::open(redis.url()).expect("redis URL");
-    let mut connection = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect to redis-server");
+    let mut connection = redis.raw_connection().await;
     let mut keys: Vec<String> = redis::cmd("KEYS")
         .arg("gormic:quota:*")
         .query_async(&mut connection)
@@ -599,15 +579,7 @@ async fn two_replicas_on_one_redis_share_one_quota() {
 async fn with_redis_down_each_replica_enforces_the_quota_alone_by_default() {
     let logs = logs();
     let mut redis = RedisServer::start();
-    let dir = TestDir::new("quotas-redis-down");
-    let file = format!("[default]\n{SLOW}\nburst = 2\n");
-    let upstream = answering_upstream().await;
-    let deployment = Deployment {
-        upstream: &upstream,
-        dir: &dir,
-        quotas: &file,
-        redis: &redis,
-    };
+    let deployment = Deployment::new("quotas-redis-down", 2, &redis).await;
     let metrics = Metrics::default();
     let mut a = deployment.replica(StoreFailure::Local, &metrics).await;
     close(&mut a.client, "org-1").await.expect("through Redis");
@@ -623,13 +595,9 @@ async fn with_redis_down_each_replica_enforces_the_quota_alone_by_default() {
     assert_eq!(passed, 2);
     let refused = refused.expect("this replica's burst is spent too");
     assert!(!error_info(&refused).metadata.contains_key("quota_store"));
-    assert_eq!(upstream.requests().len(), 4);
+    assert_eq!(deployment.upstream.requests().len(), 4);
     let scrape = Scrape(metrics.encode());
-    let fallback = |result: &str| {
-        scrape.value(&format!(
-            r#"gormic_gateway_quota_checks_total{{bucket="default",result="{result}",decided_by="store_failed"}}"#
-        ))
-    };
+    let fallback = |result: &str| quota_checks(&scrape, "default", result, "store_failed");
     assert_eq!(fallback("allowed"), Some(2.0));
     assert_eq!(fallback("refused"), Some(3.0));
     // Said once, not per call.
@@ -660,15 +628,7 @@ async fn with_redis_down_each_replica_enforces_the_quota_alone_by_default() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_down_allow_lets_calls_through_and_refuse_refuses_them() {
     let mut redis = RedisServer::start();
-    let dir = TestDir::new("quotas-redis-modes");
-    let file = format!("[default]\n{SLOW}\nburst = 1\n");
-    let upstream = answering_upstream().await;
-    let deployment = Deployment {
-        upstream: &upstream,
-        dir: &dir,
-        quotas: &file,
-        redis: &redis,
-    };
+    let deployment = Deployment::new("quotas-redis-modes", 1, &redis).await;
     let metrics = Metrics::default();
     let mut allow = deployment.replica(StoreFailure::Allow, &metrics).await;
     let mut refuse = deployment.replica(StoreFailure::Refuse, &metrics).await;
@@ -705,7 +665,7 @@ async fn with_redis_down_allow_lets_calls_through_and_refuse_refuses_them() {
         "until the store's next attempt: {delay:?}"
     );
     assert_eq!(
-        upstream.requests().len(),
+        deployment.upstream.requests().len(),
         4,
         "the refused call was not sent"
     );

@@ -7,8 +7,6 @@
 //! and records written before the failover replay after it.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -16,13 +14,9 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::task::{JoinSet, block_in_place};
 use tokio::time::Instant;
-use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Status};
 
-use gormic_gateway::idempotency::{
-    Idempotency, IdempotencyArgs, METADATA_KEY, REPLAYED_METADATA_KEY, Scope, parse_key,
-    parse_store,
-};
+use gormic_gateway::idempotency::{Idempotency, IdempotencyArgs, Scope, parse_key, parse_store};
 use gormic_gateway::metrics::Metrics;
 use gormic_gateway::proto::v1 as pb;
 use gormic_gateway::store::{Replicas, StoreArgs, StoreState};
@@ -34,7 +28,8 @@ use crate::support::redis_command::{command, signal, try_command};
 use crate::support::redis_sentinel::{RedisSentinel, wait_in_sync};
 use crate::support::switch_proxy::SwitchProxy;
 use crate::support::{
-    API_KEY, FakeUpstream, ORGANIZATION, Scripted, TestGateway, details, error_info, with_metadata,
+    API_KEY, FakeUpstream, ORGANIZATION, Scripted, TestGateway, create, error_info, keyed,
+    retry_delay, says_replayed, until,
 };
 
 /// Bound of every wait below; each condition holds within a fraction.
@@ -67,32 +62,8 @@ async fn gateway(upstream: &FakeUpstream, store: Idempotency) -> TestGateway {
         .await
 }
 
-fn create(order: &str) -> pb::CreateInvoiceRequest {
-    pb::CreateInvoiceRequest {
-        order_id: order.into(),
-        ..Default::default()
-    }
-}
-
-fn keyed(order: &str, key: &str) -> Request<pb::CreateInvoiceRequest> {
-    with_metadata(
-        create(order),
-        &[
-            ("api-key", API_KEY),
-            ("organization-id", ORGANIZATION),
-            (METADATA_KEY, key),
-        ],
-    )
-}
-
 fn unkeyed(order: &str) -> Request<pb::CreateInvoiceRequest> {
     crate::support::authed(create(order))
-}
-
-fn replayed(metadata: &MetadataMap) -> bool {
-    metadata
-        .get(REPLAYED_METADATA_KEY)
-        .is_some_and(|v| v == "true")
 }
 
 /// The Redis key of a keyed create of this test's caller.
@@ -133,36 +104,11 @@ fn assert_store_refusal(status: &Status) {
         Some("false"),
         "{info:?}"
     );
-    let retry = details(status).retry_info().cloned().expect("RetryInfo");
-    let delay = retry.retry_delay.expect("a retry delay");
+    let delay = retry_delay(status);
     assert!(
         delay > Duration::ZERO && delay <= Duration::from_secs(1),
         "{delay:?}"
     );
-}
-
-/// Calls `call` every 20 ms until `done` accepts the answer, each answer
-/// before satisfying `meanwhile`; bounded by `patience`.
-async fn until<T: std::fmt::Debug, F: Future<Output = T>>(
-    what: &str,
-    patience: Duration,
-    mut call: impl FnMut() -> F,
-    done: impl Fn(&T) -> bool,
-    meanwhile: impl Fn(&T),
-) -> T {
-    let deadline = Instant::now() + patience;
-    loop {
-        let answer = call().await;
-        if done(&answer) {
-            return answer;
-        }
-        meanwhile(&answer);
-        assert!(
-            Instant::now() < deadline,
-            "{what}: still {answer:?} after {patience:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Keyed creates of order `ord-<key>`, the key from `next_key` each time,
@@ -177,18 +123,19 @@ async fn until_keyed_succeeds(
     until(
         what,
         PATIENCE,
-        || {
+        async || {
             let key = next_key();
-            let mut client = client.clone();
-            async move {
-                client
-                    .create_invoice(keyed(&format!("ord-{key}"), &key))
-                    .await
-            }
+            client
+                .clone()
+                .create_invoice(keyed(create(&format!("ord-{key}")), &key))
+                .await
         },
         Result::is_ok,
-        |answer| assert_store_refusal(answer.as_ref().expect_err("a refusal")),
     )
+    .meanwhile(|answer| {
+        assert_store_refusal(answer.as_ref().expect_err("a refusal"));
+        true
+    })
     .await
     .unwrap_or_else(|status| panic!("{what}: {status:?}"))
 }
@@ -208,18 +155,10 @@ async fn wait_up(store: &Idempotency) {
     until(
         "the store to connect",
         PATIENCE,
-        || {
-            let shared = shared.clone();
-            async move { shared.health() }
-        },
+        async || shared.health(),
         |health| health.state == StoreState::Up,
-        |_| {},
     )
     .await;
-}
-
-fn addr(server: &RedisServer) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], server.port()))
 }
 
 // ---- Sentinel ------------------------------------------------------------
@@ -251,7 +190,7 @@ async fn keyed_load(
         let order = format!("ord-{key}");
         let deadline = Instant::now() + PATIENCE;
         loop {
-            let mut request = keyed(&order, &key);
+            let mut request = keyed(create(&order), &key);
             request.set_timeout(Duration::from_secs(2));
             match client.create_invoice(request).await {
                 Ok(_) => {
@@ -311,10 +250,10 @@ async fn a_sentinel_failover_under_keyed_load_creates_no_key_twice_and_keyed_cal
         let mut client = a.client.clone();
         let key = format!("before-{i}");
         let created = client
-            .create_invoice(keyed(&format!("ord-{key}"), &key))
+            .create_invoice(keyed(create(&format!("ord-{key}")), &key))
             .await
             .expect("created before the failover");
-        assert!(!replayed(created.metadata()));
+        assert!(!says_replayed(created.metadata()));
     }
     assert!(
         store_a
@@ -405,10 +344,10 @@ async fn a_sentinel_failover_under_keyed_load_creates_no_key_twice_and_keyed_cal
         for gateway in [&a, &b] {
             let mut client = gateway.client.clone();
             let again = client
-                .create_invoice(keyed(&format!("ord-{key}"), &key))
+                .create_invoice(keyed(create(&format!("ord-{key}")), &key))
                 .await
                 .expect("replayed after the failover");
-            assert!(replayed(again.metadata()), "{key}");
+            assert!(says_replayed(again.metadata()), "{key}");
             assert_eq!(again.get_ref().id, "inv-1");
         }
     }
@@ -453,7 +392,7 @@ async fn a_managed_endpoint_that_moves_to_the_promoted_replica_is_followed() {
     let first = RedisServer::start();
     let second = RedisServer::start_with(&["--replicaof", "127.0.0.1", &first.port().to_string()]);
     block_in_place(|| wait_in_sync(first.port(), second.port()));
-    let endpoint = SwitchProxy::start(addr(&first)).await;
+    let endpoint = SwitchProxy::start(first.addr()).await;
     let upstream = FakeUpstream::start().await;
     upstream.respond(Scripted::ok(json!({ "id": "inv-1" })));
     let store = store(
@@ -463,7 +402,7 @@ async fn a_managed_endpoint_that_moves_to_the_promoted_replica_is_followed() {
     );
     let mut gw = gateway(&upstream, store.clone()).await;
     gw.client
-        .create_invoice(keyed("ord-before", "before"))
+        .create_invoice(keyed(create("ord-before"), "before"))
         .await
         .expect("created on the first primary");
 
@@ -476,7 +415,7 @@ async fn a_managed_endpoint_that_moves_to_the_promoted_replica_is_followed() {
         &["REPLICAOF", "127.0.0.1", &second.port().to_string()],
     );
     assert_eq!(demoted, "OK");
-    endpoint.switch_to(addr(&second));
+    endpoint.switch_to(second.addr());
 
     // The open connection now reaches a replica: READONLY, and the gateway
     // reconnects through the name, to the new primary.
@@ -486,7 +425,7 @@ async fn a_managed_endpoint_that_moves_to_the_promoted_replica_is_followed() {
         fresh_keys("after"),
     )
     .await;
-    assert!(!replayed(answer.metadata()));
+    assert!(!says_replayed(answer.metadata()));
     let health = store.shared_store().expect("shared").health();
     assert_eq!(health.failovers, 1, "a demotion followed: {health:?}");
     assert_eq!(health.state, StoreState::Up);
@@ -507,10 +446,10 @@ async fn a_managed_endpoint_that_moves_to_the_promoted_replica_is_followed() {
 
     let again = gw
         .client
-        .create_invoice(keyed("ord-before", "before"))
+        .create_invoice(keyed(create("ord-before"), "before"))
         .await
         .expect("the record from before replays");
-    assert!(replayed(again.metadata()));
+    assert!(says_replayed(again.metadata()));
     assert_eq!(
         sent_per_order(&upstream.requests()).get("ord-before"),
         Some(&1)
@@ -554,18 +493,18 @@ async fn in_a_cluster_keys_spread_over_the_primaries_each_call_stays_on_its_slot
     for key in &keys {
         let created = a
             .client
-            .create_invoice(keyed(&format!("ord-{key}"), key))
+            .create_invoice(keyed(create(&format!("ord-{key}")), key))
             .await
             .expect("created");
-        assert!(!replayed(created.metadata()));
+        assert!(!says_replayed(created.metadata()));
     }
     for key in &keys {
         let again = b
             .client
-            .create_invoice(keyed(&format!("ord-{key}"), key))
+            .create_invoice(keyed(create(&format!("ord-{key}")), key))
             .await
             .expect("replayed by the other gateway");
-        assert!(replayed(again.metadata()), "{key}");
+        assert!(says_replayed(again.metadata()), "{key}");
     }
     assert_eq!(upstream.requests().len(), keys.len());
     // Each record is on the primary its key's slot names.
@@ -590,7 +529,7 @@ async fn in_a_cluster_keys_spread_over_the_primaries_each_call_stays_on_its_slot
         assert_eq!(reset, "OK");
     }
     a.client
-        .create_invoice(keyed("ord-one-slot", key))
+        .create_invoice(keyed(create("ord-one-slot"), key))
         .await
         .expect("created");
     for port in &primaries {
@@ -634,7 +573,7 @@ async fn when_a_cluster_shard_loses_its_primary_only_its_keys_fail_closed_until_
     // Records from before, on the failing shard.
     for key in &victim_keys[..3] {
         gw.client
-            .create_invoice(keyed(&format!("ord-{key}"), key))
+            .create_invoice(keyed(create(&format!("ord-{key}")), key))
             .await
             .expect("created before the failure");
     }
@@ -648,7 +587,7 @@ async fn when_a_cluster_shard_loses_its_primary_only_its_keys_fail_closed_until_
     for key in other_keys.iter().take(10) {
         let started = Instant::now();
         gw.client
-            .create_invoice(keyed(&format!("ord-{key}"), key))
+            .create_invoice(keyed(create(&format!("ord-{key}")), key))
             .await
             .unwrap_or_else(|status| panic!("{key}, on a healthy shard: {status:?}"));
         // Not held up by the failed shard, which takes seconds to fail over.
@@ -660,7 +599,7 @@ async fn when_a_cluster_shard_loses_its_primary_only_its_keys_fail_closed_until_
         let key = victim_next.next().expect("a victim key");
         match gw
             .client
-            .create_invoice(keyed(&format!("ord-{key}"), key))
+            .create_invoice(keyed(create(&format!("ord-{key}")), key))
             .await
         {
             Err(status) => {
@@ -694,10 +633,10 @@ async fn when_a_cluster_shard_loses_its_primary_only_its_keys_fail_closed_until_
     for key in &victim_keys[..3] {
         let again = gw
             .client
-            .create_invoice(keyed(&format!("ord-{key}"), key))
+            .create_invoice(keyed(create(&format!("ord-{key}")), key))
             .await
             .expect("replayed after the shard's failover");
-        assert!(replayed(again.metadata()), "{key}");
+        assert!(says_replayed(again.metadata()), "{key}");
     }
     let twice: Vec<_> = sent_per_order(&upstream.requests())
         .into_iter()
@@ -729,14 +668,14 @@ async fn with_one_replica_required_a_lease_a_paused_replica_cannot_acknowledge_f
     metrics.register_collector(Box::new(store.shared_store().expect("shared").collector()));
     let mut gw = gateway(&upstream, store.clone()).await;
     gw.client
-        .create_invoice(keyed("ord-k-1", "k-1"))
+        .create_invoice(keyed(create("ord-k-1"), "k-1"))
         .await
         .expect("the replica acknowledges");
 
     let pid = replica.pid().expect("the replica runs");
     signal(pid, "STOP");
     let deadline = Duration::from_secs(2);
-    let mut request = keyed("ord-k-2", "k-2");
+    let mut request = keyed(create("ord-k-2"), "k-2");
     request.set_timeout(deadline);
     let started = Instant::now();
     let status = gw

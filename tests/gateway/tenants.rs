@@ -13,32 +13,14 @@ use serde_json::json;
 use tonic::Code;
 
 use gormic_gateway::metrics::Metrics;
-use gormic_gateway::proto::v1 as pb;
 use gormic_gateway::tenant::TenantId;
 use gormic_gateway::upstream::UpstreamOptions;
 
+use crate::support::admin::Scrape;
 use crate::support::{
-    API_KEY, FakeUpstream, PATIENCE, Scripted, TestGateway, details, error_info, no_proxy, until,
-    with_metadata,
+    FakeUpstream, PATIENCE, Scripted, TestGateway, as_org, close, closed, error_info, no_proxy,
+    retry_delay, until,
 };
-
-fn close() -> pb::CloseInvoiceRequest {
-    pb::CloseInvoiceRequest {
-        invoice_id: "inv-1".into(),
-    }
-}
-
-fn closed() -> serde_json::Value {
-    json!({"invoiceNumber": 1, "invoiceSource": "POS", "invoicedAt": "2026-11-25T10:00:00Z"})
-}
-
-/// A CloseInvoice call for `organization`.
-fn call_for(organization: &str) -> tonic::Request<pb::CloseInvoiceRequest> {
-    with_metadata(
-        close(),
-        &[("api-key", API_KEY), ("organization-id", organization)],
-    )
-}
 
 /// A gateway with tiny caps: `--max-in-flight max_in_flight`, `slots`
 /// upstream slots (one worker thread: one share), recording in `metrics`.
@@ -61,13 +43,7 @@ async fn gateway(
 
 /// The value of one series in `metrics`' exposition.
 fn sample(metrics: &Metrics, series: &str) -> Option<f64> {
-    metrics.encode().lines().find_map(|line| {
-        line.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
+    Scrape(metrics.encode()).value(series)
 }
 
 /// Upstream slots in use and calls waiting for one.
@@ -98,7 +74,7 @@ async fn a_tenant_alone_may_use_all_but_the_reserve_and_every_upstream_slot() {
     gateway
         .client
         .clone()
-        .close_invoice(call_for("org-a"))
+        .close_invoice(as_org("org-a", close()))
         .await
         .expect("org-a accepted");
     assert_eq!(
@@ -110,7 +86,7 @@ async fn a_tenant_alone_may_use_all_but_the_reserve_and_every_upstream_slot() {
     let calls: Vec<_> = (0..20)
         .map(|_| {
             let mut client = gateway.client.clone();
-            tokio::spawn(async move { client.close_invoice(call_for("org-a")).await })
+            tokio::spawn(async move { client.close_invoice(as_org("org-a", close())).await })
         })
         .collect();
     until(
@@ -139,8 +115,7 @@ async fn a_tenant_alone_may_use_all_but_the_reserve_and_every_upstream_slot() {
         assert_eq!(info.metadata["tenant_in_flight"], "15");
         assert_eq!(info.metadata["tenants"], "1");
         assert!(!info.metadata.contains_key("unverified"), "{info:?}");
-        let retry = details(&status).retry_info().cloned().expect("RetryInfo");
-        assert_eq!(retry.retry_delay, Some(Duration::from_secs(1)));
+        assert_eq!(retry_delay(&status), Duration::from_secs(1));
     }
     assert_eq!(slots(&gateway), (2, 13), "every slot busy, nothing more");
     assert_eq!(
@@ -167,7 +142,7 @@ async fn a_tenant_alone_may_use_all_but_the_reserve_and_every_upstream_slot() {
     // Another tenant still gets in (the reserve), and waits in a line of
     // its own.
     let mut client = gateway.client.clone();
-    let other = tokio::spawn(async move { client.close_invoice(call_for("org-b")).await });
+    let other = tokio::spawn(async move { client.close_invoice(as_org("org-b", close())).await });
     until(
         "org-b's call to wait for a slot",
         PATIENCE,
@@ -207,8 +182,8 @@ async fn while_one_tenant_floods_another_is_admitted_and_waits_about_one_turn_fo
     let gateway = gateway(&upstream, 16, 2, &metrics).await;
     let (mut a, mut b) = (gateway.client.clone(), gateway.client.clone());
     let (a, b) = tokio::join!(
-        a.close_invoice(call_for("org-a")),
-        b.close_invoice(call_for("org-b")),
+        a.close_invoice(as_org("org-a", close())),
+        b.close_invoice(as_org("org-b", close())),
     );
     a.expect("org-a accepted");
     b.expect("org-b accepted");
@@ -227,7 +202,7 @@ async fn while_one_tenant_floods_another_is_admitted_and_waits_about_one_turn_fo
             let refused = refused.clone();
             tokio::spawn(async move {
                 loop {
-                    match client.close_invoice(call_for("org-a")).await {
+                    match client.close_invoice(as_org("org-a", close())).await {
                         Ok(_) => {}
                         Err(status)
                             if ["TENANT_OVER_SHARE", "OVERLOADED"]
@@ -256,7 +231,7 @@ async fn while_one_tenant_floods_another_is_admitted_and_waits_about_one_turn_fo
         let answer = gateway
             .client
             .clone()
-            .close_invoice(call_for("org-b"))
+            .close_invoice(as_org("org-b", close()))
             .await;
         let took = started.elapsed();
         answer.unwrap_or_else(|status| panic!("org-b's call {n}, while org-a floods: {status:?}"));
@@ -302,7 +277,7 @@ async fn a_flood_of_made_up_organizations_weighs_as_one_tenant_and_grows_no_tabl
     gateway
         .client
         .clone()
-        .close_invoice(call_for("org-1"))
+        .close_invoice(as_org("org-1", close()))
         .await
         .expect("org-1 accepted");
 
@@ -319,7 +294,7 @@ async fn a_flood_of_made_up_organizations_weighs_as_one_tenant_and_grows_no_tabl
                         return;
                     }
                     let status = client
-                        .close_invoice(call_for(&format!("made-up-{n}")))
+                        .close_invoice(as_org(&format!("made-up-{n}"), close()))
                         .await
                         .expect_err("Gormic refuses made-up organizations");
                     let info = error_info(&status);
@@ -341,7 +316,7 @@ async fn a_flood_of_made_up_organizations_weighs_as_one_tenant_and_grows_no_tabl
     let real = tokio::spawn(async move {
         for n in 0..20 {
             client
-                .close_invoice(call_for("org-1"))
+                .close_invoice(as_org("org-1", close()))
                 .await
                 .unwrap_or_else(|status| panic!("org-1's call {n} during the flood: {status:?}"));
         }

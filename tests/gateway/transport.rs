@@ -3,24 +3,15 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::json;
 use tonic::Code;
 
 use gormic_gateway::errors::GATEWAY_DOMAIN;
-use gormic_gateway::proto::v1 as pb;
 
 use gormic_gateway::deadline::DeadlineArgs;
 
-use crate::support::{FakeUpstream, Scripted, TestGateway, authed, error_info, spawn_app};
-
-fn close() -> pb::CloseInvoiceRequest {
-    pb::CloseInvoiceRequest {
-        invoice_id: "inv-1".into(),
-    }
-}
-
-const CLOSED: fn() -> serde_json::Value =
-    || json!({"invoiceNumber": 1, "invoiceSource": "POS", "invoicedAt": "2026-11-25T10:00:00Z"});
+use crate::support::{
+    FakeUpstream, Scripted, TestGateway, authed, close, closed, error_info, spawn_app,
+};
 
 #[tokio::test]
 async fn an_upstream_that_refuses_connections_is_unavailable() {
@@ -64,7 +55,7 @@ async fn an_unresolvable_upstream_host_is_unavailable() {
 #[tokio::test]
 async fn a_slow_upstream_hits_the_upstream_timeout_and_the_request_is_dropped() {
     let upstream = FakeUpstream::start().await;
-    upstream.respond(Scripted::ok(CLOSED()).delayed(Duration::from_secs(30)));
+    upstream.respond(Scripted::ok(closed()).delayed(Duration::from_secs(30)));
     let mut gateway = TestGateway::builder(&upstream.url())
         .upstream_timeout(Duration::from_millis(200))
         .start()
@@ -99,7 +90,7 @@ async fn a_slow_upstream_hits_the_upstream_timeout_and_the_request_is_dropped() 
 #[tokio::test]
 async fn the_callers_deadline_bounds_the_upstream_call() {
     let upstream = FakeUpstream::start().await;
-    upstream.respond(Scripted::ok(CLOSED()).delayed(Duration::from_secs(30)));
+    upstream.respond(Scripted::ok(closed()).delayed(Duration::from_secs(30)));
     // A 500 ms margin (the default 100 ms is unit-tested in deadline.rs):
     // the gateway's answer must beat the client's own timer even on a
     // loaded machine.
@@ -137,7 +128,7 @@ async fn the_callers_deadline_bounds_the_upstream_call() {
 #[tokio::test]
 async fn a_generous_caller_deadline_does_not_get_in_the_way() {
     let (upstream, mut gateway) = spawn_app().await;
-    upstream.respond(Scripted::ok(CLOSED()));
+    upstream.respond(Scripted::ok(closed()));
     let mut request = authed(close());
     request.set_timeout(Duration::from_secs(30));
     let response = gateway.client.close_invoice(request).await.expect("ok");
@@ -147,7 +138,7 @@ async fn a_generous_caller_deadline_does_not_get_in_the_way() {
 #[tokio::test]
 async fn a_cancelled_call_cancels_its_upstream_request() {
     let (upstream, gateway) = spawn_app().await;
-    upstream.respond(Scripted::ok(CLOSED()).delayed(Duration::from_secs(30)));
+    upstream.respond(Scripted::ok(closed()).delayed(Duration::from_secs(30)));
     let mut client = gateway.client.clone();
     let call = tokio::spawn(async move { client.close_invoice(authed(close())).await });
     upstream.wait_for_requests(1).await;
@@ -158,7 +149,7 @@ async fn a_cancelled_call_cancels_its_upstream_request() {
 #[tokio::test]
 async fn redirects_are_not_followed() {
     let elsewhere = FakeUpstream::start().await;
-    elsewhere.respond(Scripted::ok(CLOSED()));
+    elsewhere.respond(Scripted::ok(closed()));
     let (upstream, mut gateway) = spawn_app().await;
     upstream.respond(Scripted::raw(307, "").header(
         "location",
@@ -182,7 +173,7 @@ async fn redirects_are_not_followed() {
 async fn two_hundred_concurrent_calls_run_at_once() {
     let (upstream, gateway) = spawn_app().await;
     let delay = Duration::from_millis(200);
-    upstream.respond(Scripted::ok(CLOSED()).delayed(delay));
+    upstream.respond(Scripted::ok(closed()).delayed(delay));
 
     let started = Instant::now();
     let calls: Vec<_> = (0..200)

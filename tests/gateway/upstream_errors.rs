@@ -10,7 +10,7 @@ use tonic::Code;
 use gormic_gateway::errors::{GATEWAY_DOMAIN, UPSTREAM_DOMAIN};
 use gormic_gateway::proto::v1 as pb;
 
-use crate::support::{Scripted, TestGateway, authed, details, error_info, spawn_app};
+use crate::support::{Scripted, TestGateway, authed, details, error_info, retry_delay, spawn_app};
 
 #[derive(Clone, Copy, Debug)]
 enum Op {
@@ -401,12 +401,7 @@ async fn retry_after_on_429_and_503_becomes_retry_info() {
         upstream.respond(Scripted::raw(http, "").header("retry-after", "17"));
         let status = fail(&mut gateway, Op::Close).await;
         assert_eq!(status.code(), code);
-        let retry = details(&status).retry_info().cloned().expect("RetryInfo");
-        assert_eq!(
-            retry.retry_delay,
-            Some(Duration::from_secs(17)),
-            "HTTP {http}"
-        );
+        assert_eq!(retry_delay(&status), Duration::from_secs(17), "HTTP {http}");
     }
 }
 
@@ -417,10 +412,7 @@ async fn a_retry_after_date_becomes_retry_info_and_another_form_is_kept_verbatim
     let date = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(20));
     upstream.respond(Scripted::raw(503, "").header("retry-after", &date));
     let status = fail(&mut gateway, Op::Close).await;
-    let delay = details(&status)
-        .retry_info()
-        .and_then(|retry| retry.retry_delay)
-        .expect("RetryInfo");
+    let delay = retry_delay(&status);
     assert!(
         delay > Duration::from_secs(18) && delay <= Duration::from_secs(20),
         "the time until {date}: {delay:?}"

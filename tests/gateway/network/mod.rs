@@ -12,7 +12,6 @@ mod proxy;
 
 use std::time::Duration;
 
-use serde_json::json;
 use tokio::time::Instant;
 use tonic::Code;
 
@@ -28,16 +27,7 @@ use crate::support::binary::Serving;
 use crate::support::gateway::endpoint;
 use crate::support::{TestGateway, authed, details, error_info};
 
-pub(super) fn close() -> pb::CloseInvoiceRequest {
-    pb::CloseInvoiceRequest {
-        invoice_id: "inv-1".into(),
-    }
-}
-
-/// The `data` of a CloseInvoice answer.
-pub(super) fn closed() -> serde_json::Value {
-    json!({"invoiceNumber": 1, "invoiceSource": "POS", "invoicedAt": "2026-11-25T10:00:00Z"})
-}
+pub(super) use crate::support::{close, closed};
 
 /// A gateway in front of `url` with `options`, recording in its own
 /// `metrics`.

@@ -14,13 +14,13 @@ mod probes;
 mod request_id;
 mod trace;
 
-use serde_json::json;
 use tonic::transport::Channel;
 
 use gormic_gateway::metrics::Metrics;
 use gormic_gateway::proto::v1 as pb;
 use gormic_gateway::trace::Tracer;
 
+pub(super) use crate::support::closed;
 use crate::support::gateway::endpoint;
 use crate::support::logs::Logs;
 use crate::support::{FakeUpstream, TestGateway};
@@ -59,10 +59,6 @@ pub(super) fn update(invoice_id: &str) -> pb::UpdateInvoiceRequest {
         order_id: "ord-1".into(),
         ..Default::default()
     }
-}
-
-pub(super) fn closed() -> serde_json::Value {
-    json!({"invoiceNumber": 1, "invoiceSource": "POS", "invoicedAt": "2026-11-25T10:00:00Z"})
 }
 
 /// The call's log line, found by its request id.

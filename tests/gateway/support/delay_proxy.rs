@@ -245,7 +245,6 @@ fn count(shared: &Shared, turn: &Turn, direction: Direction) {
 }
 
 mod tests {
-    use std::net::SocketAddr;
     use std::time::{Duration, Instant};
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -257,10 +256,6 @@ mod tests {
 
     const PING: &[u8] = b"*1\r\n$4\r\nPING\r\n";
     const PONG: &[u8] = b"+PONG\r\n";
-
-    fn redis_addr(redis: &RedisServer) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], redis.port()))
-    }
 
     async fn ping(stream: &mut TcpStream) {
         stream.write_all(PING).await.expect("send PING");
@@ -274,7 +269,7 @@ mod tests {
     #[tokio::test]
     async fn a_ping_through_the_delay_proxy_takes_both_delays_and_counts_one_round_trip() {
         let redis = RedisServer::start();
-        let proxy = DelayProxy::start(redis_addr(&redis), Duration::from_millis(100)).await;
+        let proxy = DelayProxy::start(redis.addr(), Duration::from_millis(100)).await;
         let mut stream = TcpStream::connect(proxy.addr())
             .await
             .expect("connect to the proxy");
@@ -291,7 +286,7 @@ mod tests {
     #[tokio::test]
     async fn two_sequential_pings_count_two_round_trips_and_a_pipelined_pair_one() {
         let redis = RedisServer::start();
-        let proxy = DelayProxy::start(redis_addr(&redis), Duration::ZERO).await;
+        let proxy = DelayProxy::start(redis.addr(), Duration::ZERO).await;
         let mut stream = TcpStream::connect(proxy.addr())
             .await
             .expect("connect to the proxy");
@@ -317,7 +312,7 @@ mod tests {
     #[tokio::test]
     async fn a_held_ping_waits_for_release() {
         let redis = RedisServer::start();
-        let proxy = DelayProxy::start(redis_addr(&redis), Duration::ZERO).await;
+        let proxy = DelayProxy::start(redis.addr(), Duration::ZERO).await;
         let mut stream = TcpStream::connect(proxy.addr())
             .await
             .expect("connect to the proxy");
@@ -344,7 +339,7 @@ mod tests {
     #[tokio::test]
     async fn the_delay_proxy_serves_the_redis_client_at_a_delay_set_later() {
         let redis = RedisServer::start();
-        let proxy = DelayProxy::start(redis_addr(&redis), Duration::ZERO).await;
+        let proxy = DelayProxy::start(redis.addr(), Duration::ZERO).await;
         let client = redis::Client::open(proxy.redis_url()).expect("redis URL");
         let mut connection = client
             .get_multiplexed_async_connection()

@@ -66,15 +66,14 @@ mod tests {
     #[tokio::test]
     async fn new_connections_follow_the_switch_and_open_ones_stay() {
         let (a, b) = (RedisServer::start(), RedisServer::start());
-        let addr = |r: &RedisServer| SocketAddr::from(([127, 0, 0, 1], r.port()));
-        let proxy = SwitchProxy::start(addr(&a)).await;
+        let proxy = SwitchProxy::start(a.addr()).await;
         let client = redis::Client::open(proxy.redis_url()).expect("URL");
         let mut before = client
             .get_multiplexed_async_connection()
             .await
             .expect("connect");
         assert_eq!(served_by(&mut before).await, a.port());
-        proxy.switch_to(addr(&b));
+        proxy.switch_to(b.addr());
         let mut after = client
             .get_multiplexed_async_connection()
             .await
