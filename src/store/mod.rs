@@ -33,7 +33,9 @@
 //! same bytes with one server, Sentinel or Cluster). A script of several
 //! keys puts the same hash tag in each: `app:{org-42}:quota` and
 //! `app:{org-42}:cooldown` hash only `org-42`. Key prefixes are the users'
-//! and must not collide (`gormic:idem:` is idempotency's).
+//! and must not collide (`gormic:idem:` is idempotency's). A key named by
+//! a SHA-256 is its prefix then the digest in lowercase hex
+//! ([`prefixed_hex`]).
 //!
 //! Failures ([`Failure`]) name the store with its password redacted. While
 //! no primary is usable (a failover under way, Redis down), every operation
@@ -404,6 +406,25 @@ impl Store {
             (_, None) => {}
         }
     }
+}
+
+/// `prefix` followed by `digest` in lowercase hex: the key of a record
+/// named by a SHA-256 (`gormic:idem:v1:<hex>`, `gormic:quota:v1:<hex>`).
+/// `N` must be `prefix.len() + 64`.
+pub(crate) fn prefixed_hex<const N: usize>(prefix: &str, digest: &[u8; 32]) -> [u8; N] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    assert_eq!(
+        N,
+        prefix.len() + 64,
+        "a key is its prefix and 64 hex digits"
+    );
+    let mut key = [0; N];
+    key[..prefix.len()].copy_from_slice(prefix.as_bytes());
+    for (i, byte) in digest.iter().enumerate() {
+        key[prefix.len() + 2 * i] = DIGITS[usize::from(byte >> 4)];
+        key[prefix.len() + 2 * i + 1] = DIGITS[usize::from(byte & 0xf)];
+    }
+    key
 }
 
 impl std::fmt::Debug for Store {
