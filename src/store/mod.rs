@@ -197,21 +197,20 @@ impl Store {
             // installed already, that one stays.
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
-        let target = url.redacted().to_owned();
-        let secrets = url.secrets();
-        let scrub = |text: String| {
-            secrets
-                .iter()
-                .fold(text, |text, secret| text.replace(secret.as_str(), "***"))
-        };
-        let finder =
-            Finder::new(url, timeout).map_err(|e| OpenError(format!("{target}: {}", scrub(e))))?;
         let topology = match url.topology() {
             Topology::Single => "single",
             Topology::Sentinel { .. } => "sentinel",
             Topology::Cluster { .. } => "cluster",
         };
-        let shared = Arc::new(Shared::new(target, topology, timeout, replicas, secrets));
+        let shared = Arc::new(Shared::new(
+            url.redacted().to_owned(),
+            topology,
+            timeout,
+            replicas,
+            url.secrets(),
+        ));
+        let finder = Finder::new(url, timeout)
+            .map_err(|e| OpenError(format!("{}: {}", shared.target, shared.scrub(e))))?;
         let supervisor = tokio::spawn(supervisor::supervise(shared.clone(), finder));
         Ok(Self {
             inner: Arc::new(Inner {
