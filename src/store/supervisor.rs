@@ -40,6 +40,9 @@ pub(super) async fn supervise(shared: Arc<Shared>, mut finder: Finder) {
     let mut generation = 0_u64;
     let mut last_primary: Option<String> = None;
     let mut was_down = false;
+    // When the primary was last inspected, in ms from `shared.epoch`: the
+    // throttle holds across generations.
+    let mut last_inspection_ms = 0_u64;
     loop {
         let cause = Cause::from_u8(shared.cause.swap(Cause::None as u8, Relaxed));
         let attempt =
@@ -98,7 +101,7 @@ pub(super) async fn supervise(shared: Arc<Shared>, mut finder: Finder) {
         last_primary = Some(address);
         let live = accept(&shared, found, generation);
         shared.publish(State::Up(live));
-        watch(&shared, &mut finder, generation).await;
+        watch(&shared, &mut finder, generation, &mut last_inspection_ms).await;
     }
 }
 
@@ -118,8 +121,15 @@ fn accept(shared: &Shared, found: Found, generation: u64) -> Arc<Live> {
 }
 
 /// While the connection of `generation` is live: looks at the primary now
-/// and then, and returns once the connection is given up.
-async fn watch(shared: &Arc<Shared>, finder: &mut Finder, generation: u64) {
+/// and then (not more often than [`INSPECT_SOON`] after
+/// `last_inspection_ms`, which it updates), and returns once the
+/// connection is given up.
+async fn watch(
+    shared: &Arc<Shared>,
+    finder: &mut Finder,
+    generation: u64,
+    last_inspection_ms: &mut u64,
+) {
     let interval = if finder.is_cluster() {
         INSPECT_CLUSTER
     } else {
@@ -142,11 +152,10 @@ async fn watch(shared: &Arc<Shared>, finder: &mut Finder, generation: u64) {
         };
         // Not more often than INSPECT_SOON, however many calls ask.
         let now = shared.now_ms();
-        let last = shared.last_inspection_ms.load(Relaxed);
-        if now.saturating_sub(last) < INSPECT_SOON.as_millis() as u64 {
+        if now.saturating_sub(*last_inspection_ms) < INSPECT_SOON.as_millis() as u64 {
             tokio::time::sleep(INSPECT_SOON).await;
         }
-        shared.last_inspection_ms.store(shared.now_ms(), Relaxed);
+        *last_inspection_ms = shared.now_ms();
         match finder.inspect(shared, &live).await {
             Ok(inspection) => {
                 shared
