@@ -51,6 +51,8 @@ pub(super) struct Found {
 
 /// What a look at a live connection's primary found.
 pub(super) struct Inspection {
+    /// A cluster's primaries, sorted (empty for one server or Sentinel:
+    /// the connection's own address is known already).
     pub primaries: Vec<String>,
     pub replicas: u32,
 }
@@ -240,28 +242,24 @@ impl Finder {
         }
     }
 
-    /// Looks at the primary of a live connection: its replicas, or (as the
-    /// error) why the connection must be replaced.
-    pub(super) async fn inspect(
-        &self,
-        shared: &Shared,
-        live: &Live,
-    ) -> Result<Inspection, Option<Cause>> {
+    /// Looks at the primary of a live connection: its replicas (and a
+    /// cluster's primaries), or (as the error) why the connection must be
+    /// replaced.
+    pub(super) async fn inspect(&self, live: &Live) -> Result<Inspection, Option<Cause>> {
         let mut main = live.main.clone();
         if self.is_cluster() {
             // The cluster client repairs its own connections: one node
             // failing to answer is no reason to drop the others'.
             return cluster_nodes(&mut main).await.map_err(|_| None);
         }
-        let address = shared.primaries();
         match role(&mut main).await {
             Ok(Some(Role::Primary { replicas, .. })) => Ok(Inspection {
-                primaries: address,
+                primaries: Vec::new(),
                 replicas: count(replicas.len()),
             }),
             Ok(Some(_)) => Err(Some(Cause::Demoted)),
             Ok(None) => Ok(Inspection {
-                primaries: address,
+                primaries: Vec::new(),
                 replicas: 0,
             }),
             Err(e) => Err(cause_of(&e)),

@@ -130,7 +130,8 @@ async fn watch(
     generation: u64,
     last_inspection_ms: &mut u64,
 ) {
-    let interval = if finder.is_cluster() {
+    let cluster = finder.is_cluster();
+    let interval = if cluster {
         INSPECT_CLUSTER
     } else {
         INSPECT_PRIMARY
@@ -156,12 +157,14 @@ async fn watch(
             tokio::time::sleep(INSPECT_SOON).await;
         }
         *last_inspection_ms = shared.now_ms();
-        match finder.inspect(shared, &live).await {
+        match finder.inspect(&live).await {
             Ok(inspection) => {
                 shared
                     .connected_replicas
                     .store(inspection.replicas, Relaxed);
-                note_cluster_failovers(shared, &inspection.primaries);
+                if cluster {
+                    note_cluster_failovers(shared, &inspection.primaries);
+                }
             }
             Err(Some(cause)) => shared.invalidate(generation, cause),
             Err(None) => {}
@@ -169,7 +172,8 @@ async fn watch(
     }
 }
 
-/// Logs and counts each cluster shard whose primary changed.
+/// Logs and counts each cluster shard whose primary changed, and keeps
+/// the cluster's `primaries`.
 fn note_cluster_failovers(shared: &Shared, primaries: &[String]) {
     let mut known = shared
         .primaries
@@ -178,15 +182,13 @@ fn note_cluster_failovers(shared: &Shared, primaries: &[String]) {
     if *known == primaries {
         return;
     }
-    if shared.topology == "cluster" {
-        for new in primaries.iter().filter(|p| !known.contains(p)) {
-            shared.failovers.fetch_add(1, Relaxed);
-            tracing::warn!(
-                store = %shared.target,
-                primary = %new,
-                "store: failover followed; a cluster shard has a new primary"
-            );
-        }
+    for new in primaries.iter().filter(|p| !known.contains(p)) {
+        shared.failovers.fetch_add(1, Relaxed);
+        tracing::warn!(
+            store = %shared.target,
+            primary = %new,
+            "store: failover followed; a cluster shard has a new primary"
+        );
     }
     *known = primaries.to_vec();
 }
