@@ -76,7 +76,7 @@ use std::time::Duration;
 use redis::Value;
 use tokio::time::Instant;
 
-pub use args::{MAX_REPLICAS, Replicas, StoreArgs};
+pub use args::{Replicas, StoreArgs};
 pub use pubsub::{Event, Subscription};
 pub use script::{Call, Script};
 pub use url::{Node, StoreUrl, Topology};
