@@ -135,7 +135,6 @@ impl Finder {
                             url.is_tls(),
                             if *sentinel_auth { url.username() } else { None },
                             if *sentinel_auth { url.password() } else { None },
-                            0,
                         )
                     })
                     .collect::<Result<Vec<_>, _>>()
@@ -156,7 +155,7 @@ impl Finder {
             Topology::Cluster { nodes } => {
                 let infos = nodes
                     .iter()
-                    .map(|n| info(n, url.is_tls(), url.username(), url.password(), 0))
+                    .map(|n| info(n, url.is_tls(), url.username(), url.password()))
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| e.to_string())?;
                 let client = ClusterClientBuilder::new(infos.clone())
@@ -520,9 +519,8 @@ fn info(
     tls: bool,
     username: Option<&str>,
     password: Option<&str>,
-    db: i64,
 ) -> redis::RedisResult<ConnectionInfo> {
-    let mut redis = RedisConnectionInfo::default().set_db(db);
+    let mut redis = RedisConnectionInfo::default();
     if let Some(user) = username {
         redis = redis.set_username(user);
     }
