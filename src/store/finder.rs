@@ -33,6 +33,7 @@ use tokio::sync::Notify;
 use super::link::{Cause, Conn, Dial, Live, Server, Shared, cause_of};
 use super::url::{Node, StoreUrl, Topology};
 use super::{Failure, FailureKind};
+use crate::runtime::AbortOnDrop;
 
 /// How often the `+switch-master` subscription checks its Sentinel answers.
 const SENTINEL_PING: Duration = Duration::from_secs(1);
@@ -80,15 +81,6 @@ pub(super) struct Switched {
     notify: Notify,
     /// The new primary, `ip:port`.
     to: std::sync::Mutex<Option<String>>,
-}
-
-/// Aborts a task when dropped.
-pub(super) struct AbortOnDrop(pub tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 impl Finder {

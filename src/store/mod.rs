@@ -81,7 +81,8 @@ pub use pubsub::{Event, Subscription};
 pub use script::{Call, Script};
 pub use url::{Node, StoreUrl, Topology};
 
-use finder::{AbortOnDrop, Finder};
+use crate::runtime::AbortOnDrop;
+use finder::Finder;
 use link::{Cause, Conn, Live, Shared, State, cause_of};
 use local::Purpose;
 
