@@ -257,40 +257,27 @@ impl Store {
         } else {
             Purpose::Wait
         };
-        let (mut conn, generation) = self.connection(&live, purpose, bound).await?;
-        let ran = if required == 0 {
-            tokio::time::timeout_at(bound, run_once(&mut conn, call)).await
-        } else {
-            tokio::time::timeout_at(bound, run_and_wait(&mut conn, call, required, bound)).await
-        };
-        match ran {
-            Ok(Ok((value, acknowledged))) => {
-                shared.answered(&live);
-                let shortfall =
-                    acknowledged
-                        .filter(|n| *n < required)
-                        .map(|acknowledged| Shortfall {
-                            acknowledged,
-                            required,
-                        });
-                if shortfall.is_some() {
-                    shared.count_shortfall(call.script().name());
-                    // Perhaps the replica is gone: count them again.
-                    shared.inspect_soon();
+        let (value, acknowledged) = self
+            .exchange(&live, purpose, bound, async |conn| {
+                if required == 0 {
+                    run_once(conn, call).await
+                } else {
+                    run_and_wait(conn, call, required, bound).await
                 }
-                Ok(Reply { value, shortfall })
-            }
-            Ok(Err(error)) => {
-                self.connection_trouble(&conn, generation, cause_of(&error));
-                Err(shared.failure(&error))
-            }
-            Err(_) => {
-                if shared.unresponsive(&live) {
-                    self.connection_trouble(&conn, generation, Some(Cause::Lost));
-                }
-                Err(shared.timed_out())
-            }
+            })
+            .await?;
+        let shortfall = acknowledged
+            .filter(|n| *n < required)
+            .map(|acknowledged| Shortfall {
+                acknowledged,
+                required,
+            });
+        if shortfall.is_some() {
+            shared.count_shortfall(call.script().name());
+            // Perhaps the replica is gone: count them again.
+            shared.inspect_soon();
         }
+        Ok(Reply { value, shortfall })
     }
 
     /// Publishes `message` on `channel` to every subscriber (every
@@ -301,22 +288,18 @@ impl Store {
         let live = shared.live(bound).await?;
         let mut publish = redis::cmd("PUBLISH");
         publish.arg(channel).arg(message);
-        let (mut conn, generation) = self.connection(&live, Purpose::Commands, bound).await?;
-        match tokio::time::timeout_at(bound, conn.command(&publish)).await {
-            Ok(Ok(Value::Int(n))) => {
-                shared.answered(&live);
-                Ok(u64::try_from(n).unwrap_or(0))
-            }
-            Ok(Ok(_)) => Err(Failure {
+        let reply = self
+            .exchange(&live, Purpose::Commands, bound, async |conn| {
+                conn.command(&publish).await
+            })
+            .await?;
+        match reply {
+            Value::Int(n) => Ok(u64::try_from(n).unwrap_or(0)),
+            _ => Err(Failure {
                 kind: FailureKind::Unavailable,
                 detail: format!("{}: unexpected reply to PUBLISH", shared.target),
                 may_have_applied: true,
             }),
-            Ok(Err(error)) => {
-                self.connection_trouble(&conn, generation, cause_of(&error));
-                Err(shared.failure(&error))
-            }
-            Err(_) => Err(shared.timed_out()),
         }
     }
 
@@ -390,6 +373,38 @@ impl Store {
                     may_have_applied: false,
                     ..shared.timed_out()
                 })
+            }
+        }
+    }
+
+    /// Sends on this thread's connection (for `purpose`) to the primary of
+    /// `live`, within `bound`, and reports what the outcome says of that
+    /// primary: an answer ([`Shared::answered`]), an error
+    /// ([`Store::connection_trouble`]), or no answer in time (the primary
+    /// given up if it has answered nothing for a whole timeout).
+    async fn exchange<T>(
+        &self,
+        live: &Live,
+        purpose: Purpose,
+        bound: Instant,
+        send: impl AsyncFnOnce(&mut Conn) -> redis::RedisResult<T>,
+    ) -> Result<T, Failure> {
+        let shared = &self.inner.shared;
+        let (mut conn, generation) = self.connection(live, purpose, bound).await?;
+        match tokio::time::timeout_at(bound, send(&mut conn)).await {
+            Ok(Ok(answer)) => {
+                shared.answered(live);
+                Ok(answer)
+            }
+            Ok(Err(error)) => {
+                self.connection_trouble(&conn, generation, cause_of(&error));
+                Err(shared.failure(&error))
+            }
+            Err(_) => {
+                if shared.unresponsive(live) {
+                    self.connection_trouble(&conn, generation, Some(Cause::Lost));
+                }
+                Err(shared.timed_out())
             }
         }
     }
