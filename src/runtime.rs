@@ -132,6 +132,15 @@ impl Drop for LoadGuard {
     }
 }
 
+/// Aborts a task when dropped: for a task that must end with its owner.
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// The default of `--worker-threads`: one per CPU the process may use.
 pub fn default_worker_threads() -> usize {
     thread::available_parallelism().map_or(1, usize::from)

@@ -86,7 +86,9 @@ impl Default for IdempotencyArgs {
 #[derive(Clone, PartialEq, Eq)]
 pub enum StoreLocation {
     Memory,
-    Redis(RedisUrl),
+    /// A checked store URL (one server, Sentinel or Cluster); its password
+    /// is never shown.
+    Redis(StoreUrl),
 }
 
 impl fmt::Debug for StoreLocation {
@@ -103,10 +105,6 @@ impl fmt::Display for StoreLocation {
         }
     }
 }
-
-/// A checked store URL (one server, Sentinel or Cluster: see
-/// [`crate::store::StoreUrl`]); its password is never shown.
-pub type RedisUrl = StoreUrl;
 
 /// Parses `--idempotency-store`. Its errors name the flag and never repeat
 /// the value, which may hold a password (clap's own errors would).

@@ -45,7 +45,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-pub use args::{IdempotencyArgs, RedisUrl, StoreLocation, parse_store};
+pub use args::{IdempotencyArgs, StoreLocation, parse_store};
 pub use key::{Digest, IdempotencyKey, MAX_KEY_BYTES, Scope, parse_key, request_digest};
 pub use lease::Lease;
 pub use memory::Usage;

@@ -46,7 +46,7 @@ use super::lease::Lease;
 use super::record::{self, IN_PROGRESS_LEN, Record};
 use super::verdict::{Pending, Recorded};
 use super::{Begin, Claim, ConfigError, Digest, MAX_LEASE, Scope, StoreError};
-use crate::store::{Failure, FailureKind, Script, Store, Wait};
+use crate::store::{self, Failure, FailureKind, Script, Store, Wait};
 
 /// Versioned so that a future layout never reads these records by mistake.
 pub const KEY_PREFIX: &str = "gormic:idem:v1:";
@@ -362,14 +362,7 @@ impl Drop for UndoBegin {
 }
 
 fn redis_key(scope: &Scope) -> RedisKey {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut key = [0; KEY_PREFIX.len() + 64];
-    key[..KEY_PREFIX.len()].copy_from_slice(KEY_PREFIX.as_bytes());
-    for (i, b) in scope.0.iter().enumerate() {
-        key[KEY_PREFIX.len() + 2 * i] = DIGITS[usize::from(b >> 4)];
-        key[KEY_PREFIX.len() + 2 * i + 1] = DIGITS[usize::from(b & 0xf)];
-    }
-    key
+    store::prefixed_hex(KEY_PREFIX, &scope.0)
 }
 
 fn millis(duration: Duration) -> u64 {

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use super::file::Limit;
 use super::table::Target;
-use crate::store::{Failure, FailureKind, Script, Store, Wait};
+use crate::store::{self, Failure, FailureKind, Script, Store, Wait};
 
 /// Versioned, so that a future layout never reads these keys by mistake.
 pub const KEY_PREFIX: &str = "gormic:quota:v1:";
@@ -92,14 +92,8 @@ pub(super) fn key(target: &Target<'_>) -> Key {
         hash.update(field);
     }
     let digest = hash.finish();
-    let mut key = [0; KEY_PREFIX.len() + 64];
-    key[..KEY_PREFIX.len()].copy_from_slice(KEY_PREFIX.as_bytes());
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for (i, byte) in digest.as_ref().iter().enumerate() {
-        key[KEY_PREFIX.len() + 2 * i] = DIGITS[usize::from(byte >> 4)];
-        key[KEY_PREFIX.len() + 2 * i + 1] = DIGITS[usize::from(byte & 0xf)];
-    }
-    key
+    let digest: &[u8; 32] = digest.as_ref().try_into().expect("a SHA-256 is 32 bytes");
+    store::prefixed_hex(KEY_PREFIX, digest)
 }
 
 /// The interval and the tolerance in microseconds (at least 1 µs between

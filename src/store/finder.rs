@@ -33,6 +33,7 @@ use tokio::sync::Notify;
 use super::link::{Cause, Conn, Dial, Live, Server, Shared, cause_of};
 use super::url::{Node, StoreUrl, Topology};
 use super::{Failure, FailureKind};
+use crate::runtime::AbortOnDrop;
 
 /// How often the `+switch-master` subscription checks its Sentinel answers.
 const SENTINEL_PING: Duration = Duration::from_secs(1);
@@ -51,6 +52,8 @@ pub(super) struct Found {
 
 /// What a look at a live connection's primary found.
 pub(super) struct Inspection {
+    /// A cluster's primaries, sorted (empty for one server or Sentinel:
+    /// the connection's own address is known already).
     pub primaries: Vec<String>,
     pub replicas: u32,
 }
@@ -78,15 +81,6 @@ pub(super) struct Switched {
     notify: Notify,
     /// The new primary, `ip:port`.
     to: std::sync::Mutex<Option<String>>,
-}
-
-/// Aborts a task when dropped.
-pub(super) struct AbortOnDrop(pub tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 impl Finder {
@@ -133,7 +127,6 @@ impl Finder {
                             url.is_tls(),
                             if *sentinel_auth { url.username() } else { None },
                             if *sentinel_auth { url.password() } else { None },
-                            0,
                         )
                     })
                     .collect::<Result<Vec<_>, _>>()
@@ -154,7 +147,7 @@ impl Finder {
             Topology::Cluster { nodes } => {
                 let infos = nodes
                     .iter()
-                    .map(|n| info(n, url.is_tls(), url.username(), url.password(), 0))
+                    .map(|n| info(n, url.is_tls(), url.username(), url.password()))
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| e.to_string())?;
                 let client = ClusterClientBuilder::new(infos.clone())
@@ -240,28 +233,24 @@ impl Finder {
         }
     }
 
-    /// Looks at the primary of a live connection: its replicas, or (as the
-    /// error) why the connection must be replaced.
-    pub(super) async fn inspect(
-        &self,
-        shared: &Shared,
-        live: &Live,
-    ) -> Result<Inspection, Option<Cause>> {
+    /// Looks at the primary of a live connection: its replicas (and a
+    /// cluster's primaries), or (as the error) why the connection must be
+    /// replaced.
+    pub(super) async fn inspect(&self, live: &Live) -> Result<Inspection, Option<Cause>> {
         let mut main = live.main.clone();
         if self.is_cluster() {
             // The cluster client repairs its own connections: one node
             // failing to answer is no reason to drop the others'.
             return cluster_nodes(&mut main).await.map_err(|_| None);
         }
-        let address = shared.primaries();
         match role(&mut main).await {
             Ok(Some(Role::Primary { replicas, .. })) => Ok(Inspection {
-                primaries: address,
+                primaries: Vec::new(),
                 replicas: count(replicas.len()),
             }),
             Ok(Some(_)) => Err(Some(Cause::Demoted)),
             Ok(None) => Ok(Inspection {
-                primaries: address,
+                primaries: Vec::new(),
                 replicas: 0,
             }),
             Err(e) => Err(cause_of(&e)),
@@ -522,9 +511,8 @@ fn info(
     tls: bool,
     username: Option<&str>,
     password: Option<&str>,
-    db: i64,
 ) -> redis::RedisResult<ConnectionInfo> {
-    let mut redis = RedisConnectionInfo::default().set_db(db);
+    let mut redis = RedisConnectionInfo::default();
     if let Some(user) = username {
         redis = redis.set_username(user);
     }

@@ -157,7 +157,6 @@ pub(super) struct Shared {
     pub reconnects: AtomicU64,
     /// `WAIT` shortfalls per script name (rare: written under a lock).
     pub shortfalls: Mutex<HashMap<&'static str, u64>>,
-    pub last_inspection_ms: AtomicU64,
 }
 
 impl Shared {
@@ -184,7 +183,6 @@ impl Shared {
             failovers: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             shortfalls: Mutex::default(),
-            last_inspection_ms: AtomicU64::new(0),
         }
     }
 

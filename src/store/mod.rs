@@ -33,7 +33,9 @@
 //! same bytes with one server, Sentinel or Cluster). A script of several
 //! keys puts the same hash tag in each: `app:{org-42}:quota` and
 //! `app:{org-42}:cooldown` hash only `org-42`. Key prefixes are the users'
-//! and must not collide (`gormic:idem:` is idempotency's).
+//! and must not collide (`gormic:idem:` is idempotency's). A key named by
+//! a SHA-256 is its prefix then the digest in lowercase hex
+//! ([`prefixed_hex`]).
 //!
 //! Failures ([`Failure`]) name the store with its password redacted. While
 //! no primary is usable (a failover under way, Redis down), every operation
@@ -74,12 +76,13 @@ use std::time::Duration;
 use redis::Value;
 use tokio::time::Instant;
 
-pub use args::{MAX_REPLICAS, Replicas, StoreArgs};
+pub use args::{Replicas, StoreArgs};
 pub use pubsub::{Event, Subscription};
 pub use script::{Call, Script};
 pub use url::{Node, StoreUrl, Topology};
 
-use finder::{AbortOnDrop, Finder};
+use crate::runtime::AbortOnDrop;
+use finder::Finder;
 use link::{Cause, Conn, Live, Shared, State, cause_of};
 use local::Purpose;
 
@@ -195,21 +198,20 @@ impl Store {
             // installed already, that one stays.
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
-        let target = url.redacted().to_owned();
-        let secrets = url.secrets();
-        let scrub = |text: String| {
-            secrets
-                .iter()
-                .fold(text, |text, secret| text.replace(secret.as_str(), "***"))
-        };
-        let finder =
-            Finder::new(url, timeout).map_err(|e| OpenError(format!("{target}: {}", scrub(e))))?;
         let topology = match url.topology() {
             Topology::Single => "single",
             Topology::Sentinel { .. } => "sentinel",
             Topology::Cluster { .. } => "cluster",
         };
-        let shared = Arc::new(Shared::new(target, topology, timeout, replicas, secrets));
+        let shared = Arc::new(Shared::new(
+            url.redacted().to_owned(),
+            topology,
+            timeout,
+            replicas,
+            url.secrets(),
+        ));
+        let finder = Finder::new(url, timeout)
+            .map_err(|e| OpenError(format!("{}: {}", shared.target, shared.scrub(e))))?;
         let supervisor = tokio::spawn(supervisor::supervise(shared.clone(), finder));
         Ok(Self {
             inner: Arc::new(Inner {
@@ -255,40 +257,27 @@ impl Store {
         } else {
             Purpose::Wait
         };
-        let (mut conn, generation) = self.connection(&live, purpose, bound).await?;
-        let ran = if required == 0 {
-            tokio::time::timeout_at(bound, run_once(&mut conn, call)).await
-        } else {
-            tokio::time::timeout_at(bound, run_and_wait(&mut conn, call, required, bound)).await
-        };
-        match ran {
-            Ok(Ok((value, acknowledged))) => {
-                shared.answered(&live);
-                let shortfall =
-                    acknowledged
-                        .filter(|n| *n < required)
-                        .map(|acknowledged| Shortfall {
-                            acknowledged,
-                            required,
-                        });
-                if shortfall.is_some() {
-                    shared.count_shortfall(call.script().name());
-                    // Perhaps the replica is gone: count them again.
-                    shared.inspect_soon();
+        let (value, acknowledged) = self
+            .exchange(&live, purpose, bound, async |conn| {
+                if required == 0 {
+                    run_once(conn, call).await
+                } else {
+                    run_and_wait(conn, call, required, bound).await
                 }
-                Ok(Reply { value, shortfall })
-            }
-            Ok(Err(error)) => {
-                self.connection_trouble(&conn, generation, cause_of(&error));
-                Err(shared.failure(&error))
-            }
-            Err(_) => {
-                if shared.unresponsive(&live) {
-                    self.connection_trouble(&conn, generation, Some(Cause::Lost));
-                }
-                Err(shared.timed_out())
-            }
+            })
+            .await?;
+        let shortfall = acknowledged
+            .filter(|n| *n < required)
+            .map(|acknowledged| Shortfall {
+                acknowledged,
+                required,
+            });
+        if shortfall.is_some() {
+            shared.count_shortfall(call.script().name());
+            // Perhaps the replica is gone: count them again.
+            shared.inspect_soon();
         }
+        Ok(Reply { value, shortfall })
     }
 
     /// Publishes `message` on `channel` to every subscriber (every
@@ -299,22 +288,18 @@ impl Store {
         let live = shared.live(bound).await?;
         let mut publish = redis::cmd("PUBLISH");
         publish.arg(channel).arg(message);
-        let (mut conn, generation) = self.connection(&live, Purpose::Commands, bound).await?;
-        match tokio::time::timeout_at(bound, conn.command(&publish)).await {
-            Ok(Ok(Value::Int(n))) => {
-                shared.answered(&live);
-                Ok(u64::try_from(n).unwrap_or(0))
-            }
-            Ok(Ok(_)) => Err(Failure {
+        let reply = self
+            .exchange(&live, Purpose::Commands, bound, async |conn| {
+                conn.command(&publish).await
+            })
+            .await?;
+        match reply {
+            Value::Int(n) => Ok(u64::try_from(n).unwrap_or(0)),
+            _ => Err(Failure {
                 kind: FailureKind::Unavailable,
                 detail: format!("{}: unexpected reply to PUBLISH", shared.target),
                 may_have_applied: true,
             }),
-            Ok(Err(error)) => {
-                self.connection_trouble(&conn, generation, cause_of(&error));
-                Err(shared.failure(&error))
-            }
-            Err(_) => Err(shared.timed_out()),
         }
     }
 
@@ -392,6 +377,38 @@ impl Store {
         }
     }
 
+    /// Sends on this thread's connection (for `purpose`) to the primary of
+    /// `live`, within `bound`, and reports what the outcome says of that
+    /// primary: an answer ([`Shared::answered`]), an error
+    /// ([`Store::connection_trouble`]), or no answer in time (the primary
+    /// given up if it has answered nothing for a whole timeout).
+    async fn exchange<T>(
+        &self,
+        live: &Live,
+        purpose: Purpose,
+        bound: Instant,
+        send: impl AsyncFnOnce(&mut Conn) -> redis::RedisResult<T>,
+    ) -> Result<T, Failure> {
+        let shared = &self.inner.shared;
+        let (mut conn, generation) = self.connection(live, purpose, bound).await?;
+        match tokio::time::timeout_at(bound, send(&mut conn)).await {
+            Ok(Ok(answer)) => {
+                shared.answered(live);
+                Ok(answer)
+            }
+            Ok(Err(error)) => {
+                self.connection_trouble(&conn, generation, cause_of(&error));
+                Err(shared.failure(&error))
+            }
+            Err(_) => {
+                if shared.unresponsive(live) {
+                    self.connection_trouble(&conn, generation, Some(Cause::Lost));
+                }
+                Err(shared.timed_out())
+            }
+        }
+    }
+
     /// Reports what a failed operation on `conn`, a connection to the
     /// primary of `generation`, says about it.
     fn connection_trouble(&self, conn: &Conn, generation: u64, cause: Option<Cause>) {
@@ -404,6 +421,25 @@ impl Store {
             (_, None) => {}
         }
     }
+}
+
+/// `prefix` followed by `digest` in lowercase hex: the key of a record
+/// named by a SHA-256 (`gormic:idem:v1:<hex>`, `gormic:quota:v1:<hex>`).
+/// `N` must be `prefix.len() + 64`.
+pub(crate) fn prefixed_hex<const N: usize>(prefix: &str, digest: &[u8; 32]) -> [u8; N] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    assert_eq!(
+        N,
+        prefix.len() + 64,
+        "a key is its prefix and 64 hex digits"
+    );
+    let mut key = [0; N];
+    key[..prefix.len()].copy_from_slice(prefix.as_bytes());
+    for (i, byte) in digest.iter().enumerate() {
+        key[prefix.len() + 2 * i] = DIGITS[usize::from(byte >> 4)];
+        key[prefix.len() + 2 * i + 1] = DIGITS[usize::from(byte & 0xf)];
+    }
+    key
 }
 
 impl std::fmt::Debug for Store {

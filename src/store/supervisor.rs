@@ -40,6 +40,9 @@ pub(super) async fn supervise(shared: Arc<Shared>, mut finder: Finder) {
     let mut generation = 0_u64;
     let mut last_primary: Option<String> = None;
     let mut was_down = false;
+    // When the primary was last inspected, in ms from `shared.epoch`: the
+    // throttle holds across generations.
+    let mut last_inspection_ms = 0_u64;
     loop {
         let cause = Cause::from_u8(shared.cause.swap(Cause::None as u8, Relaxed));
         let attempt =
@@ -98,7 +101,7 @@ pub(super) async fn supervise(shared: Arc<Shared>, mut finder: Finder) {
         last_primary = Some(address);
         let live = accept(&shared, found, generation);
         shared.publish(State::Up(live));
-        watch(&shared, &mut finder, generation).await;
+        watch(&shared, &mut finder, generation, &mut last_inspection_ms).await;
     }
 }
 
@@ -118,9 +121,17 @@ fn accept(shared: &Shared, found: Found, generation: u64) -> Arc<Live> {
 }
 
 /// While the connection of `generation` is live: looks at the primary now
-/// and then, and returns once the connection is given up.
-async fn watch(shared: &Arc<Shared>, finder: &mut Finder, generation: u64) {
-    let interval = if finder.is_cluster() {
+/// and then (not more often than [`INSPECT_SOON`] after
+/// `last_inspection_ms`, which it updates), and returns once the
+/// connection is given up.
+async fn watch(
+    shared: &Arc<Shared>,
+    finder: &mut Finder,
+    generation: u64,
+    last_inspection_ms: &mut u64,
+) {
+    let cluster = finder.is_cluster();
+    let interval = if cluster {
         INSPECT_CLUSTER
     } else {
         INSPECT_PRIMARY
@@ -142,17 +153,18 @@ async fn watch(shared: &Arc<Shared>, finder: &mut Finder, generation: u64) {
         };
         // Not more often than INSPECT_SOON, however many calls ask.
         let now = shared.now_ms();
-        let last = shared.last_inspection_ms.load(Relaxed);
-        if now.saturating_sub(last) < INSPECT_SOON.as_millis() as u64 {
+        if now.saturating_sub(*last_inspection_ms) < INSPECT_SOON.as_millis() as u64 {
             tokio::time::sleep(INSPECT_SOON).await;
         }
-        shared.last_inspection_ms.store(shared.now_ms(), Relaxed);
-        match finder.inspect(shared, &live).await {
+        *last_inspection_ms = shared.now_ms();
+        match finder.inspect(&live).await {
             Ok(inspection) => {
                 shared
                     .connected_replicas
                     .store(inspection.replicas, Relaxed);
-                note_cluster_failovers(shared, &inspection.primaries);
+                if cluster {
+                    note_cluster_failovers(shared, &inspection.primaries);
+                }
             }
             Err(Some(cause)) => shared.invalidate(generation, cause),
             Err(None) => {}
@@ -160,7 +172,8 @@ async fn watch(shared: &Arc<Shared>, finder: &mut Finder, generation: u64) {
     }
 }
 
-/// Logs and counts each cluster shard whose primary changed.
+/// Logs and counts each cluster shard whose primary changed, and keeps
+/// the cluster's `primaries`.
 fn note_cluster_failovers(shared: &Shared, primaries: &[String]) {
     let mut known = shared
         .primaries
@@ -169,15 +182,13 @@ fn note_cluster_failovers(shared: &Shared, primaries: &[String]) {
     if *known == primaries {
         return;
     }
-    if shared.topology == "cluster" {
-        for new in primaries.iter().filter(|p| !known.contains(p)) {
-            shared.failovers.fetch_add(1, Relaxed);
-            tracing::warn!(
-                store = %shared.target,
-                primary = %new,
-                "store: failover followed; a cluster shard has a new primary"
-            );
-        }
+    for new in primaries.iter().filter(|p| !known.contains(p)) {
+        shared.failovers.fetch_add(1, Relaxed);
+        tracing::warn!(
+            store = %shared.target,
+            primary = %new,
+            "store: failover followed; a cluster shard has a new primary"
+        );
     }
     *known = primaries.to_vec();
 }

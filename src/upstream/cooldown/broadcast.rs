@@ -26,9 +26,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use tokio::task::AbortHandle;
-
 use super::{Cooldowns, CredentialId};
+use crate::runtime::AbortOnDrop;
 use crate::store::{Event, Store, Subscription};
 
 /// The channel every replica publishes its cooldowns on.
@@ -44,13 +43,7 @@ pub(super) struct Broadcast {
     store: Store,
     /// Random per process: tells this replica's messages from the others'.
     sender: u64,
-    subscriber: AbortHandle,
-}
-
-impl Drop for Broadcast {
-    fn drop(&mut self) {
-        self.subscriber.abort();
-    }
+    _subscriber: AbortOnDrop,
 }
 
 impl Broadcast {
@@ -63,7 +56,7 @@ impl Broadcast {
         Self {
             store: store.clone(),
             sender,
-            subscriber: task.abort_handle(),
+            _subscriber: AbortOnDrop(task.abort_handle()),
         }
     }
 
