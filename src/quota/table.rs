@@ -17,7 +17,7 @@ use arc_swap::{ArcSwap, Guard};
 
 use super::file::{self, Limit, QuotaFileError, RPCS, Rule, Rules};
 use super::local::{Bucket, KeyedBuckets};
-use crate::reload::change::{ChangeGate, Reloaded, Snapshot};
+use crate::reload::change::{self, ChangeGate, Reloaded, Snapshot};
 use crate::routes::Route;
 
 /// Which kind of entry a bucket belongs to.
@@ -141,12 +141,7 @@ impl QuotaTable {
 }
 
 fn parse_snapshot(path: &Path, snapshot: &Snapshot) -> Result<Rules, QuotaFileError> {
-    let bytes = snapshot.file(0).map_err(|failure| QuotaFileError {
-        path: path.to_path_buf(),
-        line: None,
-        problem: failure.to_string(),
-    })?;
-    file::parse(path, bytes)
+    change::parse_snapshot(path, snapshot, file::parse)
 }
 
 /// An entry's buckets: its own, and its per-RPC overrides.
