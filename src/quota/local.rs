@@ -21,7 +21,7 @@
 //! of their own, never evicted.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::BuildHasherDefault;
 use std::num::NonZeroU32;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
@@ -34,6 +34,7 @@ use governor::state::{InMemoryState, NotKeyed, StateStore};
 use governor::{Quota, RateLimiter};
 
 use super::file::Limit;
+use crate::tenant::IdHasher;
 
 /// Most `[default]` buckets kept, per bucket kind (the default, and each
 /// per-RPC default): about 2 MiB each.
@@ -142,7 +143,7 @@ pub struct BoundedStore {
     interval: u64,
 }
 
-type Shard = HashMap<u64, u64, BuildHasherDefault<KeyIsHash>>;
+type Shard = HashMap<u64, u64, BuildHasherDefault<IdHasher>>;
 
 impl BoundedStore {
     fn new(capacity: usize, interval: Duration) -> Self {
@@ -215,27 +216,6 @@ impl ShrinkableKeyedStateStore<u64> for BoundedStore {
 
     fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-}
-
-/// A hasher for keys that are hashes already: the map uses the key itself.
-#[derive(Debug, Default)]
-pub struct KeyIsHash(u64);
-
-impl Hasher for KeyIsHash {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only u64 keys are hashed here; fold anything else in.
-        for byte in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*byte);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
     }
 }
 
