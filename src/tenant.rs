@@ -229,7 +229,8 @@ impl Tenants {
     }
 
     /// Organizations the trusted set holds, expired ones not yet evicted
-    /// included: what it costs in memory (at most its capacity).
+    /// included: what it costs in memory (at most its capacity). Tests.
+    #[cfg(test)]
     pub fn trusted_entries(&self) -> usize {
         self.0.trusted.entries()
     }

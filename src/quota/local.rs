@@ -29,6 +29,7 @@ use std::time::Duration;
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::NoOpMiddleware;
 use governor::nanos::Nanos;
+#[cfg(test)]
 use governor::state::keyed::ShrinkableKeyedStateStore;
 use governor::state::{InMemoryState, NotKeyed, StateStore};
 use governor::{Quota, RateLimiter};
@@ -121,11 +122,13 @@ impl<C: Clock> KeyedBuckets<C> {
             .map_err(|not_until| not_until.wait_time_from(self.limiter.clock().now()))
     }
 
-    /// Buckets held now.
+    /// Buckets held now (tests).
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.limiter.len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.limiter.is_empty()
     }
@@ -198,8 +201,9 @@ impl StateStore for BoundedStore {
     }
 }
 
+/// For [`KeyedBuckets::len`] (tests): a full shard makes room by itself.
+#[cfg(test)]
 impl ShrinkableKeyedStateStore<u64> for BoundedStore {
-    /// Not called by the gateway: a full shard makes room by itself.
     fn retain_recent(&self, drop_below: Nanos) {
         for shard in &self.shards {
             let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);

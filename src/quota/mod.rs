@@ -208,15 +208,6 @@ impl Quotas {
         self
     }
 
-    pub fn table(&self) -> &QuotaTable {
-        &self.inner.table
-    }
-
-    /// Whether every replica counts against the same buckets.
-    pub fn is_shared(&self) -> bool {
-        self.inner.store.is_some()
-    }
-
     /// The step: takes one call from the caller's bucket (if the file
     /// names the caller), then from the organization's (its entry, else
     /// `[default]`), for `route`. A refusal takes nothing more.

@@ -83,7 +83,7 @@ impl QuotaTable {
         let rules = parse_snapshot(path, &snapshot)?;
         Ok(Self(Arc::new(Inner {
             path: path.to_path_buf(),
-            active: ArcSwap::from_pointee(Active::build(&rules, None)),
+            active: ArcSwap::from_pointee(Active::build(rules, None)),
             gate: ChangeGate::new(vec![path.to_path_buf()], snapshot),
             hasher: RandomState::new(),
         })))
@@ -94,7 +94,7 @@ impl QuotaTable {
     pub fn from_rules(rules: &Rules) -> Self {
         Self(Arc::new(Inner {
             path: PathBuf::new(),
-            active: ArcSwap::from_pointee(Active::build(rules, None)),
+            active: ArcSwap::from_pointee(Active::build(rules.clone(), None)),
             gate: ChangeGate::new(Vec::new(), Snapshot::read(&[])),
             hasher: RandomState::new(),
         }))
@@ -111,7 +111,7 @@ impl QuotaTable {
         let previous = self.0.active.load();
         self.0
             .active
-            .store(Arc::new(Active::build(&rules, Some(&previous))));
+            .store(Arc::new(Active::build(rules, Some(&previous))));
         Ok(Reloaded::Replaced)
     }
 
@@ -190,7 +190,7 @@ pub(super) struct Target<'a> {
 }
 
 impl Active {
-    fn build(rules: &Rules, previous: Option<&Active>) -> Self {
+    fn build(rules: Rules, previous: Option<&Active>) -> Self {
         let default = rules.default.as_ref().map(|rule| {
             entry(rule, previous.and_then(|p| p.default.as_ref()), |limit| {
                 KeyedBuckets::new(limit)
@@ -207,10 +207,10 @@ impl Active {
                 .collect()
         };
         Self {
-            rules: rules.clone(),
             default,
             organizations: entries(&rules.organizations, previous.map(|p| &p.organizations)),
             callers: entries(&rules.callers, previous.map(|p| &p.callers)),
+            rules,
         }
     }
 
