@@ -135,8 +135,26 @@ impl QuotaTable {
     }
 
     /// The key of an organization's `[default]` bucket.
-    pub(super) fn default_key(&self, organization: &[u8]) -> u64 {
+    fn default_key(&self, organization: &[u8]) -> u64 {
         self.0.hasher.hash_one(organization)
+    }
+
+    /// The buckets of `active` a call to `route` meets, in order: the
+    /// caller's (if the file names the caller), then the organization's
+    /// (its entry, else its own `[default]` bucket). The organization's is
+    /// looked up only once the caller's is passed.
+    pub(super) fn targets<'a>(
+        &'a self,
+        active: &'a Active,
+        route: &'a Route,
+        caller: Option<&'a [u8]>,
+        organization: &'a [u8],
+    ) -> impl Iterator<Item = Target<'a>> + 'a {
+        let caller = caller.and_then(|identity| active.caller(identity, route));
+        let organization = std::iter::once_with(move || {
+            active.organization(organization, route, || self.default_key(organization))
+        });
+        caller.into_iter().chain(organization.flatten())
     }
 }
 
