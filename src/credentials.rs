@@ -39,11 +39,11 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use http::HeaderValue;
 use toml::Spanned;
-use toml::de::{DeTable, DeValue};
+use toml::de::DeValue;
 
 use tonic::metadata::MetadataMap;
 
-use crate::reload::change::{ChangeGate, Reloaded, Snapshot};
+use crate::reload::change::{self, ChangeGate, FileError, Reloaded, Snapshot, TomlFile};
 use crate::tls::CallerIdentity;
 
 /// What one call sends upstream as `api-key` and `organization-id`: the
@@ -178,14 +178,12 @@ impl fmt::Debug for MappedCredentials {
     }
 }
 
+/// The kind of [`CredentialsError`]: a credentials file.
+#[derive(Debug, Clone)]
+pub enum CredentialsFile {}
+
 /// A credentials file that cannot be used: `FILE: line N: problem`.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{}: {}{problem}", path.display(), line.map(|n| format!("line {n}: ")).unwrap_or_default())]
-pub struct CredentialsError {
-    pub path: PathBuf,
-    pub line: Option<usize>,
-    pub problem: String,
-}
+pub type CredentialsError = FileError<CredentialsFile>;
 
 type Map = HashMap<CallerIdentity, Arc<MappedCredentials>>;
 
@@ -250,39 +248,17 @@ impl CredentialMap {
 }
 
 fn parse_snapshot(path: &Path, snapshot: &Snapshot) -> Result<Map, CredentialsError> {
-    let bytes = snapshot.file(0).map_err(|failure| CredentialsError {
-        path: path.to_path_buf(),
-        line: None,
-        problem: failure.to_string(),
-    })?;
-    parse(path, bytes)
+    change::parse_snapshot(path, snapshot, parse)
 }
 
 /// Parses a credentials file. Problems are reported in our words with the
 /// line: the TOML library's messages are used only for syntax errors, which
 /// quote no content.
 fn parse(path: &Path, bytes: &[u8]) -> Result<Map, CredentialsError> {
-    let text = std::str::from_utf8(bytes).map_err(|e| CredentialsError {
-        path: path.to_path_buf(),
-        line: Some(
-            1 + bytes[..e.valid_up_to()]
-                .iter()
-                .filter(|b| **b == b'\n')
-                .count(),
-        ),
-        problem: "not UTF-8 text".into(),
-    })?;
-    let error = |offset: Option<usize>, problem: String| CredentialsError {
-        path: path.to_path_buf(),
-        line: offset.map(|o| line_of(text, o)),
-        problem,
+    let (file, document) = TomlFile::open(path, bytes)?;
+    let error = |offset: Option<usize>, problem: String| -> CredentialsError {
+        file.error(offset, problem)
     };
-    let document = DeTable::parse(text).map_err(|e| {
-        error(
-            e.span().map(|s| s.start),
-            format!("not valid TOML: {}", e.message()),
-        )
-    })?;
 
     let mut map = Map::new();
     // Where each identity was first mapped, to name both lines of a duplicate.
@@ -307,7 +283,7 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Map, CredentialsError> {
         };
         for caller in callers.iter() {
             let entry = caller_entry(caller, &error)?;
-            let line = line_of(text, entry.identity_at);
+            let line = file.line_of(entry.identity_at);
             match first_seen.entry(entry.identity.clone()) {
                 Entry::Occupied(first) => {
                     return Err(error(
@@ -429,12 +405,4 @@ fn header_value(value: &str) -> Result<HeaderValue, &'static str> {
         return Err("is not a valid header value (printable ASCII only)");
     }
     HeaderValue::from_str(value).map_err(|_| "is not a valid header value (printable ASCII only)")
-}
-
-fn line_of(text: &str, offset: usize) -> usize {
-    let end = offset.min(text.len());
-    1 + text.as_bytes()[..end]
-        .iter()
-        .filter(|b| **b == b'\n')
-        .count()
 }

@@ -90,6 +90,12 @@ impl TenantId {
         self == Self::UNVERIFIED
     }
 
+    /// The id as a number: a keyed hash of the tenant's name (0 for
+    /// [`Self::UNVERIFIED`]).
+    pub(crate) fn as_u64(self) -> u64 {
+        self.0
+    }
+
     /// A tenant of its own, by number (unit tests).
     #[cfg(test)]
     pub(crate) fn numbered(n: u64) -> Self {
@@ -101,7 +107,9 @@ impl TenantId {
 /// its own hash (no second SipHash per lookup).
 pub type TenantMap<V> = HashMap<TenantId, V, BuildHasherDefault<IdHasher>>;
 
-/// The hasher of [`TenantMap`]: the id as it is.
+/// The hasher of [`TenantMap`], and of any map whose keys are hashes
+/// already (a `u64`, or a `TenantId`, which hashes as its u64): the key as
+/// it is.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct IdHasher(u64);
 
@@ -111,7 +119,7 @@ impl Hasher for IdHasher {
     }
 
     fn write(&mut self, bytes: &[u8]) {
-        // Only `write_u64` is used (a `TenantId` hashes as its u64).
+        // Only `write_u64` is used by those keys; fold anything else in.
         for &byte in bytes {
             self.0 = self.0.rotate_left(8) ^ u64::from(byte);
         }
@@ -221,7 +229,8 @@ impl Tenants {
     }
 
     /// Organizations the trusted set holds, expired ones not yet evicted
-    /// included: what it costs in memory (at most its capacity).
+    /// included: what it costs in memory (at most its capacity). Tests.
+    #[cfg(test)]
     pub fn trusted_entries(&self) -> usize {
         self.0.trusted.entries()
     }

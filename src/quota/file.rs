@@ -18,12 +18,13 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use toml::Spanned;
-use toml::de::{DeTable, DeValue};
+use toml::de::DeValue;
 
+use crate::reload::change::{FileError, TomlFile};
 use crate::routes;
 
 /// How many RPCs the service has (the per-RPC overrides' slots).
@@ -91,29 +92,17 @@ pub struct Rules {
     pub callers: HashMap<Box<[u8]>, Rule>,
 }
 
+/// The kind of [`QuotaFileError`]: a quotas file.
+#[derive(Debug, Clone)]
+pub enum QuotasFile {}
+
 /// A quotas file that cannot be used: `FILE: line N: problem`.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{}: {}{problem}", path.display(), line.map(|n| format!("line {n}: ")).unwrap_or_default())]
-pub struct QuotaFileError {
-    pub path: PathBuf,
-    pub line: Option<usize>,
-    pub problem: String,
-}
+pub type QuotaFileError = FileError<QuotasFile>;
 
 /// Parses a quotas file.
 pub fn parse(path: &Path, bytes: &[u8]) -> Result<Rules, QuotaFileError> {
-    let text = std::str::from_utf8(bytes).map_err(|e| QuotaFileError {
-        path: path.to_path_buf(),
-        line: Some(line_of_bytes(bytes, e.valid_up_to())),
-        problem: "not UTF-8 text".into(),
-    })?;
-    let parser = Parser { path, text };
-    let document = DeTable::parse(text).map_err(|e| {
-        parser.error(
-            e.span().map(|s| s.start),
-            format!("not valid TOML: {}", e.message()),
-        )
-    })?;
+    let (file, document) = TomlFile::open(path, bytes)?;
+    let parser = Parser { file };
 
     let mut rules = Rules::default();
     for (key, value) in document.get_ref() {
@@ -146,19 +135,14 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Rules, QuotaFileError> {
 }
 
 struct Parser<'a> {
-    path: &'a Path,
-    text: &'a str,
+    file: TomlFile<'a>,
 }
 
 type Value<'i> = Spanned<DeValue<'i>>;
 
 impl Parser<'_> {
     fn error(&self, offset: Option<usize>, problem: String) -> QuotaFileError {
-        QuotaFileError {
-            path: self.path.to_path_buf(),
-            line: offset.map(|o| line_of_bytes(self.text.as_bytes(), o)),
-            problem,
-        }
+        self.file.error(offset, problem)
     }
 
     /// `[organizations."ID"]` or `[callers."IDENTITY"]`: a table of entries.
@@ -332,11 +316,6 @@ fn shown(value: &Value<'_>) -> String {
         DeValue::String(_) => "a string".into(),
         other => format!("a {}", other.type_str()),
     }
-}
-
-fn line_of_bytes(bytes: &[u8], offset: usize) -> usize {
-    let end = offset.min(bytes.len());
-    1 + bytes[..end].iter().filter(|b| **b == b'\n').count()
 }
 
 #[cfg(test)]

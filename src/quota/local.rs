@@ -21,7 +21,7 @@
 //! of their own, never evicted.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::BuildHasherDefault;
 use std::num::NonZeroU32;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
@@ -29,11 +29,13 @@ use std::time::Duration;
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::NoOpMiddleware;
 use governor::nanos::Nanos;
+#[cfg(test)]
 use governor::state::keyed::ShrinkableKeyedStateStore;
 use governor::state::{InMemoryState, NotKeyed, StateStore};
 use governor::{Quota, RateLimiter};
 
 use super::file::Limit;
+use crate::tenant::IdHasher;
 
 /// Most `[default]` buckets kept, per bucket kind (the default, and each
 /// per-RPC default): about 2 MiB each.
@@ -120,11 +122,13 @@ impl<C: Clock> KeyedBuckets<C> {
             .map_err(|not_until| not_until.wait_time_from(self.limiter.clock().now()))
     }
 
-    /// Buckets held now.
+    /// Buckets held now (tests).
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.limiter.len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.limiter.is_empty()
     }
@@ -142,7 +146,7 @@ pub struct BoundedStore {
     interval: u64,
 }
 
-type Shard = HashMap<u64, u64, BuildHasherDefault<KeyIsHash>>;
+type Shard = HashMap<u64, u64, BuildHasherDefault<IdHasher>>;
 
 impl BoundedStore {
     fn new(capacity: usize, interval: Duration) -> Self {
@@ -197,8 +201,9 @@ impl StateStore for BoundedStore {
     }
 }
 
+/// For [`KeyedBuckets::len`] (tests): a full shard makes room by itself.
+#[cfg(test)]
 impl ShrinkableKeyedStateStore<u64> for BoundedStore {
-    /// Not called by the gateway: a full shard makes room by itself.
     fn retain_recent(&self, drop_below: Nanos) {
         for shard in &self.shards {
             let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
@@ -215,27 +220,6 @@ impl ShrinkableKeyedStateStore<u64> for BoundedStore {
 
     fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-}
-
-/// A hasher for keys that are hashes already: the map uses the key itself.
-#[derive(Debug, Default)]
-pub struct KeyIsHash(u64);
-
-impl Hasher for KeyIsHash {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only u64 keys are hashed here; fold anything else in.
-        for byte in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*byte);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
     }
 }
 

@@ -208,15 +208,6 @@ impl Quotas {
         self
     }
 
-    pub fn table(&self) -> &QuotaTable {
-        &self.inner.table
-    }
-
-    /// Whether every replica counts against the same buckets.
-    pub fn is_shared(&self) -> bool {
-        self.inner.store.is_some()
-    }
-
     /// The step: takes one call from the caller's bucket (if the file
     /// names the caller), then from the organization's (its entry, else
     /// `[default]`), for `route`. A refusal takes nothing more.
@@ -248,14 +239,8 @@ impl Quotas {
     ) -> Result<(), QuotaExceeded> {
         let table = &self.inner.table;
         let active = table.active();
-        if let Some(identity) = caller
-            && let Some(target) = active.caller(identity.as_str().as_bytes(), route)
-        {
-            self.take_local(&target, DecidedBy::Local)?;
-        }
-        if let Some(target) =
-            active.organization(organization, route, || table.default_key(organization))
-        {
+        let caller = caller.map(|identity| identity.as_str().as_bytes());
+        for target in table.targets(&active, route, caller, organization) {
             self.take_local(&target, DecidedBy::Local)?;
         }
         Ok(())
@@ -271,14 +256,8 @@ impl Quotas {
     ) -> Result<(), QuotaExceeded> {
         let table = &self.inner.table;
         let active = table.active_owned();
-        if let Some(identity) = caller
-            && let Some(target) = active.caller(identity.as_str().as_bytes(), route)
-        {
-            self.take_shared(store, &target, deadline).await?;
-        }
-        if let Some(target) =
-            active.organization(organization, route, || table.default_key(organization))
-        {
+        let caller = caller.map(|identity| identity.as_str().as_bytes());
+        for target in table.targets(&active, route, caller, organization) {
             self.take_shared(store, &target, deadline).await?;
         }
         Ok(())

@@ -17,7 +17,7 @@ use arc_swap::{ArcSwap, Guard};
 
 use super::file::{self, Limit, QuotaFileError, RPCS, Rule, Rules};
 use super::local::{Bucket, KeyedBuckets};
-use crate::reload::change::{ChangeGate, Reloaded, Snapshot};
+use crate::reload::change::{self, ChangeGate, Reloaded, Snapshot};
 use crate::routes::Route;
 
 /// Which kind of entry a bucket belongs to.
@@ -83,7 +83,7 @@ impl QuotaTable {
         let rules = parse_snapshot(path, &snapshot)?;
         Ok(Self(Arc::new(Inner {
             path: path.to_path_buf(),
-            active: ArcSwap::from_pointee(Active::build(&rules, None)),
+            active: ArcSwap::from_pointee(Active::build(rules, None)),
             gate: ChangeGate::new(vec![path.to_path_buf()], snapshot),
             hasher: RandomState::new(),
         })))
@@ -94,7 +94,7 @@ impl QuotaTable {
     pub fn from_rules(rules: &Rules) -> Self {
         Self(Arc::new(Inner {
             path: PathBuf::new(),
-            active: ArcSwap::from_pointee(Active::build(rules, None)),
+            active: ArcSwap::from_pointee(Active::build(rules.clone(), None)),
             gate: ChangeGate::new(Vec::new(), Snapshot::read(&[])),
             hasher: RandomState::new(),
         }))
@@ -111,7 +111,7 @@ impl QuotaTable {
         let previous = self.0.active.load();
         self.0
             .active
-            .store(Arc::new(Active::build(&rules, Some(&previous))));
+            .store(Arc::new(Active::build(rules, Some(&previous))));
         Ok(Reloaded::Replaced)
     }
 
@@ -135,18 +135,31 @@ impl QuotaTable {
     }
 
     /// The key of an organization's `[default]` bucket.
-    pub(super) fn default_key(&self, organization: &[u8]) -> u64 {
+    fn default_key(&self, organization: &[u8]) -> u64 {
         self.0.hasher.hash_one(organization)
+    }
+
+    /// The buckets of `active` a call to `route` meets, in order: the
+    /// caller's (if the file names the caller), then the organization's
+    /// (its entry, else its own `[default]` bucket). The organization's is
+    /// looked up only once the caller's is passed.
+    pub(super) fn targets<'a>(
+        &'a self,
+        active: &'a Active,
+        route: &'a Route,
+        caller: Option<&'a [u8]>,
+        organization: &'a [u8],
+    ) -> impl Iterator<Item = Target<'a>> + 'a {
+        let caller = caller.and_then(|identity| active.caller(identity, route));
+        let organization = std::iter::once_with(move || {
+            active.organization(organization, route, || self.default_key(organization))
+        });
+        caller.into_iter().chain(organization.flatten())
     }
 }
 
 fn parse_snapshot(path: &Path, snapshot: &Snapshot) -> Result<Rules, QuotaFileError> {
-    let bytes = snapshot.file(0).map_err(|failure| QuotaFileError {
-        path: path.to_path_buf(),
-        line: None,
-        problem: failure.to_string(),
-    })?;
-    file::parse(path, bytes)
+    change::parse_snapshot(path, snapshot, file::parse)
 }
 
 /// An entry's buckets: its own, and its per-RPC overrides.
@@ -195,7 +208,7 @@ pub(super) struct Target<'a> {
 }
 
 impl Active {
-    fn build(rules: &Rules, previous: Option<&Active>) -> Self {
+    fn build(rules: Rules, previous: Option<&Active>) -> Self {
         let default = rules.default.as_ref().map(|rule| {
             entry(rule, previous.and_then(|p| p.default.as_ref()), |limit| {
                 KeyedBuckets::new(limit)
@@ -212,10 +225,10 @@ impl Active {
                 .collect()
         };
         Self {
-            rules: rules.clone(),
             default,
             organizations: entries(&rules.organizations, previous.map(|p| &p.organizations)),
             callers: entries(&rules.callers, previous.map(|p| &p.callers)),
+            rules,
         }
     }
 

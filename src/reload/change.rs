@@ -10,11 +10,18 @@
 //! place. Reading a few KiB every `--reload-interval` costs nothing
 //! measurable, and comparing the bytes themselves can neither miss a change
 //! nor see one that is not there.
+//!
+//! It also holds what the TOML files read this way (credentials, quotas)
+//! share: their error, [`FileError`], and opening one ([`TomlFile`]).
 
 use std::fmt::Display;
 use std::io;
+use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+
+use toml::Spanned;
+use toml::de::DeTable;
 
 /// What a `reload()` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +120,90 @@ impl ChangeGate {
         *last = snapshot.clone();
         Some(snapshot)
     }
+}
+
+/// A file that cannot be used: `FILE: line N: problem`. `F` tells which
+/// kind of file (each kind is a type of its own, e.g.
+/// `crate::credentials::CredentialsError`).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}: {}{problem}", path.display(), line.map(|n| format!("line {n}: ")).unwrap_or_default())]
+pub struct FileError<F> {
+    pub path: PathBuf,
+    pub line: Option<usize>,
+    pub problem: String,
+    file: PhantomData<fn() -> F>,
+}
+
+impl<F> FileError<F> {
+    pub(crate) fn new(path: &Path, line: Option<usize>, problem: String) -> Self {
+        FileError {
+            path: path.to_path_buf(),
+            line,
+            problem,
+            file: PhantomData,
+        }
+    }
+}
+
+/// Parses the first file of `snapshot` with `parse`; a file that could not
+/// be read is an error without a line.
+pub(crate) fn parse_snapshot<T, F>(
+    path: &Path,
+    snapshot: &Snapshot,
+    parse: impl FnOnce(&Path, &[u8]) -> Result<T, FileError<F>>,
+) -> Result<T, FileError<F>> {
+    let bytes = snapshot
+        .file(0)
+        .map_err(|failure| FileError::new(path, None, failure.to_string()))?;
+    parse(path, bytes)
+}
+
+/// A TOML file being parsed: its name and text, to report a problem at an
+/// offset with its line.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TomlFile<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl<'a> TomlFile<'a> {
+    /// The file's text (UTF-8) and its TOML document. The TOML library's
+    /// messages are used only for syntax errors, which quote no content.
+    pub(crate) fn open<F>(
+        path: &'a Path,
+        bytes: &'a [u8],
+    ) -> Result<(Self, Spanned<DeTable<'a>>), FileError<F>> {
+        let text = std::str::from_utf8(bytes).map_err(|e| {
+            FileError::new(
+                path,
+                Some(line_of(bytes, e.valid_up_to())),
+                "not UTF-8 text".into(),
+            )
+        })?;
+        let file = TomlFile { path, text };
+        let document = DeTable::parse(text).map_err(|e| {
+            file.error(
+                e.span().map(|s| s.start),
+                format!("not valid TOML: {}", e.message()),
+            )
+        })?;
+        Ok((file, document))
+    }
+
+    /// A problem at byte `offset` (on its line), or with the whole file.
+    pub(crate) fn error<F>(&self, offset: Option<usize>, problem: String) -> FileError<F> {
+        FileError::new(self.path, offset.map(|o| self.line_of(o)), problem)
+    }
+
+    /// The line (from 1) of byte `offset`.
+    pub(crate) fn line_of(&self, offset: usize) -> usize {
+        line_of(self.text.as_bytes(), offset)
+    }
+}
+
+fn line_of(bytes: &[u8], offset: usize) -> usize {
+    let end = offset.min(bytes.len());
+    1 + bytes[..end].iter().filter(|b| **b == b'\n').count()
 }
 
 #[cfg(test)]

@@ -102,6 +102,7 @@ impl TrustedSet {
     }
 
     /// Entries held, expired ones not yet evicted included.
+    #[cfg(test)]
     pub(super) fn entries(&self) -> usize {
         self.seen
             .read()

@@ -15,7 +15,8 @@
 //! - **Keyed** by a [`CredentialId`]: a truncated SHA-256 of the api-key
 //!   and the organization-id, the same on every replica, never the key.
 //! - **Cost**: while no cooldown is live, a call pays one atomic load; the
-//!   credential is hashed and the table locked only while one is.
+//!   credential is hashed (once per exchange, [`CallCredential`]) and the
+//!   table locked only while one is.
 //! - **Bounded**: at most [`CAPACITY`] credentials; an ended entry goes
 //!   when it is next met, and all of them at once when the last has ended;
 //!   past the bound, the soonest-ending entry gives way.
@@ -30,7 +31,9 @@
 mod broadcast;
 mod metrics;
 
+use std::cell::OnceCell;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
@@ -42,6 +45,7 @@ pub(super) use metrics::CooldownSeries;
 use super::error::{Rejection, RetryAfter};
 use crate::credentials::Credentials;
 use crate::store::Store;
+use crate::tenant::IdHasher;
 
 /// The cooldown of an answer that states no wait: long enough that the
 /// calls right behind a 429 are not sent into it, short enough that a
@@ -66,8 +70,65 @@ const ID_DOMAIN: &[u8] = b"gormic-gateway upstream cooldown v1\0";
 /// A credential as the cooldowns know it: the first 16 bytes of the
 /// SHA-256 of its api-key and organization-id. Replicas compute the same;
 /// the key cannot be read back from it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct CredentialId([u8; 16]);
+
+/// A hash already: the table ([`IdHasher`]) uses its first 8 bytes as
+/// they are.
+impl Hash for CredentialId {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let [a, b, c, d, e, f, g, h, ..] = self.0;
+        state.write_u64(u64::from_ne_bytes([a, b, c, d, e, f, g, h]));
+    }
+}
+
+/// The cooldowns' table: an end per credential.
+type Table = HashMap<CredentialId, Instant, BuildHasherDefault<IdHasher>>;
+
+/// A call's credential, as the cooldowns look it up: its [`Credentials`]
+/// and their [`CredentialId`].
+pub(super) trait Credential {
+    fn credentials(&self) -> &Credentials;
+    fn id(&self) -> CredentialId;
+}
+
+/// The credential of one exchange: hashed when a cooldown first needs its
+/// id, once for all the exchange's look-ups.
+pub(super) struct CallCredential<'a> {
+    credentials: &'a Credentials,
+    id: OnceCell<CredentialId>,
+}
+
+impl<'a> CallCredential<'a> {
+    pub(super) fn new(credentials: &'a Credentials) -> Self {
+        Self {
+            credentials,
+            id: OnceCell::new(),
+        }
+    }
+}
+
+impl Credential for CallCredential<'_> {
+    fn credentials(&self) -> &Credentials {
+        self.credentials
+    }
+
+    fn id(&self) -> CredentialId {
+        *self.id.get_or_init(|| CredentialId::of(self.credentials))
+    }
+}
+
+/// Hashed at each look-up (tests).
+#[cfg(test)]
+impl Credential for Credentials {
+    fn credentials(&self) -> &Credentials {
+        self
+    }
+
+    fn id(&self) -> CredentialId {
+        CredentialId::of(self)
+    }
+}
 
 impl CredentialId {
     pub(super) fn of(credentials: &Credentials) -> Self {
@@ -133,7 +194,7 @@ pub(super) struct Cooldowns {
     epoch: Instant,
     /// When each credential's cooldown ends. `live` and `latest_end_ms` are
     /// written with it locked.
-    table: Mutex<HashMap<CredentialId, Instant>>,
+    table: Mutex<Table>,
     counts: Counts,
     /// The store the replicas share, once wired (`Cooldowns::share`).
     broadcast: OnceLock<broadcast::Broadcast>,
@@ -162,24 +223,24 @@ impl Cooldowns {
             live: AtomicUsize::new(0),
             latest_end_ms: AtomicU64::new(0),
             epoch: Instant::now(),
-            table: Mutex::new(HashMap::new()),
+            table: Mutex::new(Table::default()),
             counts: Counts::default(),
             broadcast: OnceLock::new(),
         })
     }
 
-    /// What is left of `credentials`' cooldown, if one is running: one
+    /// What is left of `credential`'s cooldown, if one is running: one
     /// atomic load while none is.
     #[inline]
-    pub(super) fn left(&self, credentials: &Credentials) -> Option<Duration> {
+    pub(super) fn left(&self, credential: &impl Credential) -> Option<Duration> {
         if self.live.load(Ordering::Relaxed) == 0 {
             return None;
         }
-        self.left_in_table(credentials)
+        self.left_in_table(credential)
     }
 
     #[cold]
-    fn left_in_table(&self, credentials: &Credentials) -> Option<Duration> {
+    fn left_in_table(&self, credential: &impl Credential) -> Option<Duration> {
         let now = Instant::now();
         if self.millis(now) >= self.latest_end_ms.load(Ordering::Relaxed) {
             // Every cooldown has ended: empty the table, so that the calls
@@ -187,7 +248,7 @@ impl Cooldowns {
             self.sweep(now);
             return None;
         }
-        let id = CredentialId::of(credentials);
+        let id = credential.id();
         let mut table = self.lock();
         let end = *table.get(&id)?;
         if end > now {
@@ -208,26 +269,27 @@ impl Cooldowns {
         stated.min(self.max)
     }
 
-    /// `rejection`, an answer to a call with `credentials`, opens or
+    /// `rejection`, an answer to a call with `credential`, opens or
     /// lengthens their cooldown when it is a 429 or a 503 with
     /// `Retry-After` (and cooldowns are on); returns what is left of it (a
     /// longer cooldown opened by another answer stays).
     pub(super) fn answered(
         self: &Arc<Self>,
-        credentials: &Credentials,
+        credential: &impl Credential,
         rejection: &Rejection,
     ) -> Option<Duration> {
         if self.max.is_zero() || !opened_by(rejection) {
             return None;
         }
         let length = self.length(rejection.retry_after.as_ref());
-        let id = CredentialId::of(credentials);
+        let id = credential.id();
         let now = Instant::now();
         let (change, end) = self.extend(id, now + length);
         if change == Change::Opened {
             self.counts.opened_here.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
-                organization = credentials
+                organization = credential
+                    .credentials()
                     .organization_id
                     .to_str()
                     .unwrap_or("(not ASCII)"),
@@ -307,12 +369,7 @@ impl Cooldowns {
     /// Frees a place for an entry ending at `end` in a full table: drops
     /// the ended entries, else the one ending soonest, unless `end` is
     /// sooner still (then `false`: the new one is what gives way).
-    fn make_room(
-        &self,
-        table: &mut HashMap<CredentialId, Instant>,
-        end: Instant,
-        now: Instant,
-    ) -> bool {
+    fn make_room(&self, table: &mut Table, end: Instant, now: Instant) -> bool {
         table.retain(|_, ends| *ends > now);
         if table.len() < self.capacity {
             return true;
@@ -342,7 +399,7 @@ impl Cooldowns {
         self.lock().values().filter(|end| **end > now).count()
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<CredentialId, Instant>> {
+    fn lock(&self) -> MutexGuard<'_, Table> {
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
     }
 

@@ -16,6 +16,7 @@ use std::time::Duration;
 use tower::retry::budget::Budget as _;
 
 use super::breaker::Outcome;
+use super::cooldown::CallCredential;
 use super::error::{Fault, UpstreamError};
 use super::operation::Operation;
 use super::retry::Decision;
@@ -40,8 +41,10 @@ impl Upstream {
         request: &Op::Request,
     ) -> Exchange<Op::Response> {
         let shared = &*self.shared;
+        // Hashed only if a cooldown runs, and then once for the exchange.
+        let credential = CallCredential::new(call.credentials);
         // First: while no cooldown runs, this is one atomic load.
-        if let Some(retry_after) = shared.cooldowns.left(call.credentials) {
+        if let Some(retry_after) = shared.cooldowns.left(&credential) {
             return Exchange::not_made(UpstreamError::RateLimited { retry_after });
         }
         let prepared = match self.prepare::<Op>(request) {
@@ -79,7 +82,7 @@ impl Upstream {
                 Err(error) => error,
             };
             if let UpstreamError::Rejected(rejection) = &mut error {
-                rejection.cooldown = shared.cooldowns.answered(call.credentials, rejection);
+                rejection.cooldown = shared.cooldowns.answered(&credential, rejection);
             }
             answered |= error.http_status().is_some();
             if !attempt.made
@@ -98,7 +101,7 @@ impl Upstream {
             ) {
                 Decision::Retry { delay, reason } => {
                     // Not into a cooldown: wait for its end too, if in time.
-                    let delay = match shared.cooldowns.left(call.credentials) {
+                    let delay = match shared.cooldowns.left(&credential) {
                         Some(left) if left >= remaining => break Err(cooling(error, left)),
                         Some(left) => delay.max(left),
                         None => delay,
@@ -113,7 +116,7 @@ impl Upstream {
                     );
                     let _ = tokio::time::timeout_at(call.deadline.at(), tokio::time::sleep(delay))
                         .await;
-                    if let Some(left) = shared.cooldowns.left(call.credentials) {
+                    if let Some(left) = shared.cooldowns.left(&credential) {
                         tracing::debug!(
                             rpc = Op::ROUTE.rpc,
                             "retry given up: the upstream rate-limited the credential meanwhile"

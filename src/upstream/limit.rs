@@ -40,8 +40,8 @@ pub struct UpstreamGauges {
     /// Calls waiting for a slot.
     pub pending: AtomicU64,
     /// Tenants with calls waiting for a slot, counted once per worker
-    /// share they wait in.
-    pub tenants_waiting: AtomicU64,
+    /// share they wait in (by the shares, which hold it too).
+    pub tenants_waiting: Arc<AtomicU64>,
     /// Connections opened since start (TCP, and TLS or proxy tunnel).
     pub opened_total: AtomicU64,
 }
@@ -74,10 +74,11 @@ impl ConnectionLimit {
     /// `max_connections` slots split between `workers` shares.
     pub(super) fn new(max_connections: usize, max_pending: usize, workers: usize) -> Self {
         let workers = workers.max(1);
+        let tenants_waiting = Arc::new(AtomicU64::new(0));
         let shares: Box<[Share]> = (0..workers)
             .map(|i| {
                 let share = max_connections / workers + usize::from(i < max_connections % workers);
-                Share::new(share.max(1))
+                Share::new(share.max(1), tenants_waiting.clone())
             })
             .collect();
         let limit = shares.iter().map(Share::available).sum::<usize>();
@@ -86,6 +87,7 @@ impl ConnectionLimit {
             max_pending: max_pending as u64,
             gauges: Arc::new(UpstreamGauges {
                 limit: limit as u64,
+                tenants_waiting,
                 ..UpstreamGauges::default()
             }),
         }
@@ -107,7 +109,7 @@ impl ConnectionLimit {
         // A free slot means nobody waits: taking it jumps no line.
         if !slots.try_take() {
             let waiting = Waiting::enter(self).ok_or(Refused::QueueFull)?;
-            tokio::time::timeout_at(deadline, slots.wait(tenant, &self.gauges.tenants_waiting))
+            tokio::time::timeout_at(deadline, slots.wait(tenant))
                 .await
                 .map_err(|_| Refused::Deadline)?;
             drop(waiting);
@@ -123,7 +125,7 @@ impl ConnectionLimit {
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
         self.gauges.active.fetch_sub(1, Ordering::Relaxed);
-        self.share.release(&self.gauges.tenants_waiting);
+        self.share.release();
     }
 }
 
@@ -377,15 +379,15 @@ mod tests {
 
     #[test]
     fn a_slot_granted_to_a_call_that_leaves_goes_to_the_next_in_turn() {
-        let tenants = AtomicU64::new(0);
-        let share = Share::new(1);
+        let tenants = Arc::new(AtomicU64::new(0));
+        let share = Share::new(1, tenants.clone());
         assert!(share.try_take());
-        let mut first = share.wait(tenant(1), &tenants);
-        let mut second = share.wait(tenant(2), &tenants);
+        let mut first = share.wait(tenant(1));
+        let mut second = share.wait(tenant(2));
         assert!(poll(&mut first).is_pending());
         assert!(poll(&mut second).is_pending());
         assert_eq!(share.waiting(), (2, 2));
-        share.release(&tenants);
+        share.release();
         // Granted but not yet picked up: the slot is the first call's, not
         // the fast path's.
         assert!(!share.try_take(), "the fast path never jumps the line");
@@ -393,7 +395,7 @@ mod tests {
         assert!(poll(&mut second).is_ready(), "handed on to the next");
         assert_eq!(share.waiting(), (0, 0));
         assert_eq!(gauge(&tenants), 0);
-        share.release(&tenants);
+        share.release();
         assert_eq!(share.available(), 1);
         drop(second);
         assert_eq!(share.available(), 1, "a call done takes nothing back");
@@ -401,11 +403,10 @@ mod tests {
 
     #[test]
     fn a_call_that_finds_a_slot_freed_meanwhile_takes_it_without_waiting() {
-        let tenants = AtomicU64::new(0);
-        let share = Share::new(1);
+        let share = Share::new(1, Arc::default());
         assert!(share.try_take());
-        let mut late = share.wait(T, &tenants);
-        share.release(&tenants);
+        let mut late = share.wait(T);
+        share.release();
         assert!(poll(&mut late).is_ready());
         assert_eq!(share.available(), 0);
         assert_eq!(share.waiting(), (0, 0));

@@ -21,7 +21,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
 use slab::Slab;
@@ -43,6 +43,8 @@ struct Line {
     by_tenant: TenantMap<usize>,
     /// The tenant whose turn is next, in the ring of tenants waiting.
     turn: Option<usize>,
+    /// Counts the tenants waiting (the gauges', shared by every share).
+    tenants_waiting: Arc<AtomicU64>,
 }
 
 /// A call waiting, or granted a slot it has not picked up yet.
@@ -64,10 +66,14 @@ struct Tenant {
 }
 
 impl Share {
-    pub(in crate::upstream) fn new(slots: usize) -> Self {
+    /// `tenants_waiting`: the gauge counting the tenants waiting.
+    pub(in crate::upstream) fn new(slots: usize, tenants_waiting: Arc<AtomicU64>) -> Self {
         Self {
             free: AtomicUsize::new(slots),
-            line: Mutex::new(Line::default()),
+            line: Mutex::new(Line {
+                tenants_waiting,
+                ..Line::default()
+            }),
         }
     }
 
@@ -93,30 +99,24 @@ impl Share {
         false
     }
 
-    /// Waits in `tenant`'s line for a slot; `tenants` counts the tenants
-    /// waiting (the gauges'). Dropped before it is ready, it leaves the
-    /// line; granted a slot meanwhile, it passes the slot on.
-    pub(in crate::upstream) fn wait<'a>(
-        &'a self,
-        tenant: TenantId,
-        tenants: &'a AtomicU64,
-    ) -> Wait<'a> {
+    /// Waits in `tenant`'s line for a slot. Dropped before it is ready, it
+    /// leaves the line; granted a slot meanwhile, it passes the slot on.
+    pub(in crate::upstream) fn wait(&self, tenant: TenantId) -> Wait<'_> {
         Wait {
             share: self,
             tenant,
-            tenants,
             call: None,
         }
     }
 
     /// Gives a slot back: to the call whose turn it is, or to the free ones.
-    pub(in crate::upstream) fn release(&self, tenants: &AtomicU64) {
+    pub(in crate::upstream) fn release(&self) {
         let line = self.lock();
-        self.hand_on(line, tenants);
+        self.hand_on(line);
     }
 
-    fn hand_on(&self, mut line: MutexGuard<'_, Line>, tenants: &AtomicU64) {
-        match line.grant(tenants) {
+    fn hand_on(&self, mut line: MutexGuard<'_, Line>) {
+        match line.grant() {
             Some(waker) => {
                 drop(line);
                 waker.wake();
@@ -144,7 +144,7 @@ impl Line {
     /// Puts a call at the end of `tenant`'s line; a tenant not waiting
     /// yet joins the round at its end (its turn comes after every tenant
     /// already waiting).
-    fn push(&mut self, tenant: TenantId, waker: Waker, tenants: &AtomicU64) -> usize {
+    fn push(&mut self, tenant: TenantId, waker: Waker) -> usize {
         let call = self.calls.insert(Call {
             tenant: usize::MAX,
             earlier: None,
@@ -171,7 +171,7 @@ impl Line {
                 self.calls[call].tenant = index;
                 self.by_tenant.insert(tenant, index);
                 self.join_round(index);
-                tenants.fetch_add(1, Ordering::Relaxed);
+                self.tenants_waiting.fetch_add(1, Ordering::Relaxed);
             }
         }
         call
@@ -180,11 +180,11 @@ impl Line {
     /// The first call of the tenant whose turn it is gets the slot (its
     /// waker is returned to be woken), and the turn passes on; `None` when
     /// nobody waits.
-    fn grant(&mut self, tenants: &AtomicU64) -> Option<Waker> {
+    fn grant(&mut self) -> Option<Waker> {
         let index = self.turn?;
         let call = self.tenants[index].first;
         self.turn = Some(self.tenants[index].after);
-        self.unlink(call, tenants);
+        self.unlink(call);
         let call = &mut self.calls[call];
         call.granted = true;
         Some(std::mem::replace(&mut call.waker, Waker::noop().clone()))
@@ -192,10 +192,10 @@ impl Line {
 
     /// A call leaves: unlinked if it still waits. Returns whether it had
     /// been granted a slot (which its owner must then pass on).
-    fn leave(&mut self, call: usize, tenants: &AtomicU64) -> bool {
+    fn leave(&mut self, call: usize) -> bool {
         let granted = self.calls[call].granted;
         if !granted {
-            self.unlink(call, tenants);
+            self.unlink(call);
         }
         self.calls.remove(call);
         granted
@@ -203,7 +203,7 @@ impl Line {
 
     /// Takes a waiting call out of its tenant's line; a tenant with no call
     /// left leaves the round.
-    fn unlink(&mut self, call: usize, tenants: &AtomicU64) {
+    fn unlink(&mut self, call: usize) {
         let Call {
             tenant,
             earlier,
@@ -211,7 +211,7 @@ impl Line {
             ..
         } = self.calls[call];
         match (earlier, later) {
-            (None, None) => self.leave_round(tenant, tenants),
+            (None, None) => self.leave_round(tenant),
             (Some(earlier), None) => {
                 self.calls[earlier].later = None;
                 self.tenants[tenant].last = earlier;
@@ -243,12 +243,12 @@ impl Line {
         self.tenants[next].before = index;
     }
 
-    fn leave_round(&mut self, index: usize, tenants: &AtomicU64) {
+    fn leave_round(&mut self, index: usize) {
         let Tenant {
             id, before, after, ..
         } = self.tenants.remove(index);
         self.by_tenant.remove(&id);
-        tenants.fetch_sub(1, Ordering::Relaxed);
+        self.tenants_waiting.fetch_sub(1, Ordering::Relaxed);
         if after == index {
             self.turn = None;
             return;
@@ -265,7 +265,6 @@ impl Line {
 pub(in crate::upstream) struct Wait<'a> {
     share: &'a Share,
     tenant: TenantId,
-    tenants: &'a AtomicU64,
     /// Its place in the line, once it waits.
     call: Option<usize>,
 }
@@ -282,7 +281,7 @@ impl Future for Wait<'_> {
             if this.share.try_take() {
                 return Poll::Ready(());
             }
-            this.call = Some(line.push(this.tenant, cx.waker().clone(), this.tenants));
+            this.call = Some(line.push(this.tenant, cx.waker().clone()));
             return Poll::Pending;
         };
         let waiting = &mut line.calls[call];
@@ -304,9 +303,9 @@ impl Drop for Wait<'_> {
             return;
         };
         let mut line = self.share.lock();
-        if line.leave(call, self.tenants) {
+        if line.leave(call) {
             // Granted as it left: the slot goes to the next in turn.
-            self.share.hand_on(line, self.tenants);
+            self.share.hand_on(line);
         }
     }
 }
