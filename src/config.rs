@@ -263,8 +263,13 @@ pub struct Config {
     pub quotas: Option<QuotaTable>,
     /// `--quota-store-failure`.
     pub quota_store_failure: StoreFailure,
-    /// What is re-read while serving, and how often.
-    pub reloads: Reloads,
+    /// `--reload-interval`: how often the files are re-read
+    /// ([`Config::reloads`]).
+    pub reload_interval: Duration,
+    /// `--upstream-ca` and the upstream client pair, when any is set: the
+    /// files behind `upstream_options`' TLS configuration, re-read while
+    /// serving.
+    pub upstream_tls: Option<UpstreamTls>,
     pub idempotency: IdempotencyArgs,
     /// The shared store's replication requirement (`--idempotency-store-replicas`).
     pub store: StoreArgs,
@@ -428,7 +433,7 @@ impl Config {
             .map(QuotaTable::load)
             .transpose()?;
         upstream_options.tls = Some(upstream_tls.client_config());
-        server.tls = server_tls.clone();
+        server.tls = server_tls;
         Ok(Config {
             listen,
             admin,
@@ -439,21 +444,29 @@ impl Config {
             server,
             max_in_flight,
             tenant_key: cli.tenants.tenant_key,
-            credentials: credentials.clone(),
-            quotas: quotas.clone(),
+            credentials,
+            quotas,
             quota_store_failure: cli.quotas.quota_store_failure,
-            reloads: Reloads {
-                interval: cli.tls.reload_interval,
-                server_tls,
-                upstream_tls: Some(upstream_tls).filter(UpstreamTls::has_files),
-                credentials,
-                quotas,
-            },
+            reload_interval: cli.tls.reload_interval,
+            upstream_tls: Some(upstream_tls).filter(UpstreamTls::has_files),
             idempotency: cli.idempotency.clone(),
             store: cli.store.clone(),
             metrics: cli.metrics.clone(),
             logs: cli.logs.clone(),
         })
+    }
+
+    /// What is re-read while serving, and how often: the server's TLS, the
+    /// upstream's TLS files, `--credentials` and `--quotas`, each a clone
+    /// sharing its reloads with the one in use.
+    pub fn reloads(&self) -> Reloads {
+        Reloads {
+            interval: self.reload_interval,
+            server_tls: self.server.tls.clone(),
+            upstream_tls: self.upstream_tls.clone(),
+            credentials: self.credentials.clone(),
+            quotas: self.quotas.clone(),
+        }
     }
 }
 
@@ -753,7 +766,7 @@ mod tests {
         );
         assert!(config.upstream_options.tls.is_some() && config.server.tls.is_none());
         assert_eq!(config.upstream_options.proxy, ProxySetting::Off, "loopback");
-        assert!(config.reloads.is_empty() && config.credentials.is_none());
+        assert!(config.reloads().is_empty() && config.credentials.is_none());
     }
 
     #[test]
@@ -766,7 +779,7 @@ mod tests {
         let config = Config::load(&cli).unwrap();
         let quotas = config.quotas.as_ref().expect("--quotas");
         assert_eq!(quotas.rules().default.expect("[default]").limit.burst, 20);
-        assert!(config.reloads.quotas.is_some(), "reloaded");
+        assert!(config.reloads().quotas.is_some(), "reloaded");
         assert_eq!(config.quota_store_failure, StoreFailure::Local);
 
         std::fs::write(&path, "[default]\ncalls_per_second = 20\nburst = -1\n").unwrap();

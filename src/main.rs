@@ -26,6 +26,7 @@ use gormic_gateway::metrics::Metrics;
 use gormic_gateway::quota::Quotas;
 use gormic_gateway::sandbox::{self, Fixture};
 use gormic_gateway::service::InvoiceGateway;
+use gormic_gateway::store::metrics::StoreSeries;
 use gormic_gateway::tenant::Tenants;
 use gormic_gateway::trace::Tracer;
 use gormic_gateway::upstream::Upstream;
@@ -46,21 +47,17 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let logs = match &run {
+    // The logs start once, before either server, and outlive its error.
+    let (logs, serve): (_, Box<dyn FnOnce() -> Result<(), String>>) = match run {
         Run::PrintFixture => {
             print!("{}", sandbox::DEFAULT_FIXTURE_JSON);
             return ExitCode::SUCCESS;
         }
-        Run::Gateway(config) => &config.logs,
-        Run::Sandbox(config) => &config.logs,
+        Run::Gateway(config) => (config.logs.clone(), Box::new(move || gateway(*config))),
+        Run::Sandbox(config) => (config.logs.clone(), Box::new(move || sandbox_only(config))),
     };
     let _logs = logging::init(logs.log_level, logs.log_format);
-    let served = match run {
-        Run::Gateway(config) => gateway(*config),
-        Run::Sandbox(config) => sandbox_only(config),
-        Run::PrintFixture => Ok(()),
-    };
-    match served {
+    match serve() {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             // Said once, in the log's format; the text names the flag at
@@ -112,12 +109,12 @@ async fn serve(
         Destination::Sandbox(fixture) => start_sandbox(fixture.clone()).await?,
     };
     let metrics = Metrics::new(&config.metrics);
-    let upstream = Upstream::new(&upstream_url, config.upstream_options.clone())
-        .map_err(|e| e.to_string())?
-        .with_metrics(metrics.clone());
+    // Wired to `metrics` with the gateway (`InvoiceGateway::with_metrics`).
+    let upstream =
+        Upstream::new(&upstream_url, config.upstream_options.clone()).map_err(|e| e.to_string())?;
     metrics.register_connections(upstream.gauges());
     if let Some(store) = &store {
-        metrics.register_collector(Box::new(store.collector()));
+        metrics.series::<StoreSeries>().watch(store);
         upstream.share_cooldowns(store);
     }
     metrics.count_log_lines_dropped_from(logging::dropped_lines);
@@ -169,7 +166,7 @@ async fn serve(
         otlp_endpoint = config.trace.endpoint.as_ref().map(|e| e.to_string()),
         "serving gormic.om.v1.InvoiceService"
     );
-    tokio::spawn(config.reloads.clone().run(
+    tokio::spawn(config.reloads().run(
         async move {
             let _ = stopped.wait_for(|stopped| *stopped).await;
         },

@@ -86,7 +86,8 @@ impl ReloadMetrics {
 
 /// Everything the gateway re-reads while it serves: the files named by its
 /// flags that may be rotated under it, each already read and checked once
-/// (by `config::Config::load`). Clones share the reloadable things.
+/// (by `config::Config::load`; `config::Config::reloads` lists them).
+/// Clones share the reloadable things.
 #[derive(Debug, Clone)]
 pub struct Reloads {
     /// `--reload-interval`.

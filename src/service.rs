@@ -119,27 +119,33 @@ impl InvoiceGateway {
     /// `--upstream-timeout`, an in-memory idempotency store, callers
     /// bringing their own api-key.
     pub fn new(upstream: Upstream) -> Result<Self, crate::idempotency::ConfigError> {
-        let in_flight = InFlightLimit::new(crate::limits::DEFAULT_MAX_IN_FLIGHT);
         let metrics = Metrics::default();
-        metrics.count_in_flight(&in_flight);
-        let tenants = Tenants::new(TenantKey::default());
-        metrics
-            .series::<TenantMetrics>()
-            .watch(&in_flight, &tenants);
-        Ok(Self {
+        let gateway = Self {
             upstream,
-            in_flight,
+            in_flight: InFlightLimit::new(crate::limits::DEFAULT_MAX_IN_FLIGHT),
             deadlines: DeadlineArgs::default(),
             idempotency: Idempotency::in_memory()?,
             credentials: None,
-            tenants,
+            tenants: Tenants::new(TenantKey::default()),
             quotas: None,
             calls: metrics.series(),
             shed: metrics.series(),
             idempotency_results: metrics.series(),
             metrics,
             tracer: Tracer::disabled(),
-        })
+        };
+        gateway.watch_admission();
+        Ok(gateway)
+    }
+
+    /// Points the in-flight and tenant gauges of `self.metrics` at
+    /// `self.in_flight` and `self.tenants`; called whenever one of the three
+    /// is set.
+    fn watch_admission(&self) {
+        self.metrics.count_in_flight(&self.in_flight);
+        self.metrics
+            .series::<TenantMetrics>()
+            .watch(&self.in_flight, &self.tenants);
     }
 
     /// Records every call, attempt, retry and shed call in `metrics`.
@@ -149,11 +155,8 @@ impl InvoiceGateway {
         self.shed = metrics.series();
         self.idempotency_results = metrics.series();
         self.quotas = self.quotas.map(|quotas| quotas.with_metrics(&metrics));
-        metrics.count_in_flight(&self.in_flight);
-        metrics
-            .series::<TenantMetrics>()
-            .watch(&self.in_flight, &self.tenants);
         self.metrics = metrics;
+        self.watch_admission();
         self
     }
 
@@ -171,20 +174,15 @@ impl InvoiceGateway {
 
     /// Replaces the cap on calls in flight.
     pub fn with_in_flight_limit(mut self, limit: InFlightLimit) -> Self {
-        self.metrics.count_in_flight(&limit);
-        self.metrics
-            .series::<TenantMetrics>()
-            .watch(&limit, &self.tenants);
         self.in_flight = limit;
+        self.watch_admission();
         self
     }
 
     /// Replaces the tenants (`--tenant-key`, the trusted organizations).
     pub fn with_tenants(mut self, tenants: Tenants) -> Self {
-        self.metrics
-            .series::<TenantMetrics>()
-            .watch(&self.in_flight, &tenants);
         self.tenants = tenants;
+        self.watch_admission();
         self
     }
 
@@ -240,17 +238,21 @@ impl InvoiceGateway {
             identity.map(CallerIdentity::as_str),
             span,
         );
-        // Steps 4 to 6.
-        let outcome = self
-            .forward::<Op>(
-                &metadata,
-                &extensions,
-                &message,
-                &request_id,
-                end.span(),
-                deadline,
-            )
-            .await;
+        // Steps 4 to 6: an oversized request is refused first.
+        let outcome = match extensions.get::<RequestTooLarge>() {
+            Some(too_large) => Outcome::refused(CallError::RequestTooLarge(*too_large), None),
+            None => {
+                self.forward::<Op>(
+                    &metadata,
+                    identity,
+                    &message,
+                    &request_id,
+                    end.span(),
+                    deadline,
+                )
+                .await
+            }
+        };
         // Step 7.
         let (answer, replayed, reason) = match outcome.answer {
             Ok(Answer::Fresh(message)) => (Ok(message), false, None),
@@ -299,24 +301,19 @@ impl InvoiceGateway {
         answer
     }
 
-    /// Steps 4 to 6 of [`Self::call`] (module doc).
+    /// Steps 4 to 6 of [`Self::call`] (module doc), for a request of an
+    /// accepted size from `identity`.
     async fn forward<Op: Operation>(
         &self,
         metadata: &MetadataMap,
-        extensions: &tonic::Extensions,
+        identity: Option<&CallerIdentity>,
         message: &Op::Request,
         request_id: &RequestId,
         span: Option<&CallSpan>,
         deadline: Deadline,
     ) -> Outcome<Op::Response> {
-        if let Some(too_large) = extensions.get::<RequestTooLarge>() {
-            return Outcome::refused(CallError::RequestTooLarge(*too_large), None);
-        }
-        let credentials = match credentials::for_call(
-            self.credentials.as_ref(),
-            metadata,
-            extensions.get::<CallerIdentity>(),
-        ) {
+        let credentials = match credentials::for_call(self.credentials.as_ref(), metadata, identity)
+        {
             Ok(credentials) => credentials,
             Err(refusal) => return Outcome::refused(refusal, None),
         };
@@ -325,11 +322,9 @@ impl InvoiceGateway {
         if !violations.is_empty() {
             return Outcome::refused(CallError::InvalidRequest(violations), organization);
         }
-        let tenant = self.tenants.identify(
-            &credentials,
-            extensions.get::<CallerIdentity>(),
-            self.credentials.is_some(),
-        );
+        let tenant = self
+            .tenants
+            .identify(&credentials, identity, self.credentials.is_some());
         // Counted in the tenant's share until the exchange is over.
         let _share = match self.in_flight.fair_share(tenant.id) {
             Ok(share) => share,
@@ -339,7 +334,7 @@ impl InvoiceGateway {
             && let Err(refused) = quotas
                 .check(
                     Op::ROUTE,
-                    extensions.get::<CallerIdentity>(),
+                    identity,
                     credentials.organization_id.as_bytes(),
                     deadline.at(),
                 )

@@ -11,9 +11,9 @@ use std::time::Duration;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::registry::{Registry, Unit};
+use prometheus_client::registry::Registry;
 
-use crate::metrics::{CachedFamily, LatencyHistogram, MetricsArgs, Series};
+use crate::metrics::{CachedFamily, MetricsArgs, RpcLatency, Series};
 use crate::routes::{self, Route};
 
 /// Most distinct organizations counted with `--metrics-organization-label`;
@@ -48,16 +48,11 @@ struct OrganizationCallLabels {
     organization: Arc<str>,
 }
 
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RpcLabels {
-    rpc_method: &'static str,
-}
-
 /// The calls' series; registered with [`Metrics::series`](crate::metrics::Metrics::series).
 #[derive(Debug)]
 pub struct CallMetrics {
     calls: Calls,
-    duration: CachedFamily<RpcLabels, LatencyHistogram>,
+    duration: RpcLatency,
 }
 
 /// `gormic_gateway_calls_total`, with or without the organization label.
@@ -94,12 +89,11 @@ impl Series for CallMetrics {
             Calls::Plain(calls)
         };
 
-        let duration = CachedFamily::new(RPCS);
-        registry.register_with_unit(
+        let duration = RpcLatency::new(RPCS);
+        duration.register(
+            registry,
             "gormic_gateway_call_duration",
             "Time from a call's arrival to its answer, by RPC",
-            Unit::Seconds,
-            duration.family().clone(),
         );
         Self { calls, duration }
     }
@@ -146,9 +140,7 @@ impl CallMetrics {
                 family.get_or_create(&labels).inc()
             }
         };
-        self.duration
-            .get(route.index, || RpcLabels { rpc_method: rpc })
-            .observe(elapsed);
+        self.duration.observe(route.index, rpc, elapsed);
     }
 }
 

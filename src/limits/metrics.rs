@@ -4,16 +4,13 @@
 //! (through [`InFlightGauge`]), and the tenants' gauges, read at scrape
 //! time too ([`TenantMetrics`]).
 
-use std::sync::{Arc, Mutex, PoisonError};
-
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
 use super::InFlightLimit;
-use crate::metrics::{CachedFamily, InFlightGauge, MetricsArgs, Series};
+use crate::metrics::{CachedFamily, InFlightGauge, MetricsArgs, Series, Watched, encode_gauge};
 use crate::tenant::{TenantId, Tenants};
 
 /// Why a call was refused before it reached the upstream
@@ -102,18 +99,18 @@ impl ShedMetrics {
 /// the opt-in label (a test holds it to that).
 #[derive(Debug)]
 pub struct TenantMetrics {
-    watched: Arc<Mutex<Option<Watched>>>,
+    watched: Watched<Admission>,
 }
 
 #[derive(Debug)]
-struct Watched {
+struct Admission {
     limit: InFlightLimit,
     tenants: Tenants,
 }
 
 impl Series for TenantMetrics {
     fn register(registry: &mut Registry, _: &MetricsArgs) -> Self {
-        let watched = Arc::new(Mutex::new(None));
+        let watched = Watched::default();
         registry.register_collector(Box::new(TenantCollector {
             watched: watched.clone(),
         }));
@@ -125,7 +122,7 @@ impl TenantMetrics {
     /// The gauges read `limit`'s tenants and `tenants`' trusted set; the
     /// last pair set is used.
     pub fn watch(&self, limit: &InFlightLimit, tenants: &Tenants) {
-        *self.watched.lock().unwrap_or_else(PoisonError::into_inner) = Some(Watched {
+        self.watched.set(Admission {
             limit: limit.clone(),
             tenants: tenants.clone(),
         });
@@ -134,16 +131,12 @@ impl TenantMetrics {
 
 #[derive(Debug)]
 struct TenantCollector {
-    watched: Arc<Mutex<Option<Watched>>>,
+    watched: Watched<Admission>,
 }
 
 impl Collector for TenantCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let values = {
-            let watched = self.watched.lock().unwrap_or_else(PoisonError::into_inner);
-            let Some(Watched { limit, tenants }) = watched.as_ref() else {
-                return Ok(());
-            };
+        let Some(values) = self.watched.with(|Admission { limit, tenants }| {
             [
                 (
                     "gormic_gateway_tenants_in_flight",
@@ -166,10 +159,16 @@ impl Collector for TenantCollector {
                     tenants.trusted(),
                 ),
             ]
+        }) else {
+            return Ok(());
         };
         for (name, help, value) in values {
-            let gauge = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
-            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+            encode_gauge(
+                &mut encoder,
+                name,
+                help,
+                u64::try_from(value).unwrap_or(u64::MAX),
+            )?;
         }
         Ok(())
     }

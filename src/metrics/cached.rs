@@ -38,8 +38,45 @@ where
     }
 
     /// The child of the label set of `slot`; `labels` builds it the first
-    /// time only.
+    /// time only. `slot` must be below the count given to [`Self::new`]
+    /// (else it panics); [`Self::with`] takes any.
     pub fn get(&self, slot: usize, labels: impl FnOnce() -> L) -> &M {
         self.slots[slot].get_or_init(|| self.family.get_or_create(&labels()).clone())
+    }
+
+    /// `f` of the child of `labels`: the one cached at `slot`, or, for a
+    /// label set without a slot (`None`, or a slot past the last), the one
+    /// looked up in the family (a read lock and a hash).
+    pub fn with<R>(
+        &self,
+        slot: Option<usize>,
+        labels: impl FnOnce() -> L,
+        f: impl FnOnce(&M) -> R,
+    ) -> R {
+        match slot.and_then(|slot| self.slots.get(slot)) {
+            Some(cached) => f(cached.get_or_init(|| self.family.get_or_create(&labels()).clone())),
+            None => f(&self.family.get_or_create(&labels())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::metrics::counter::Counter;
+
+    use super::*;
+
+    #[test]
+    fn a_label_set_without_a_slot_is_recorded_in_the_family() {
+        let cached = CachedFamily::<(String, String), Counter>::new(2);
+        let labels = |v: &'static str| move || (String::from("k"), v.to_owned());
+        cached.with(Some(1), labels("cached"), |c| c.inc());
+        cached.with(Some(1), labels("cached"), |c| c.inc());
+        cached.with(None, labels("none"), |c| c.inc());
+        cached.with(Some(2), labels("past"), |c| c.inc());
+        let value = |v: &'static str| cached.family().get_or_create(&labels(v)()).get();
+        assert_eq!(value("cached"), 2);
+        assert_eq!(value("none"), 1);
+        assert_eq!(value("past"), 1);
     }
 }

@@ -10,8 +10,9 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
+
+use super::{Watched, encode_counter, encode_gauge};
 
 /// The upstream client's connection cap, read on each scrape. Implemented
 /// by the upstream client; every method must be cheap and must not block (an
@@ -82,7 +83,6 @@ impl Collector for ConnectionCollector {
                 opened: t.opened.saturating_add(c.opened_total()),
             })
         };
-        let gauge = |v: u64| ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
         for (name, help, value) in [
             (
                 "gormic_gateway_upstream_requests_active",
@@ -102,58 +102,40 @@ impl Collector for ConnectionCollector {
                 totals.pending,
             ),
         ] {
-            let metric = gauge(value);
-            metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)?;
+            encode_gauge(&mut encoder, name, help, value)?;
         }
-        let opened = ConstCounter::new(totals.opened);
-        opened.encode(encoder.encode_descriptor(
+        encode_counter(
+            &mut encoder,
             "gormic_gateway_upstream_connections_opened",
             "Connections opened to the upstream since start.",
-            None,
-            opened.metric_type(),
-        )?)?;
-        Ok(())
+            totals.opened,
+        )
     }
 }
 
 /// `gormic_gateway_calls_in_flight`: the admission cap's count, read at
 /// scrape time (0 until a cap is set).
-#[derive(Clone, Default)]
+#[derive(Debug, Clone, Default)]
 pub(super) struct InFlightCollector {
-    limit: Arc<Mutex<Option<Arc<dyn InFlightGauge>>>>,
-}
-
-impl std::fmt::Debug for InFlightCollector {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let limit = self.limit.lock().unwrap_or_else(PoisonError::into_inner);
-        f.debug_struct("InFlightCollector")
-            .field("set", &limit.is_some())
-            .finish()
-    }
+    limit: Watched<Arc<dyn InFlightGauge>>,
 }
 
 impl InFlightCollector {
     pub fn set(&self, limit: Arc<dyn InFlightGauge>) {
-        *self.limit.lock().unwrap_or_else(PoisonError::into_inner) = Some(limit);
+        self.limit.set(limit);
     }
 }
 
 impl Collector for InFlightCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let in_flight = self
-            .limit
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .map_or(0, |limit| limit.in_flight());
-        let gauge = ConstGauge::new(i64::try_from(in_flight).unwrap_or(i64::MAX));
-        gauge.encode(encoder.encode_descriptor(
+        let in_flight = self.limit.with(|limit| limit.in_flight()).unwrap_or(0);
+        encode_gauge(
+            &mut encoder,
             "gormic_gateway_calls_in_flight",
             "gRPC calls admitted and not yet finished (their idempotency record included); \
              at most --max-in-flight",
-            None,
-            gauge.metric_type(),
-        )?)
+            in_flight,
+        )
     }
 }
 
@@ -222,12 +204,11 @@ impl Collector for DroppedLinesCollector {
             .reported
             .load(Ordering::Relaxed)
             .saturating_add(self.source.get().map_or(0, |source| source()));
-        let counter = ConstCounter::new(total);
-        counter.encode(encoder.encode_descriptor(
+        encode_counter(
+            &mut encoder,
             "gormic_gateway_log_lines_dropped",
             "Log lines dropped because the log writer could not keep up.",
-            None,
-            counter.metric_type(),
-        )?)
+            total,
+        )
     }
 }

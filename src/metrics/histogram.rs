@@ -7,8 +7,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::{Registry, Unit};
+
+use super::CachedFamily;
 
 /// Upper bounds, in seconds, of the latency buckets (`+Inf` is implicit).
 ///
@@ -95,6 +98,40 @@ impl EncodeMetric for LatencyHistogram {
 
     fn metric_type(&self) -> MetricType {
         Self::TYPE
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabels {
+    rpc_method: &'static str,
+}
+
+/// A latency histogram per RPC (`<name>_seconds{rpc_method}`), each cached
+/// at its RPC's index in the owner's route table.
+#[derive(Debug)]
+pub struct RpcLatency {
+    family: CachedFamily<RpcLabels, LatencyHistogram>,
+}
+
+impl RpcLatency {
+    /// Histograms for `rpcs` RPCs (indexes `0..rpcs`), to [`Self::register`].
+    pub fn new(rpcs: usize) -> Self {
+        Self {
+            family: CachedFamily::new(rpcs),
+        }
+    }
+
+    /// Registers the histograms in `registry` as `<name>_seconds`.
+    pub fn register(&self, registry: &mut Registry, name: &str, help: &str) {
+        registry.register_with_unit(name, help, Unit::Seconds, self.family.family().clone());
+    }
+
+    /// A call of the RPC `rpc`, at `index` in the route table, took
+    /// `elapsed`.
+    pub fn observe(&self, index: usize, rpc: &'static str, elapsed: Duration) {
+        self.family
+            .get(index, || RpcLabels { rpc_method: rpc })
+            .observe(elapsed);
     }
 }
 

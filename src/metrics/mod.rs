@@ -7,9 +7,11 @@
 //! registers them here as a [`Series`], once per [`Metrics`], when it is
 //! wired to one ([`Metrics::series`]), and records through the handle it
 //! got back. This module keeps what they share: the registry and the
-//! exposition, the latency histogram, the cached families, the series read
-//! at scrape time through traits their owners implement, `process_*` and
-//! the build info. It imports nothing of the gateway.
+//! exposition, the latency histogram (and one per RPC, [`RpcLatency`]), the
+//! cached families, what series read at scrape time use ([`Watched`],
+//! [`encode_gauge`], [`encode_counter`]), the series read through traits
+//! their owners implement, `process_*` and the build info. It imports
+//! nothing of the gateway.
 //!
 //! Recording is lock-free and allocation-free on the call path: every label
 //! set is bounded (the RPCs of the route table, 17 gRPC codes, HTTP
@@ -20,11 +22,13 @@
 //! behind `--metrics-organization-label`.
 
 mod cached;
+mod encode;
 mod external;
 mod histogram;
 mod process;
 #[cfg(test)]
 pub(crate) mod tests;
+mod watched;
 
 use std::any::Any;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -36,8 +40,10 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 pub use cached::CachedFamily;
+pub use encode::{encode_counter, encode_gauge};
 pub use external::{ConnectionGauges, InFlightGauge};
-pub use histogram::{LATENCY_BUCKETS, LatencyHistogram};
+pub use histogram::{LATENCY_BUCKETS, LatencyHistogram, RpcLatency};
+pub use watched::Watched;
 
 /// `Content-Type` of [`Metrics::encode`]'s output: the Prometheus text
 /// format 0.0.4, which every Prometheus-compatible scraper and `promtool`
@@ -209,13 +215,6 @@ impl Metrics {
     /// over all registered, read at scrape time).
     pub fn register_connections(&self, gauges: Arc<dyn ConnectionGauges>) {
         self.inner.connections.register(gauges);
-    }
-
-    /// Adds series a component encodes itself from its own state at scrape
-    /// time (the shared store's), as `register_connections` does for the
-    /// upstream's gauges.
-    pub fn register_collector(&self, collector: Box<dyn prometheus_client::collector::Collector>) {
-        self.lock().registry.register_collector(collector);
     }
 
     /// The text exposition of every series, as served on `/metrics` with

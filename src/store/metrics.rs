@@ -19,15 +19,59 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, PoisonError};
 
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
 
+use super::Store;
 use super::link::{Shared, State};
-use prometheus_client::collector::Collector;
+use crate::metrics::{MetricsArgs, Series, Watched, encode_counter, encode_gauge};
 
-/// Encodes one store's series; register it with
-/// [`Metrics::register_collector`](crate::metrics::Metrics::register_collector).
+/// The store's series in one registry; [`StoreSeries::watch`] tells them
+/// which store to read. Registered with
+/// [`Metrics::series`](crate::metrics::Metrics::series).
+#[derive(Debug)]
+pub struct StoreSeries {
+    watched: Watched<Arc<Shared>>,
+}
+
+impl Series for StoreSeries {
+    fn register(registry: &mut Registry, _: &MetricsArgs) -> Self {
+        let watched = Watched::default();
+        registry.register_collector(Box::new(WatchedStore {
+            watched: watched.clone(),
+        }));
+        Self { watched }
+    }
+}
+
+impl StoreSeries {
+    /// The series read `store` (the last one watched); until then there
+    /// are none.
+    pub fn watch(&self, store: &Store) {
+        self.watched.set(store.inner.shared.clone());
+    }
+}
+
+#[derive(Debug)]
+struct WatchedStore {
+    watched: Watched<Arc<Shared>>,
+}
+
+impl Collector for WatchedStore {
+    fn encode(&self, encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        match self.watched.with(Arc::clone) {
+            Some(shared) => encode(&shared, encoder),
+            None => Ok(()),
+        }
+    }
+}
+
+/// One store's series, encoded at scrape time ([`StoreSeries`] registers
+/// them).
 pub struct StoreCollector {
     pub(super) shared: Arc<Shared>,
 }
@@ -41,87 +85,83 @@ impl std::fmt::Debug for StoreCollector {
 }
 
 impl Collector for StoreCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let shared = &self.shared;
-        let current = match &**shared.state() {
-            State::Connecting => "connecting",
-            State::Up(_) => "up",
-            State::Down { .. } => "down",
-        };
-        let mut family = encoder.encode_descriptor(
-            "gormic_gateway_store_state",
-            "State of the shared store (--idempotency-store): 1 for the state it is in.",
-            None,
-            prometheus_client::metrics::MetricType::Gauge,
-        )?;
-        for state in ["connecting", "up", "down"] {
-            let gauge = ConstGauge::new(i64::from(state == current));
-            gauge.encode(family.encode_family(&[("state", state)])?)?;
-        }
-
-        let mut family = encoder.encode_descriptor(
-            "gormic_gateway_store_primary_info",
-            "The shared store's primary in use (each primary, in a cluster); the value is always 1.",
-            None,
-            prometheus_client::metrics::MetricType::Gauge,
-        )?;
-        for address in shared.primaries() {
-            let gauge = ConstGauge::new(1_i64);
-            gauge.encode(family.encode_family(&[
-                ("topology", shared.topology),
-                ("address", address.as_str()),
-            ])?)?;
-        }
-
-        for (name, help, value) in [
-            (
-                "gormic_gateway_store_failovers",
-                "Failovers of the shared store followed: a new primary after a demotion, a \
-                 Sentinel announcement, or a cluster shard's new primary.",
-                shared.failovers.load(Relaxed),
-            ),
-            (
-                "gormic_gateway_store_reconnects",
-                "Connections to the shared store made again after the first (failovers included).",
-                shared.reconnects.load(Relaxed),
-            ),
-        ] {
-            let counter = ConstCounter::new(value);
-            counter.encode(encoder.encode_descriptor(
-                name,
-                help,
-                None,
-                counter.metric_type(),
-            )?)?;
-        }
-
-        let required = ConstGauge::new(i64::from(shared.required_replicas()));
-        required.encode(encoder.encode_descriptor(
-            "gormic_gateway_store_replicas_required",
-            "Replicas a lease or an outcome record waits for now (--idempotency-store-replicas, \
-             auto resolved).",
-            None,
-            required.metric_type(),
-        )?)?;
-
-        let shortfalls: Vec<(&'static str, u64)> = shared
-            .shortfalls
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .map(|(script, n)| (*script, *n))
-            .collect();
-        let mut family = encoder.encode_descriptor(
-            "gormic_gateway_store_wait_shortfalls",
-            "Writes to the shared store that fewer replicas than required acknowledged in time \
-             (a lease: the call failed UNAVAILABLE, unsent).",
-            None,
-            prometheus_client::metrics::MetricType::Counter,
-        )?;
-        for (script, n) in shortfalls {
-            let counter = ConstCounter::new(n);
-            counter.encode(family.encode_family(&[("script", script)])?)?;
-        }
-        Ok(())
+    fn encode(&self, encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encode(&self.shared, encoder)
     }
+}
+
+fn encode(shared: &Shared, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+    let current = match &**shared.state() {
+        State::Connecting => "connecting",
+        State::Up(_) => "up",
+        State::Down { .. } => "down",
+    };
+    let mut family = encoder.encode_descriptor(
+        "gormic_gateway_store_state",
+        "State of the shared store (--idempotency-store): 1 for the state it is in.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for state in ["connecting", "up", "down"] {
+        let gauge = ConstGauge::new(i64::from(state == current));
+        gauge.encode(family.encode_family(&[("state", state)])?)?;
+    }
+
+    let mut family = encoder.encode_descriptor(
+        "gormic_gateway_store_primary_info",
+        "The shared store's primary in use (each primary, in a cluster); the value is always 1.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for address in shared.primaries() {
+        let gauge = ConstGauge::new(1_i64);
+        gauge.encode(
+            family
+                .encode_family(&[("topology", shared.topology), ("address", address.as_str())])?,
+        )?;
+    }
+
+    for (name, help, value) in [
+        (
+            "gormic_gateway_store_failovers",
+            "Failovers of the shared store followed: a new primary after a demotion, a \
+             Sentinel announcement, or a cluster shard's new primary.",
+            shared.failovers.load(Relaxed),
+        ),
+        (
+            "gormic_gateway_store_reconnects",
+            "Connections to the shared store made again after the first (failovers included).",
+            shared.reconnects.load(Relaxed),
+        ),
+    ] {
+        encode_counter(&mut encoder, name, help, value)?;
+    }
+
+    encode_gauge(
+        &mut encoder,
+        "gormic_gateway_store_replicas_required",
+        "Replicas a lease or an outcome record waits for now (--idempotency-store-replicas, \
+         auto resolved).",
+        u64::from(shared.required_replicas()),
+    )?;
+
+    let shortfalls: Vec<(&'static str, u64)> = shared
+        .shortfalls
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .iter()
+        .map(|(script, n)| (*script, *n))
+        .collect();
+    let mut family = encoder.encode_descriptor(
+        "gormic_gateway_store_wait_shortfalls",
+        "Writes to the shared store that fewer replicas than required acknowledged in time \
+         (a lease: the call failed UNAVAILABLE, unsent).",
+        None,
+        MetricType::Counter,
+    )?;
+    for (script, n) in shortfalls {
+        let counter = ConstCounter::new(n);
+        counter.encode(family.encode_family(&[("script", script)])?)?;
+    }
+    Ok(())
 }

@@ -10,10 +10,10 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::{Registry, Unit};
+use prometheus_client::registry::Registry;
 
 use super::limit::UpstreamGauges;
-use crate::metrics::{CachedFamily, ConnectionGauges, LatencyHistogram, MetricsArgs, Series};
+use crate::metrics::{CachedFamily, ConnectionGauges, MetricsArgs, RpcLatency, Series};
 use crate::routes::{self, Route};
 
 /// How many RPCs the service has (the per-RPC caches' size).
@@ -99,11 +99,6 @@ struct UpstreamLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RpcLabels {
-    rpc_method: &'static str,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RetryLabels {
     rpc_method: &'static str,
     reason: &'static str,
@@ -124,7 +119,7 @@ struct TransitionLabels {
 pub struct UpstreamMetrics {
     /// Cached at `rpc index * UPSTREAM_SLOTS + result slot`.
     requests: CachedFamily<UpstreamLabels, Counter>,
-    duration: CachedFamily<RpcLabels, LatencyHistogram>,
+    duration: RpcLatency,
     retries: Family<RetryLabels, Counter>,
     breaker_state: Family<StateLabels, Gauge>,
     breaker_transitions: Family<TransitionLabels, Counter>,
@@ -140,12 +135,11 @@ impl Series for UpstreamMetrics {
             requests.family().clone(),
         );
 
-        let duration = CachedFamily::new(RPCS);
-        registry.register_with_unit(
+        let duration = RpcLatency::new(RPCS);
+        duration.register(
+            registry,
             "gormic_gateway_upstream_request_duration",
             "Time from sending an upstream request to its answer or failure, by RPC",
-            Unit::Seconds,
-            duration.family().clone(),
         );
 
         let retries = Family::<RetryLabels, Counter>::default();
@@ -213,16 +207,9 @@ impl UpstreamMetrics {
             | UpstreamResult::Malformed(Some(_))
             | UpstreamResult::Cancelled => None,
         };
-        match slot {
-            Some(slot) => self
-                .requests
-                .get(route.index * UPSTREAM_SLOTS + slot, labels)
-                .inc(),
-            None => self.requests.family().get_or_create(&labels()).inc(),
-        };
-        self.duration
-            .get(route.index, || RpcLabels { rpc_method: rpc })
-            .observe(elapsed);
+        let slot = slot.map(|slot| route.index * UPSTREAM_SLOTS + slot);
+        self.requests.with(slot, labels, |requests| requests.inc());
+        self.duration.observe(route.index, rpc, elapsed);
     }
 
     /// An upstream request is sent again, for `reason` (a short

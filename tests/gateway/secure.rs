@@ -390,7 +390,8 @@ async fn a_rotated_certificate_is_shown_to_new_connections_while_open_ones_keep_
         first.der.to_vec()
     );
 
-    // The reload task as the binary runs it, on the server's own ServerTls.
+    // A reload task on the server's own ServerTls: `reload::watch`, which
+    // re-reads as the binary's `Reloads::run` does, for this one file.
     let mut generation = gateway.tls.subscribe();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let watched = gateway.tls.clone();

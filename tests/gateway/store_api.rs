@@ -270,7 +270,9 @@ async fn health_and_metrics_follow_the_store_down_and_up_without_its_password() 
     let url = format!("redis://:s3cret-pw@127.0.0.1:{}", server.port());
     let store = open(&url, Replicas::Auto);
     let metrics = Metrics::default();
-    metrics.register_collector(Box::new(store.collector()));
+    metrics
+        .series::<gormic_gateway::store::metrics::StoreSeries>()
+        .watch(&store);
     eventually("the store to connect", || {
         store.health().state == StoreState::Up
     })

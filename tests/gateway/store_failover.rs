@@ -665,7 +665,9 @@ async fn with_one_replica_required_a_lease_a_paused_replica_cannot_acknowledge_f
     upstream.respond(Scripted::ok(json!({ "id": "inv-1" })));
     let store = store(&primary.url(), Duration::from_secs(1), Replicas::Exactly(1));
     let metrics = Metrics::default();
-    metrics.register_collector(Box::new(store.shared_store().expect("shared").collector()));
+    metrics
+        .series::<gormic_gateway::store::metrics::StoreSeries>()
+        .watch(store.shared_store().expect("shared"));
     let mut gw = gateway(&upstream, store.clone()).await;
     gw.client
         .create_invoice(keyed(create("ord-k-1"), "k-1"))

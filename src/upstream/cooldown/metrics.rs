@@ -14,25 +14,22 @@
 //! The refusals are `gormic_gateway_calls_shed_total{reason="upstream_rate_limited"}`.
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Weak};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
 use super::Cooldowns;
-use crate::metrics::{MetricsArgs, Series};
+use crate::metrics::{MetricsArgs, Series, Watched, encode_gauge};
 
 /// The cooldowns' series in one registry; [`CooldownSeries::watch`] tells
 /// them which table to read.
 pub(in crate::upstream) struct CooldownSeries {
-    watched: Watched,
+    watched: Watched<Weak<Cooldowns>>,
 }
-
-type Watched = Arc<Mutex<Weak<Cooldowns>>>;
 
 impl Series for CooldownSeries {
     fn register(registry: &mut Registry, _: &MetricsArgs) -> Self {
@@ -47,33 +44,27 @@ impl Series for CooldownSeries {
 impl CooldownSeries {
     /// The series read `cooldowns` (the last one watched).
     pub(in crate::upstream) fn watch(&self, cooldowns: &Arc<Cooldowns>) {
-        *self.watched.lock().unwrap_or_else(PoisonError::into_inner) = Arc::downgrade(cooldowns);
+        self.watched.set(Arc::downgrade(cooldowns));
     }
 }
 
 #[derive(Debug)]
 struct CooldownCollector {
-    watched: Watched,
+    watched: Watched<Weak<Cooldowns>>,
 }
 
 impl Collector for CooldownCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let Some(cooldowns) = self
-            .watched
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .upgrade()
-        else {
+        let Some(cooldowns) = self.watched.with(Weak::upgrade).flatten() else {
             return Ok(());
         };
-        let active = ConstGauge::new(i64::try_from(cooldowns.active()).unwrap_or(i64::MAX));
-        active.encode(encoder.encode_descriptor(
+        encode_gauge(
+            &mut encoder,
             "gormic_gateway_upstream_cooldowns_active",
             "Credentials the upstream rate-limited (a 429, or a 503 with Retry-After) whose \
              cooldown runs now: their calls are refused unsent.",
-            None,
-            active.metric_type(),
-        )?)?;
+            u64::try_from(cooldowns.active()).unwrap_or(u64::MAX),
+        )?;
 
         let counts = &cooldowns.counts;
         let mut family = encoder.encode_descriptor(
