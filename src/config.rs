@@ -56,8 +56,8 @@ pub const DEFAULT_SANDBOX_LISTEN: SocketAddr =
     version,
     about,
     after_help = "DURATION is a number and a unit (500ms, 10s, 1m, 24h), greater than zero except \
-                  for --shutdown-delay, --deadline-margin, --max-connection-age and \
-                  --otlp-timeout, which take 0s. BYTES is a number with an optional unit (B, KiB, \
+                  for --shutdown-delay, --deadline-margin, --max-connection-age, \
+                  --upstream-cooldown-max and --otlp-timeout, which take 0s. BYTES is a number with an optional unit (B, KiB, \
                   MiB, GiB), greater than zero."
 )]
 pub struct Cli {

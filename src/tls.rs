@@ -82,11 +82,12 @@ pub struct TlsArgs {
     #[arg(long, env = "GORMIC_TLS_HANDSHAKE_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub tls_handshake_timeout: Duration,
 
-    /// How often the TLS files (server and upstream) and the --credentials
-    /// file are checked for changes (by content). 10s is small next to the delay
-    /// before Kubernetes shows an updated Secret in a pod (up to a minute or
-    /// more) and to how early cert-manager renews, and reading a few small
-    /// files every 10s costs nothing measurable.
+    /// How often the TLS files (server and upstream), the --credentials
+    /// file and the --quotas file are checked for changes (by content). 10s
+    /// is small next to the delay before Kubernetes shows an updated Secret
+    /// in a pod (up to a minute or more) and to how early cert-manager
+    /// renews, and reading a few small files every 10s costs nothing
+    /// measurable.
     #[arg(long, env = "GORMIC_RELOAD_INTERVAL", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub reload_interval: Duration,
 

@@ -70,26 +70,6 @@ impl Collector for WatchedStore {
     }
 }
 
-/// One store's series, encoded at scrape time ([`StoreSeries`] registers
-/// them).
-pub struct StoreCollector {
-    pub(super) shared: Arc<Shared>,
-}
-
-impl std::fmt::Debug for StoreCollector {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StoreCollector")
-            .field("store", &self.shared.target)
-            .finish()
-    }
-}
-
-impl Collector for StoreCollector {
-    fn encode(&self, encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        encode(&self.shared, encoder)
-    }
-}
-
 fn encode(shared: &Shared, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
     let current = match &**shared.state() {
         State::Connecting => "connecting",

@@ -346,13 +346,6 @@ impl Store {
         }
     }
 
-    /// This store's series, to register with the metrics registry.
-    pub fn collector(&self) -> metrics::StoreCollector {
-        metrics::StoreCollector {
-            shared: self.inner.shared.clone(),
-        }
-    }
-
     /// This thread's connection to the primary (`local`), made if need be
     /// within `bound`, with the primary's generation.
     async fn connection(

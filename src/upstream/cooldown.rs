@@ -33,7 +33,6 @@ mod metrics;
 
 use std::cell::OnceCell;
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
@@ -45,7 +44,6 @@ pub(super) use metrics::CooldownSeries;
 use super::error::{Rejection, RetryAfter};
 use crate::credentials::Credentials;
 use crate::store::Store;
-use crate::tenant::IdHasher;
 
 /// The cooldown of an answer that states no wait: long enough that the
 /// calls right behind a 429 are not sent into it, short enough that a
@@ -69,21 +67,15 @@ const ID_DOMAIN: &[u8] = b"gormic-gateway upstream cooldown v1\0";
 
 /// A credential as the cooldowns know it: the first 16 bytes of the
 /// SHA-256 of its api-key and organization-id. Replicas compute the same;
-/// the key cannot be read back from it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// the key cannot be read back from it. Not keyed (every replica must
+/// compute the same), so callers could grind api-keys whose ids collide in
+/// a few bits: the table hashes it again with the standard library's
+/// per-process random keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) struct CredentialId([u8; 16]);
 
-/// A hash already: the table ([`IdHasher`]) uses its first 8 bytes as
-/// they are.
-impl Hash for CredentialId {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        let [a, b, c, d, e, f, g, h, ..] = self.0;
-        state.write_u64(u64::from_ne_bytes([a, b, c, d, e, f, g, h]));
-    }
-}
-
 /// The cooldowns' table: an end per credential.
-type Table = HashMap<CredentialId, Instant, BuildHasherDefault<IdHasher>>;
+type Table = HashMap<CredentialId, Instant>;
 
 /// A call's credential, as the cooldowns look it up: its [`Credentials`]
 /// and their [`CredentialId`].
