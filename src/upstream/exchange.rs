@@ -91,21 +91,16 @@ impl Upstream {
                 // This attempt never got a slot: the earlier failure says more.
                 break Err(earlier);
             }
-            let remaining = call.deadline.remaining();
+            // Not into a cooldown: a retry waits for its end too, if in time.
             match shared.retry.decide(
                 &worker.budget,
                 Op::REPEATABLE,
                 &error,
                 attempts.max(1),
-                remaining,
+                call.deadline.remaining(),
+                shared.cooldowns.left(&credential),
             ) {
                 Decision::Retry { delay, reason } => {
-                    // Not into a cooldown: wait for its end too, if in time.
-                    let delay = match shared.cooldowns.left(&credential) {
-                        Some(left) if left >= remaining => break Err(cooling(error, left)),
-                        Some(left) => delay.max(left),
-                        None => delay,
-                    };
                     self.metrics.retry(Op::ROUTE, reason);
                     tracing::debug!(
                         rpc = Op::ROUTE.rpc,
@@ -125,6 +120,7 @@ impl Upstream {
                     }
                     earlier = Some(error);
                 }
+                Decision::Cooling(left) => break Err(cooling(error, left)),
                 Decision::Stop => break Err(error),
             }
         };

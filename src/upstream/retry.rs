@@ -95,6 +95,10 @@ pub enum Decision {
     },
     /// Answer the caller with this failure.
     Stop,
+    /// Answer the caller with this failure: a retry would land inside the
+    /// credential's cooldown, which outlasts the call (this much is left of
+    /// it, the answer's `RetryInfo`).
+    Cooling(Duration),
 }
 
 /// The retry rules of one gateway, shared by all calls; the budgets they
@@ -124,7 +128,9 @@ impl RetryPolicy {
 
     /// Whether attempt number `attempt` (1-based), which failed with
     /// `failure`, is tried again; `remaining` is what is left of the call's
-    /// time. A retry is withdrawn from `budget`, where each call deposited.
+    /// time, `cooldown` what is left of the credential's cooldown (a retry
+    /// waits for its end). A retry is withdrawn from `budget`, where each
+    /// call deposited: only once it is sure to be made.
     pub fn decide(
         &self,
         budget: &TpsBudget,
@@ -132,6 +138,7 @@ impl RetryPolicy {
         failure: &UpstreamError,
         attempt: u32,
         remaining: Duration,
+        cooldown: Option<Duration>,
     ) -> Decision {
         let Some((reason, retry_after)) = retryable(repeatable, failure) else {
             return Decision::Stop;
@@ -143,6 +150,11 @@ impl RetryPolicy {
         if delay >= remaining {
             return Decision::Stop;
         }
+        let delay = match cooldown {
+            Some(left) if left >= remaining => return Decision::Cooling(left),
+            Some(left) => delay.max(left),
+            None => delay,
+        };
         if !budget.withdraw() {
             tracing::debug!(reason, "retry budget exhausted: not retrying");
             return Decision::Stop;
@@ -234,14 +246,14 @@ mod tests {
         let policy = policy(3, 0.2, 10);
         let budget = policy.budget();
         assert!(matches!(
-            policy.decide(&budget, false, &refused(), 1, LONG),
+            policy.decide(&budget, false, &refused(), 1, LONG, None),
             Decision::Retry {
                 reason: "connect",
                 ..
             }
         ));
         assert_eq!(
-            policy.decide(&budget, false, &refused(), 3, LONG),
+            policy.decide(&budget, false, &refused(), 3, LONG, None),
             Decision::Stop
         );
         let refused_stream = UpstreamError::Unreachable {
@@ -250,7 +262,7 @@ mod tests {
             request_sent: false,
         };
         assert!(matches!(
-            policy.decide(&budget, false, &refused_stream, 1, LONG),
+            policy.decide(&budget, false, &refused_stream, 1, LONG, None),
             Decision::Retry {
                 reason: "refused_stream",
                 ..
@@ -263,7 +275,7 @@ mod tests {
                 request_sent: false,
             };
             assert_eq!(
-                policy.decide(&budget, true, &unsent, 1, LONG),
+                policy.decide(&budget, true, &unsent, 1, LONG, None),
                 Decision::Stop,
                 "{fault:?}"
             );
@@ -276,17 +288,17 @@ mod tests {
         let budget = policy.budget();
         for status in [502, 503, 504] {
             assert_eq!(
-                policy.decide(&budget, false, &answered(status), 1, LONG),
+                policy.decide(&budget, false, &answered(status), 1, LONG, None),
                 Decision::Stop
             );
             assert!(matches!(
-                policy.decide(&budget, true, &answered(status), 1, LONG),
+                policy.decide(&budget, true, &answered(status), 1, LONG, None),
                 Decision::Retry { .. }
             ));
         }
         for status in [400, 429, 500] {
             assert_eq!(
-                policy.decide(&budget, true, &answered(status), 1, LONG),
+                policy.decide(&budget, true, &answered(status), 1, LONG, None),
                 Decision::Stop
             );
         }
@@ -296,11 +308,11 @@ mod tests {
             request_sent: true,
         };
         assert_eq!(
-            policy.decide(&budget, false, &broken, 1, LONG),
+            policy.decide(&budget, false, &broken, 1, LONG, None),
             Decision::Stop
         );
         assert!(matches!(
-            policy.decide(&budget, true, &broken, 1, LONG),
+            policy.decide(&budget, true, &broken, 1, LONG, None),
             Decision::Retry {
                 reason: "connection",
                 ..
@@ -319,14 +331,14 @@ mod tests {
         rejection.retry_after = Some(RetryAfter::Delay(Duration::from_secs(2)));
         let busy = UpstreamError::Rejected(Box::new(rejection));
         assert_eq!(
-            policy.decide(&budget, true, &busy, 1, LONG),
+            policy.decide(&budget, true, &busy, 1, LONG, None),
             Decision::Retry {
                 delay: Duration::from_secs(2),
                 reason: "http_503"
             }
         );
         assert_eq!(
-            policy.decide(&budget, true, &busy, 1, Duration::from_secs(1)),
+            policy.decide(&budget, true, &busy, 1, Duration::from_secs(1), None),
             Decision::Stop,
             "a wait past the deadline is no retry"
         );
@@ -352,11 +364,34 @@ mod tests {
         let granted = (0..100)
             .filter(|_| {
                 matches!(
-                    policy.decide(&budget, false, &refused(), 1, LONG),
+                    policy.decide(&budget, false, &refused(), 1, LONG, None),
                     Decision::Retry { .. }
                 )
             })
             .count();
         assert_eq!(granted, 30);
+    }
+
+    #[tokio::test]
+    async fn a_retry_a_cooldown_would_push_past_the_deadline_takes_no_budget() {
+        // The floor alone: 1 retry per second over 10 s = 10 retries.
+        let policy = policy(10, 0.0, 1);
+        let budget = policy.budget();
+        let second = Duration::from_secs(1);
+        for _ in 0..100 {
+            assert!(matches!(
+                policy.decide(&budget, false, &refused(), 1, second, Some(second)),
+                Decision::Cooling(left) if left == second
+            ));
+        }
+        let granted = (0..100)
+            .filter(|_| {
+                matches!(
+                    policy.decide(&budget, false, &refused(), 1, LONG, Some(second)),
+                    Decision::Retry { delay, .. } if delay >= second
+                )
+            })
+            .count();
+        assert_eq!(granted, 10, "the refusals above withdrew nothing");
     }
 }
